@@ -1,0 +1,223 @@
+"""The platform's settings: one typed, frozen, validated object.
+
+Read once, in `app.py`, from the `training` key of the CDK context (`cdk.json`) with each field
+overridable on the command line as `-c training.<field>=<value>`. Every bad value raises `ConfigError`
+whose message is one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from spot_training import instance_types
+
+CONTEXT_KEY = "training"
+MAX_RUNTIME_LIMIT_SECONDS = 28 * 24 * 3600  # SageMaker's MaxRuntimeInSeconds ceiling (28 days)
+# CloudWatch Logs accepts only these retention periods (PutRetentionPolicy).
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192,
+                      2557, 2922, 3288, 3653)
+
+
+class ConfigError(ValueError):
+    """A setting the platform cannot run with; the message is meant for the user, as is."""
+
+
+def _field(default: Any, doc: str, **rules: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc, **rules})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Settings of one deployment. Field docs are the README's configuration reference."""
+
+    region: str = _field("us-east-1", "AWS region the stacks deploy to (also picks the training image).",
+                         pattern=r"[a-z]{2}(-gov)?-[a-z]+-\d")
+    pipeline_name: str = _field("distributed-training", "SageMaker pipeline name; also prefixes the "
+                                "stack names and the artifact bucket's resources.",
+                                pattern=r"[a-zA-Z][a-zA-Z0-9-]{0,47}")
+    instance_type: str = _field("ml.p4d.24xlarge", "Default training instance type (pipeline parameter "
+                                "InstanceType).")
+    allowed_instance_types: tuple[str, ...] = _field((), "Instance types a run may request; the pipeline "
+                                                     "role's IAM condition. Empty: only instance_type. "
+                                                     "On the command line: comma-separated.")
+    instance_count: int = _field(2, "Default number of instances (pipeline parameter InstanceCount).",
+                                 min=1, max=64)
+    require_gpu: bool = _field(True, "Refuse instance types without NVIDIA GPUs. Set false for a CPU "
+                               "smoke run (the trainer then uses gloo).")
+    use_spot: bool = _field(True, "Run on managed spot capacity (checkpointing is always on).")
+    max_run_seconds: int = _field(43200, "MaxRuntimeInSeconds: cap on training time, all spot attempts "
+                                  "together.", min=60, max=MAX_RUNTIME_LIMIT_SECONDS)
+    max_wait_seconds: int = _field(86400, "MaxWaitTimeInSeconds: cap on training plus waiting for spot "
+                                   "capacity; must be >= max_run_seconds with spot.",
+                                   min=60, max=2 * MAX_RUNTIME_LIMIT_SECONDS)
+    volume_size_gb: int = _field(500, "EBS volume per instance (GB) for data, model and checkpoints.",
+                                 min=1, max=16384)
+    network_isolation: bool = _field(True, "EnableNetworkIsolation: no outbound network from the "
+                                     "training container.")
+    inter_container_encryption: bool = _field(True, "EnableInterContainerTrafficEncryption between "
+                                              "nodes (IPsec; slows NCCL traffic somewhat).")
+    retry_attempts: int = _field(3, "Pipeline step retries on capacity, quota and internal errors.",
+                                 min=1, max=20)
+    az_count: int = _field(2, "Availability zones (one isolated subnet each) of the created VPC.",
+                           min=2, max=6)
+    vpc_cidr: str = _field("10.80.0.0/16", "CIDR block of the created VPC.",
+                           pattern=r"(\d{1,3}\.){3}\d{1,3}/(1[6-9]|2[0-4])")
+    checkpoint_expiration_days: int = _field(30, "Delete checkpoint objects this many days after "
+                                             "writing.", min=1, max=3650)
+    noncurrent_version_expiration_days: int = _field(30, "Delete overwritten object versions after this "
+                                                     "many days.", min=1, max=3650)
+    abort_incomplete_upload_days: int = _field(7, "Abort incomplete multipart uploads after this many "
+                                               "days.", min=1, max=365)
+    log_retention_days: int = _field(365, "Retention of the VPC flow log group (a CloudWatch value).",
+                                     choices=LOG_RETENTION_DAYS)
+    image_uri: str = _field("", "Training image. Empty: the AWS Hugging Face PyTorch training DLC for "
+                            "framework_version/transformers_version in this region.")
+    framework_version: str = _field("2.8.0", "PyTorch version of the default image (exact).",
+                                    pattern=r"\d+\.\d+\.\d+")
+    transformers_version: str = _field("4.56.2", "transformers version of the default image (exact).",
+                                       pattern=r"\d+\.\d+\.\d+")
+    py_version: str = _field("py312", "Python version tag of the default image.", pattern=r"py3\d+")
+    strategy: str = _field("ddp", "Default distribution strategy of the trainer.", choices=("ddp", "fsdp"))
+    max_steps: int = _field(1000, "Default optimizer steps per run (pipeline parameter MaxSteps).",
+                            min=1, max=10_000_000)
+    learning_rate: float = _field(2e-5, "Default peak learning rate (pipeline parameter LearningRate).",
+                                  min=0.0, max=1.0, exclusive_min=True)
+    per_device_batch_size: int = _field(4, "Default sequences per GPU per micro-step.", min=1, max=4096)
+    gradient_accumulation_steps: int = _field(8, "Default micro-steps per optimizer step.", min=1,
+                                              max=4096)
+    sequence_length: int = _field(2048, "Default tokens per training sequence.", min=8, max=1_048_576)
+    checkpoint_interval_minutes: float = _field(10.0, "Default wall-clock interval between checkpoints; "
+                                                "bounds the work lost per interruption.", min=0.0,
+                                                max=1440.0, exclusive_min=True)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_rules(f, getattr(self, f.name))
+        self._check_instance_type("instance_type", self.instance_type)
+        for i, allowed in enumerate(self.allowed_instance_types):
+            self._check_instance_type(f"allowed_instance_types[{i}]", allowed)
+        if self.allowed_instance_types and self.instance_type not in self.allowed_instance_types:
+            raise ConfigError(
+                f"{CONTEXT_KEY}.allowed_instance_types={','.join(self.allowed_instance_types)}: must "
+                f"include {CONTEXT_KEY}.instance_type ({self.instance_type})")
+        if self.use_spot and self.max_wait_seconds < self.max_run_seconds:
+            raise ConfigError(
+                f"{CONTEXT_KEY}.max_wait_seconds={self.max_wait_seconds}: must be >= "
+                f"{CONTEXT_KEY}.max_run_seconds ({self.max_run_seconds}) when {CONTEXT_KEY}.use_spot=true")
+
+    def _check_instance_type(self, name: str, value: str) -> None:
+        offered = instance_types.training_instance_types()
+        if value not in offered:
+            close = difflib.get_close_matches(value, offered, n=3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ConfigError(f"{CONTEXT_KEY}.{name}={value}: not an instance type SageMaker offers for "
+                              f"training (botocore TrainingInstanceType){hint}")
+        if self.require_gpu and instance_types.gpus_per_instance(value) == 0:
+            raise ConfigError(f"{CONTEXT_KEY}.{name}={value}: has no NVIDIA GPU, so it cannot run "
+                              f"distributed GPU training; use a GPU type such as ml.p4d.24xlarge, "
+                              f"ml.p5.48xlarge or ml.g5.12xlarge, or set {CONTEXT_KEY}.require_gpu=false")
+
+    @property
+    def instance_type_allow_list(self) -> tuple[str, ...]:
+        return self.allowed_instance_types or (self.instance_type,)
+
+    @property
+    def volume_encryption_allowed(self) -> bool:
+        """SageMaker rejects VolumeKmsKeyId on local-NVMe types; decided over every allowed type."""
+        return not any(instance_types.has_local_storage(t) for t in self.instance_type_allow_list)
+
+    @classmethod
+    def field_docs(cls) -> list[tuple[str, Any, str]]:
+        return [(f.name, f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any]) -> TrainingConfig:
+        """Merge `context["training"]` with `training.<field>` overrides, then parse and validate."""
+        base = context.get(CONTEXT_KEY, {})
+        if not isinstance(base, Mapping):
+            raise ConfigError(f"{CONTEXT_KEY}={base!r}: must be an object of settings")
+        merged = dict(base)
+        prefix = CONTEXT_KEY + "."
+        merged.update({k[len(prefix):]: v for k, v in context.items() if k.startswith(prefix)})
+        return cls.from_mapping(merged)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TrainingConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        parsed = {}
+        for name, raw in values.items():
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"{CONTEXT_KEY}.{name}={_show(raw)}: unknown field{hint}; allowed: "
+                                  f"{', '.join(fields)}")
+            parsed[name] = _coerce(fields[name], raw)
+        return cls(**parsed)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+    """Turn a cdk.json value or a `-c` string into the field's type, or raise ConfigError."""
+    kind = f.type
+    where = f"{CONTEXT_KEY}.{f.name}={_show(raw)}"
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise ConfigError(f"{where}: must be true or false")
+    if kind == "int":
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+            return int(raw)
+        raise ConfigError(f"{where}: must be an integer{_range_text(f)}")
+    if kind == "float":
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: must be a number{_range_text(f)}")
+    if kind == "tuple[str, ...]":
+        if isinstance(raw, str):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+        raise ConfigError(f"{where}: must be a list of strings (comma-separated on the command line)")
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: must be a string")
+    return raw
+
+
+def _range_text(f: dataclasses.Field) -> str:
+    if "min" not in f.metadata:
+        return ""
+    low = "above" if f.metadata.get("exclusive_min") else "from"
+    return f" {low} {f.metadata['min']} to {f.metadata['max']}"
+
+
+def _check_rules(f: dataclasses.Field, value: Any) -> None:
+    rules = f.metadata
+    where = f"{CONTEXT_KEY}.{f.name}={_show(value)}"
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, rules['choices']))}")
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
+        raise ConfigError(f"{where}: must match {rules['pattern']}")
+    if "min" in rules:
+        too_low = value <= rules["min"] if rules.get("exclusive_min") else value < rules["min"]
+        if too_low or value > rules["max"]:
+            raise ConfigError(f"{where}: must be{_range_text(f)}")

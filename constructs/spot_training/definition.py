@@ -1,0 +1,225 @@
+"""Generates the SageMaker pipeline definition with the SageMaker Python SDK v2, offline.
+
+The only module that imports `sagemaker`, so a later move to SDK v3 touches this file alone.
+
+`cdk synth` runs with no AWS credentials and no network, and its output must be identical across runs.
+The SDK cannot take CDK tokens (it parses S3 URIs and looks up role ARNs), so the definition is built
+with fixed placeholder values (`Placeholders`); the construct then swaps each placeholder for its token.
+Each setting below that looks arbitrary is what it took to get zero network calls:
+- telemetry opted out through `sagemaker_config` (with it on the SDK calls STS and an HTTP endpoint);
+- an explicit image URI (`image_uris.retrieve` reads the SDK's bundled JSON), role ARN, output path and
+  an `s3://` source_dir, so nothing is uploaded, resolved or looked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from spot_training.config import TrainingConfig
+from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
+
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+for _name in ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _no_instance_metadata() -> Iterator[None]:
+    """The SDK creates boto3 clients at import (JumpStart defaults); without credentials botocore would
+    probe the EC2 instance metadata endpoint, a network call that also costs seconds off EC2."""
+    previous = os.environ.get("AWS_EC2_METADATA_DISABLED")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["AWS_EC2_METADATA_DISABLED"]
+        else:
+            os.environ["AWS_EC2_METADATA_DISABLED"] = previous
+
+
+with _no_instance_metadata(), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import sagemaker  # noqa: F401
+import boto3  # noqa: E402
+from sagemaker import image_uris  # noqa: E402
+from sagemaker.inputs import TrainingInput  # noqa: E402
+from sagemaker.pytorch import PyTorch  # noqa: E402
+from sagemaker.workflow.execution_variables import ExecutionVariables  # noqa: E402
+from sagemaker.workflow.functions import Join  # noqa: E402
+from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString  # noqa: E402
+from sagemaker.workflow.pipeline import Pipeline  # noqa: E402
+from sagemaker.workflow.pipeline_context import PipelineSession  # noqa: E402
+from sagemaker.workflow.retry import (  # noqa: E402
+    SageMakerJobExceptionTypeEnum,
+    SageMakerJobStepRetryPolicy,
+    StepExceptionTypeEnum,
+    StepRetryPolicy,
+)
+from sagemaker.workflow.steps import TrainingStep  # noqa: E402
+
+TRAINING_STEP_NAME = "Train"
+ENTRY_POINT = "train.py"
+
+# The container has no internet: never let transformers or tokenizers reach for the Hugging Face hub.
+TRAINING_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+_SDK_CONFIG = {"SchemaVersion": "1.0",
+               "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Placeholders:
+    """Stand-ins for deploy-time values. Each is unique, valid for the CreateTrainingJob shape, and
+    replaced by the matching CDK token after generation."""
+
+    role_arn: str = "arn:aws:iam::000000000000:role/placeholder-training-role-7f3a"
+    bucket_name: str = "placeholder-artifact-bucket-7f3a"
+    kms_key_arn: str = "arn:aws:kms:us-east-1:000000000000:key/00000000-0000-4000-8000-placeholder7"
+    code_bucket_name: str = "placeholder-asset-bucket-7f3a"
+    code_object_key: str = "placeholder-code-key-7f3a.tar.gz"
+    subnet_ids: tuple[str, ...] = ("subnet-placeholder7f3a0",)
+    security_group_ids: tuple[str, ...] = ("sg-placeholder7f3a0",)
+
+    @staticmethod
+    def for_counts(subnets: int, security_groups: int) -> Placeholders:
+        return Placeholders(subnet_ids=tuple(f"subnet-placeholder7f3a{i}" for i in range(subnets)),
+                            security_group_ids=tuple(f"sg-placeholder7f3a{i}" for i in range(security_groups)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineParameter:
+    """A per-run pipeline parameter: its name, SDK type and default."""
+
+    name: str
+    kind: type
+    default: Any
+
+
+def default_image_uri(config: TrainingConfig) -> str:
+    """The AWS Hugging Face PyTorch training DLC: torch, transformers, safetensors and accelerate are
+    preinstalled, which the trainer needs because the isolated job cannot pip install."""
+    if config.image_uri:
+        return config.image_uri
+    return image_uris.retrieve("huggingface", region=config.region, version=config.transformers_version,
+                               base_framework_version=f"pytorch{config.framework_version}",
+                               py_version=config.py_version, instance_type=config.instance_type,
+                               image_scope="training")
+
+
+def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[PipelineParameter]:
+    """Per-run values a user can override at start-pipeline-execution; defaults come from config."""
+    return [
+        PipelineParameter("TrainingDataUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
+        PipelineParameter("BaseModelUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['models']}base/"),
+        PipelineParameter("InstanceType", ParameterString, config.instance_type),
+        PipelineParameter("InstanceCount", ParameterInteger, config.instance_count),
+        PipelineParameter("MaxSteps", ParameterInteger, config.max_steps),
+        PipelineParameter("LearningRate", ParameterFloat, config.learning_rate),
+        PipelineParameter("PerDeviceBatchSize", ParameterInteger, config.per_device_batch_size),
+        PipelineParameter("GradientAccumulationSteps", ParameterInteger, config.gradient_accumulation_steps),
+        PipelineParameter("SequenceLength", ParameterInteger, config.sequence_length),
+        PipelineParameter("CheckpointIntervalMinutes", ParameterFloat, config.checkpoint_interval_minutes),
+    ]
+
+
+def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
+             placeholders: Placeholders, image_uri: str | None = None) -> dict[str, Any]:
+    """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go."""
+    with _no_instance_metadata():
+        return _generate(config, metric_definitions, placeholders, image_uri)
+
+
+def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, str]],
+              placeholders: Placeholders, image_uri: str | None) -> dict[str, Any]:
+    # Fixed dummy credentials: nothing is called, and botocore never walks its credential chain.
+    boto_session = boto3.Session(region_name=config.region, aws_access_key_id="offline",
+                                 aws_secret_access_key="offline")
+    session = PipelineSession(boto_session=boto_session, sagemaker_config=_SDK_CONFIG,
+                              default_bucket=placeholders.bucket_name)
+    params = {p.name: p.kind(name=p.name, default_value=p.default)
+              for p in pipeline_parameters(config, placeholders.bucket_name)}
+    bucket = placeholders.bucket_name
+    checkpoint_s3_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['checkpoints'].rstrip('/')}",
+                                             ExecutionVariables.PIPELINE_EXECUTION_ID, ""])
+    estimator = PyTorch(
+        entry_point=ENTRY_POINT,
+        source_dir=f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
+        image_uri=image_uri or default_image_uri(config),
+        framework_version=config.framework_version,
+        py_version=config.py_version,
+        role=placeholders.role_arn,
+        instance_type=params["InstanceType"],
+        instance_count=params["InstanceCount"],
+        volume_size=config.volume_size_gb,
+        volume_kms_key=placeholders.kms_key_arn if config.volume_encryption_allowed else None,
+        output_kms_key=placeholders.kms_key_arn,
+        output_path=f"s3://{bucket}/{PREFIXES['outputs']}",
+        code_location=f"s3://{bucket}/{PREFIXES['code'].rstrip('/')}",
+        max_run=config.max_run_seconds,
+        use_spot_instances=config.use_spot,
+        max_wait=config.max_wait_seconds if config.use_spot else None,
+        checkpoint_s3_uri=checkpoint_s3_uri,
+        checkpoint_local_path=CHECKPOINT_LOCAL_PATH,
+        subnets=list(placeholders.subnet_ids),
+        security_group_ids=list(placeholders.security_group_ids),
+        enable_network_isolation=config.network_isolation,
+        encrypt_inter_container_traffic=config.inter_container_encryption,
+        distribution={"torch_distributed": {"enabled": True}},
+        hyperparameters={
+            "max_steps": params["MaxSteps"],
+            "learning_rate": params["LearningRate"],
+            "per_device_batch_size": params["PerDeviceBatchSize"],
+            "gradient_accumulation_steps": params["GradientAccumulationSteps"],
+            "sequence_length": params["SequenceLength"],
+            "checkpoint_interval_minutes": params["CheckpointIntervalMinutes"],
+            "strategy": config.strategy,
+        },
+        metric_definitions=[dict(m) for m in metric_definitions],
+        environment=dict(TRAINING_ENVIRONMENT),
+        disable_profiler=True,
+        debugger_hook_config=False,
+        sagemaker_session=session,
+    )
+    inputs = {"train": TrainingInput(s3_data=params["TrainingDataUri"], input_mode="File"),
+              "model": TrainingInput(s3_data=params["BaseModelUri"], input_mode="File")}
+    retry_policies = [
+        SageMakerJobStepRetryPolicy(
+            exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
+                             SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT,
+                             SageMakerJobExceptionTypeEnum.INTERNAL_ERROR],
+            interval_seconds=300, backoff_rate=2.0, max_attempts=config.retry_attempts),
+        StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT, StepExceptionTypeEnum.THROTTLING],
+                        interval_seconds=30, backoff_rate=2.0, max_attempts=config.retry_attempts),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No Wait, No Logs": the expected state of a PipelineSession
+        step = TrainingStep(name=TRAINING_STEP_NAME, step_args=estimator.fit(inputs),
+                            retry_policies=retry_policies)
+        pipeline = Pipeline(name=config.pipeline_name, parameters=list(params.values()), steps=[step],
+                            sagemaker_session=session)
+        definition = json.loads(pipeline.definition())
+    _point_code_at_asset(definition, placeholders)
+    return definition
+
+
+def training_step(definition: Mapping[str, Any]) -> dict[str, Any]:
+    return next(s for s in definition["Steps"] if s["Name"] == TRAINING_STEP_NAME)
+
+
+def _point_code_at_asset(definition: dict[str, Any], placeholders: Placeholders) -> None:
+    """Under network isolation the SDK ships code through a `code` channel and names the archive
+    `sourcedir.tar.gz`; a CDK asset's key is `<hash>.gz`, so name the real key (the container checks
+    `tarfile.is_tarfile`, not the name)."""
+    hyperparameters = training_step(definition)["Arguments"]["HyperParameters"]
+    if "sagemaker_submit_directory" in hyperparameters and \
+            "/opt/ml/input/data/code/" in hyperparameters["sagemaker_submit_directory"]:
+        hyperparameters["sagemaker_submit_directory"] = json.dumps(
+            f"/opt/ml/input/data/code/{placeholders.code_object_key}")

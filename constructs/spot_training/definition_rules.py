@@ -1,0 +1,225 @@
+"""Checks a generated pipeline definition before it can be deployed.
+
+Neither cfn-lint nor checkov looks inside a pipeline body: a bogus instance type or MaxWait below
+MaxRuntime passes both and fails only when a run starts. So every TrainingStep is checked here against
+botocore's `CreateTrainingJob` input shape (types, required and unknown keys, enums, lengths, ranges,
+patterns; botocore's own ParamValidator skips the last four) and against the platform's own rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import botocore.session
+
+MAX_DEFINITION_CHARACTERS = 1_048_576  # CreatePipeline PipelineDefinition length limit
+MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds service limit (not in botocore)
+EXECUTION_ID_STAND_IN = "validation0exec"
+_RETRYABLE_JOB_ERRORS = ("SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT", "SageMaker.JOB_INTERNAL_ERROR")
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Expectations:
+    """What the definition must say, from the platform's configuration."""
+
+    use_spot: bool
+    network_isolation: bool
+    inter_container_encryption: bool
+    volume_encryption: bool
+
+
+def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """The definition as one run with default parameters would see it: `Get` and `Std:Join` evaluated."""
+    defaults = {p["Name"]: p.get("DefaultValue") for p in definition.get("Parameters", [])}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"Get"}:
+                ref = node["Get"]
+                if ref.startswith("Parameters."):
+                    return defaults[ref.removeprefix("Parameters.")]
+                return EXECUTION_ID_STAND_IN if ref == "Execution.PipelineExecutionId" else f"<{ref}>"
+            if set(node) == {"Std:Join"}:
+                join = node["Std:Join"]
+                return join["On"].join(str(walk(v)) for v in join["Values"])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(definition)
+
+
+def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation]:
+    """Every violation in `definition` (unresolved, as generated); empty when it is deployable."""
+    violations = []
+    size = len(json.dumps(definition))
+    if size > MAX_DEFINITION_CHARACTERS:
+        violations.append(Violation("PipelineDefinition", f"{size} characters; CreatePipeline accepts at "
+                                    f"most {MAX_DEFINITION_CHARACTERS}"))
+    resolved = resolve(definition)
+    training_steps = [s for s in resolved.get("Steps", []) if s.get("Type") == "Training"]
+    if not training_steps:
+        violations.append(Violation("Steps", "no Training step"))
+    for step in training_steps:
+        where = f"Steps[{step['Name']}]"
+        # Pipelines drop TrainingJobName and name the job themselves; the API still requires one.
+        arguments = {"TrainingJobName": "pipelines-validation", **step["Arguments"]}
+        violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
+                       for v in check_shape(arguments, _create_training_job_shape())]
+        violations += [Violation(f"{where}.{v.field}", v.message) for v in _own_rules(step, expect)]
+    return violations
+
+
+def _create_training_job_shape() -> Any:
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return model.operation_model("CreateTrainingJob").input_shape
+
+
+def check_shape(value: Any, shape: Any, path: str = "") -> list[Violation]:
+    """Walk `value` against a botocore shape, checking what ParamValidator does and what it skips."""
+    here = path or shape.name
+    kind = shape.type_name
+    if kind == "structure":
+        if not isinstance(value, dict):
+            return [Violation(here, f"must be an object, got {type(value).__name__}")]
+        out = [Violation(_join(path, name), "is required") for name in shape.required_members
+               if name not in value]
+        for name, item in value.items():
+            if name not in shape.members:
+                out.append(Violation(_join(path, name), f"unknown field of {shape.name}"))
+            else:
+                out += check_shape(item, shape.members[name], _join(path, name))
+        return out
+    if kind == "list":
+        if not isinstance(value, list):
+            return [Violation(here, f"must be a list, got {type(value).__name__}")]
+        out = _length(here, len(value), shape.metadata, "items")
+        for i, item in enumerate(value):
+            out += check_shape(item, shape.member, f"{here}[{i}]")
+        return out
+    if kind == "map":
+        if not isinstance(value, dict):
+            return [Violation(here, f"must be an object, got {type(value).__name__}")]
+        out = _length(here, len(value), shape.metadata, "entries")
+        for key, item in value.items():
+            out += check_shape(key, shape.key, f"{here} key {key!r}")
+            out += check_shape(item, shape.value, f"{here}.{key}")
+        return out
+    if kind == "string":
+        if not isinstance(value, str):
+            return [Violation(here, f"must be a string, got {type(value).__name__} {value!r}")]
+        if shape.enum and value not in shape.enum:
+            return [Violation(here, f"{value!r} is not one of the {len(shape.enum)} values of {shape.name}")]
+        out = _length(here, len(value), shape.metadata, "characters")
+        pattern = shape.metadata.get("pattern")
+        if pattern and not _full_match(pattern, value):
+            out.append(Violation(here, f"{value!r} does not match {pattern}"))
+        return out
+    if kind in ("integer", "long"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return [Violation(here, f"must be an integer, got {value!r}")]
+        return _range(here, value, shape.metadata)
+    if kind in ("float", "double"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return [Violation(here, f"must be a number, got {value!r}")]
+        return _range(here, value, shape.metadata)
+    if kind == "boolean" and not isinstance(value, bool):
+        return [Violation(here, f"must be true or false, got {value!r}")]
+    return []
+
+
+def _own_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]:
+    args = step["Arguments"]
+    out = []
+    stopping = args.get("StoppingCondition", {})
+    spot = args.get("EnableManagedSpotTraining", False)
+    if spot != expect.use_spot:
+        out.append(Violation("Arguments.EnableManagedSpotTraining", f"is {spot}, configured {expect.use_spot}"))
+    if spot:
+        checkpoint = args.get("CheckpointConfig", {})
+        if not checkpoint.get("S3Uri"):
+            out.append(Violation("Arguments.CheckpointConfig.S3Uri",
+                                 "managed spot needs a checkpoint location, or interruptions restart from zero"))
+        elif not checkpoint["S3Uri"].endswith("/") or EXECUTION_ID_STAND_IN not in checkpoint["S3Uri"]:
+            # Without the trailing slash a restore of run-1 also pulls run-10 (S3 prefix semantics).
+            out.append(Violation("Arguments.CheckpointConfig.S3Uri",
+                                 f"{checkpoint['S3Uri']!r} must be keyed on the pipeline execution id and end with '/'"))
+        if checkpoint.get("LocalPath", "/opt/ml/checkpoints") != "/opt/ml/checkpoints":
+            out.append(Violation("Arguments.CheckpointConfig.LocalPath",
+                                 f"{checkpoint['LocalPath']!r}: the trainer saves to /opt/ml/checkpoints"))
+        max_wait, max_run = stopping.get("MaxWaitTimeInSeconds"), stopping.get("MaxRuntimeInSeconds")
+        if max_wait is None:
+            out.append(Violation("Arguments.StoppingCondition.MaxWaitTimeInSeconds", "is required with managed spot"))
+        elif max_run is not None and max_wait < max_run:
+            out.append(Violation("Arguments.StoppingCondition.MaxWaitTimeInSeconds",
+                                 f"{max_wait} is below MaxRuntimeInSeconds ({max_run})"))
+    elif "MaxWaitTimeInSeconds" in stopping:
+        out.append(Violation("Arguments.StoppingCondition.MaxWaitTimeInSeconds",
+                             "must be absent without managed spot (sagemaker-python-sdk#4140)"))
+    if "MaxRuntimeInSeconds" not in stopping:
+        out.append(Violation("Arguments.StoppingCondition.MaxRuntimeInSeconds", "is required: it caps the cost of a run"))
+    elif stopping["MaxRuntimeInSeconds"] > MAX_RUNTIME_SECONDS:
+        out.append(Violation("Arguments.StoppingCondition.MaxRuntimeInSeconds",
+                             f"{stopping['MaxRuntimeInSeconds']} is above SageMaker's 28-day limit ({MAX_RUNTIME_SECONDS})"))
+    vpc = args.get("VpcConfig", {})
+    if not vpc.get("Subnets") or not vpc.get("SecurityGroupIds"):
+        out.append(Violation("Arguments.VpcConfig", "subnets and security groups are required: training runs in "
+                             "private subnets"))
+    for flag, wanted in (("EnableNetworkIsolation", expect.network_isolation),
+                         ("EnableInterContainerTrafficEncryption", expect.inter_container_encryption)):
+        if args.get(flag, False) != wanted:
+            out.append(Violation(f"Arguments.{flag}", f"is {args.get(flag, False)}, configured {wanted}"))
+    if not args.get("OutputDataConfig", {}).get("KmsKeyId"):
+        out.append(Violation("Arguments.OutputDataConfig.KmsKeyId", "is required: outputs are KMS-encrypted"))
+    volume_key = args.get("ResourceConfig", {}).get("VolumeKmsKeyId")
+    if expect.volume_encryption and not volume_key:
+        out.append(Violation("Arguments.ResourceConfig.VolumeKmsKeyId", "is required for this instance type"))
+    if not expect.volume_encryption and volume_key:
+        out.append(Violation("Arguments.ResourceConfig.VolumeKmsKeyId", "is rejected by SageMaker for instance "
+                             "types with local NVMe storage"))
+    retried = {e for policy in step.get("RetryPolicies", []) for e in policy.get("ExceptionType", [])}
+    missing = [e for e in _RETRYABLE_JOB_ERRORS if e not in retried]
+    if missing:
+        out.append(Violation("RetryPolicies", f"must retry {', '.join(missing)}"))
+    return out
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _length(where: str, n: int, meta: Mapping[str, Any], unit: str) -> list[Violation]:
+    if "min" in meta and n < meta["min"]:
+        return [Violation(where, f"{n} {unit}, at least {meta['min']} allowed")]
+    if "max" in meta and n > meta["max"]:
+        return [Violation(where, f"{n} {unit}, at most {meta['max']} allowed")]
+    return []
+
+
+def _range(where: str, value: float, meta: Mapping[str, Any]) -> list[Violation]:
+    if "min" in meta and value < meta["min"]:
+        return [Violation(where, f"{value} is below the minimum {meta['min']}")]
+    if "max" in meta and value > meta["max"]:
+        return [Violation(where, f"{value} is above the maximum {meta['max']}")]
+    return []
+
+
+def _full_match(pattern: str, value: str) -> bool:
+    try:
+        return re.fullmatch(pattern.removeprefix("^").removesuffix("$"), value, re.DOTALL) is not None
+    except re.error:  # a Java-only construct botocore copies from the service model: not ours to judge
+        return True

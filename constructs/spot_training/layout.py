@@ -1,0 +1,12 @@
+"""Where things live: the artifact bucket's prefixes and the container's checkpoint folder."""
+
+# One prefix per kind of object, so IAM, lifecycle rules and people can tell them apart.
+PREFIXES = {
+    "data": "data/",
+    "models": "models/",
+    "code": "code/",
+    "checkpoints": "checkpoints/",
+    "outputs": "outputs/",
+}
+# SageMaker syncs this folder with CheckpointConfig.S3Uri; the trainer saves and resumes here.
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"

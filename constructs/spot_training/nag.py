@@ -1,0 +1,36 @@
+"""cdk-nag 3 registration and the one way this project acknowledges a finding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aws_cdk as cdk
+import cdk_nag
+from constructs import IConstruct
+
+
+def acknowledge(construct: IConstruct, findings: Mapping[str, str]) -> None:
+    """Acknowledge each exact finding id (e.g. `AwsSolutions-IAM5[Resource::*]`) on `construct`, with the
+    reason a security reviewer reads."""
+    for finding, reason in findings.items():
+        cdk.Validations.of(construct).acknowledge(cdk.Acknowledgment(id=finding, reason=reason))
+
+
+def arn_finding(scope: IConstruct, service: str, resource: str) -> str:
+    """An ARN as cdk-nag spells it in a finding id: unresolved parts as `<AWS::Region>`-style names."""
+    stack = cdk.Stack.of(scope)
+    region = "<AWS::Region>" if cdk.Token.is_unresolved(stack.region) else stack.region
+    account = "<AWS::AccountId>" if cdk.Token.is_unresolved(stack.account) else stack.account
+    return f"arn:<AWS::Partition>:{service}:{region}:{account}:{resource}"
+
+
+def nag_packs(app: cdk.App) -> list[cdk_nag.NagPack]:
+    return [cdk_nag.AwsSolutionsChecks(app), cdk_nag.NIST80053R5Checks(app), cdk_nag.HIPAASecurityChecks(app)]
+
+
+def add_checks(app: cdk.App) -> None:
+    """Register the nag packs and the pipeline-definition rules for the whole app: any unacknowledged
+    finding or definition violation fails `app.synth()`."""
+    from spot_training.validation import DefinitionValidationPlugin
+
+    cdk.Validations.of(app).add_plugins(*nag_packs(app), DefinitionValidationPlugin())

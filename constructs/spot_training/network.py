@@ -1,0 +1,163 @@
+"""Private networking for training: isolated subnets, VPC endpoints, and the training security group."""
+
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from aws_cdk import custom_resources as cr
+from constructs import Construct
+
+from spot_training.config import LOG_RETENTION_DAYS
+from spot_training.nag import acknowledge
+
+# What the training job and the platform call from inside the VPC. Missing STS or Logs endpoints leave
+# jobs hanging in `Starting` (awsdocs/amazon-sagemaker-developer-guide PR#259).
+INTERFACE_ENDPOINTS: dict[str, ec2.InterfaceVpcEndpointAwsService] = {
+    "Sts": ec2.InterfaceVpcEndpointAwsService.STS,
+    "Logs": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_LOGS,
+    "Monitoring": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_MONITORING,
+    "SageMakerApi": ec2.InterfaceVpcEndpointAwsService.SAGEMAKER_API,
+    "Kms": ec2.InterfaceVpcEndpointAwsService.KMS,
+    "EcrApi": ec2.InterfaceVpcEndpointAwsService.ECR,
+    "EcrDocker": ec2.InterfaceVpcEndpointAwsService.ECR_DOCKER,
+}
+HTTPS = ec2.Port.tcp(443)
+# CDK's placeholder for "no egress" (ICMP type 252 code 86 to 255.255.255.255/32 matches no packet).
+MATCH_NO_TRAFFIC = {"CidrIp": "255.255.255.255/32", "Description": "Disallow all traffic", "IpProtocol": "icmp",
+                    "FromPort": 252, "ToPort": 86}
+AWS_CUSTOM_RESOURCE_FUNCTION_ID = "AWS679f53fac002430cb0da5b7982bd2287"
+
+
+def retention(days: int) -> logs.RetentionDays:
+    """CloudWatch retention in days -> the CDK enum (same order as the allowed values)."""
+    return list(logs.RetentionDays)[LOG_RETENTION_DAYS.index(days)]
+
+
+class TrainingNetwork(Construct):
+    """A VPC with isolated subnets only (no internet gateway, no NAT), the S3 gateway endpoint, interface
+    endpoints with private DNS, the training security group, and KMS-encrypted VPC flow logs."""
+
+    def __init__(self, scope: Construct, id: str, *, az_count: int = 2, cidr: str = "10.80.0.0/16",
+                 flow_log_retention_days: int = 365) -> None:
+        """
+        :param az_count: availability zones, one isolated subnet each (@default 2).
+        :param cidr: the VPC's CIDR block (@default 10.80.0.0/16).
+        :param flow_log_retention_days: retention of the flow log group, a CloudWatch Logs value (@default 365).
+        """
+        super().__init__(scope, id)
+        self.vpc = ec2.Vpc(
+            self, "Vpc", ip_addresses=ec2.IpAddresses.cidr(cidr), nat_gateways=0,
+            # The region's first AZs, resolved at deploy time: an account-agnostic stack would get only two.
+            availability_zones=[cdk.Fn.select(i, cdk.Fn.get_azs()) for i in range(az_count)],
+            create_internet_gateway=False, restrict_default_security_group=True,
+            subnet_configuration=[ec2.SubnetConfiguration(name="training", cidr_mask=20,
+                                                          subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+        self.subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)
+        self.s3_endpoint = self.vpc.add_gateway_endpoint(
+            "S3", service=ec2.GatewayVpcEndpointAwsService.S3, subnets=[self.subnets])
+        self.endpoint_security_group = ec2.SecurityGroup(
+            self, "EndpointSecurityGroup", vpc=self.vpc, allow_all_outbound=False,
+            description="VPC interface endpoints: HTTPS from the training security group only")
+        self.training_security_group = TrainingSecurityGroup(
+            self, "TrainingSecurityGroup", vpc=self.vpc, endpoint_security_group=self.endpoint_security_group)
+        self.endpoint_security_group.add_ingress_rule(
+            self.training_security_group.security_group, HTTPS, "HTTPS from training instances")
+        self.interface_endpoints = {
+            name: self.vpc.add_interface_endpoint(
+                name, service=service, private_dns_enabled=True, open=False, subnets=self.subnets,
+                security_groups=[self.endpoint_security_group])
+            for name, service in INTERFACE_ENDPOINTS.items()}
+        self.flow_log_key = kms.Key(self, "FlowLogKey", enable_key_rotation=True,
+                                    description="Encrypts the training VPC's flow log group")
+        self.flow_log_key.grant_encrypt_decrypt(
+            iam.ServicePrincipal(f"logs.{cdk.Stack.of(self).region}.amazonaws.com"))
+        self.flow_log_group = logs.LogGroup(self, "FlowLogGroup", encryption_key=self.flow_log_key,
+                                            retention=retention(flow_log_retention_days),
+                                            removal_policy=cdk.RemovalPolicy.RETAIN)
+        self.flow_log = self.vpc.add_flow_log(
+            "FlowLog", traffic_type=ec2.FlowLogTrafficType.ALL,
+            destination=ec2.FlowLogDestination.to_cloud_watch_logs(self.flow_log_group,
+                                                                   self._flow_log_role()))
+
+    def _flow_log_role(self) -> iam.IRole:
+        # A managed policy instead of the inline default policy CDK would attach (NIST/HIPAA: no inline).
+        role = iam.Role(self, "FlowLogRole", assumed_by=iam.ServicePrincipal("vpc-flow-logs.amazonaws.com"))
+        iam.ManagedPolicy(self, "FlowLogPolicy", roles=[role], statements=[iam.PolicyStatement(
+            actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=[self.flow_log_group.log_group_arn])])
+        # Immutable: CDK's flow log would otherwise add the same grant again as an inline policy.
+        return role.without_policy_updates()
+
+
+class TrainingSecurityGroup(Construct):
+    """The training instances' security group: all traffic from and to itself (NCCL and EFA need both
+    directions; an egress to 0.0.0.0/0 does not cover EFA, awslabs/awsome-distributed-ai#546), HTTPS to
+    the interface endpoints and to S3 through its gateway endpoint, and nothing else."""
+
+    def __init__(self, scope: Construct, id: str, *, vpc: ec2.IVpc,
+                 endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
+        """
+        :param endpoint_security_group: the interface endpoints' group, HTTPS egress goes there.
+            @default - HTTPS egress to the VPC's CIDR block, where interface endpoints live.
+        """
+        super().__init__(scope, id)
+        # allow_all_outbound=True would silently drop the egress rules added below.
+        self.security_group = ec2.SecurityGroup(
+            self, "Resource", vpc=vpc, allow_all_outbound=False,
+            description="SageMaker training instances: all traffic among themselves, HTTPS to endpoints and S3")
+        self.security_group.add_ingress_rule(self.security_group, ec2.Port.all_traffic(),
+                                             "Multi-node NCCL/EFA traffic between training instances")
+        self.security_group.add_egress_rule(self.security_group, ec2.Port.all_traffic(),
+                                            "Multi-node NCCL/EFA traffic between training instances")
+        endpoints = endpoint_security_group or ec2.Peer.ipv4(vpc.vpc_cidr_block)
+        self.security_group.add_egress_rule(endpoints, HTTPS, "HTTPS to the VPC interface endpoints")
+        self.security_group.add_egress_rule(ec2.Peer.prefix_list(self._s3_prefix_list_id()), HTTPS,
+                                            "HTTPS to S3 through the gateway endpoint")
+        # Every egress rule above is a separate resource (security-group and token peers cannot be inlined),
+        # which leaves the group's inline egress list empty, and an empty list makes EC2 add its default
+        # allow-all egress rule. Keep CDK's match-nothing rule inline so that default is never created.
+        cfn_group: ec2.CfnSecurityGroup = self.security_group.node.default_child
+        cfn_group.add_property_override("SecurityGroupEgress", [MATCH_NO_TRAFFIC])
+        acknowledge(self.security_group, {
+            rule: "The all-traffic ingress comes only from this security group itself (the other training "
+            "instances of the same job), never from a CIDR range; NCCL and EFA use dynamic ports."
+            for rule in ("NIST.800.53.R5-EC2RestrictedCommonPorts", "HIPAA.Security-EC2RestrictedCommonPorts")})
+
+    def _s3_prefix_list_id(self) -> str:
+        """The region's S3 managed prefix list id; CloudFormation has no intrinsic that returns it."""
+        name = f"com.amazonaws.{cdk.Stack.of(self).region}.s3"
+        lookup = cr.AwsCustomResource(
+            self, "S3PrefixListLookup",
+            on_update=cr.AwsSdkCall(
+                service="EC2", action="describeManagedPrefixLists",
+                parameters={"Filters": [{"Name": "prefix-list-name", "Values": [name]}]},
+                physical_resource_id=cr.PhysicalResourceId.of(name),
+                output_paths=["PrefixLists.0.PrefixListId"]),
+            policy=cr.AwsCustomResourcePolicy.from_sdk_calls(resources=cr.AwsCustomResourcePolicy.ANY_RESOURCE),
+            install_latest_aws_sdk=False)
+        acknowledge(lookup, {
+            "AwsSolutions-IAM5[Resource::*]": "ec2:DescribeManagedPrefixLists supports no resource-level "
+            "permissions; the lookup reads one public AWS-managed prefix list.",
+            "NIST.800.53.R5-IAMNoInlinePolicy": "CDK's AwsCustomResource attaches its one-action policy inline; "
+            "it grants only ec2:DescribeManagedPrefixLists.",
+            "HIPAA.Security-IAMNoInlinePolicy": "CDK's AwsCustomResource attaches its one-action policy inline; "
+            "it grants only ec2:DescribeManagedPrefixLists.",
+        })
+        self._acknowledge_lookup_function()
+        return lookup.get_response_field("PrefixLists.0.PrefixListId")
+
+    def _acknowledge_lookup_function(self) -> None:
+        # AwsCustomResource runs on one CDK-managed function per stack, created beside the stack's root.
+        function = cdk.Stack.of(self).node.try_find_child(AWS_CUSTOM_RESOURCE_FUNCTION_ID)
+        reason = ("CDK's AwsCustomResource provider function runs once per deployment to read the S3 "
+                  "prefix list id; it handles no data and is not reachable by training traffic.")
+        acknowledge(function, {
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AWSLambdaBasicExecutionRole]": "The CDK-managed provider function needs only to write its own "
+            "logs; the AWS managed basic execution policy grants exactly that.",
+            **{f"{pack}-{rule}": reason for pack in ("NIST.800.53.R5", "HIPAA.Security")
+               for rule in ("LambdaConcurrency", "LambdaDLQ", "LambdaInsideVPC")},
+        })

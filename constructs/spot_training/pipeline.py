@@ -1,0 +1,196 @@
+"""The L3 construct: a SageMaker pipeline that runs multi-node PyTorch fine-tuning on managed spot,
+in private subnets, with checkpoints keyed on the pipeline execution."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_assets as s3_assets
+from aws_cdk import aws_sagemaker as sagemaker
+from constructs import Construct
+
+from spot_training import definition as sdk
+from spot_training.config import TrainingConfig
+from spot_training.definition_rules import Expectations
+from spot_training.network import TrainingSecurityGroup
+from spot_training.roles import TrainingRoles
+from spot_training.storage import ArtifactStore
+
+_EXCLUDED = {"__pycache__", ".pytest_cache", ".mypy_cache"}
+
+
+class TrainingPipeline(Construct):
+    """A SageMaker pipeline whose one TrainingStep fine-tunes a model on `instance_count` GPU instances.
+
+    The definition is generated at synth by the SageMaker Python SDK v2 `PyTorch` estimator with
+    `torch_distributed`, offline and deterministically. Nothing runs on deploy: start each run with
+    `start-pipeline-execution` (see `grant_start_execution`).
+    """
+
+    def __init__(self, scope: Construct, id: str, *, config: TrainingConfig, vpc: ec2.IVpc,
+                 subnets: Sequence[ec2.ISubnet] | None = None,
+                 security_group: ec2.ISecurityGroup | None = None,
+                 bucket: s3.IBucket | None = None, key: kms.IKey | None = None,
+                 training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
+                 trainer_source_dir: str | Path | None = None,
+                 metric_definitions: Sequence[Mapping[str, str]] | None = None) -> None:
+        """
+        :param config: the validated platform settings (instance type and count, spot, limits, ...).
+        :param vpc: the VPC the training instances run in.
+        :param subnets: the subnets of `vpc` to run in (@default - the VPC's isolated subnets).
+        :param security_group: the training instances' group
+            (@default - a new group allowing all traffic among its members and HTTPS to endpoints and S3).
+        :param bucket: artifact bucket for data, models, checkpoints and outputs, with `key`
+            (@default - a new `ArtifactStore`: KMS key, versioned bucket, access logs).
+        :param key: the KMS key of `bucket`, also used for outputs and volumes (give both or neither).
+        :param training_role: the training jobs' execution role, with `pipeline_role`
+            (@default - new least-privilege `TrainingRoles`).
+        :param pipeline_role: the role the pipeline runs as (give both roles or neither).
+        :param trainer_source_dir: the trainer code folder, entry point `train.py`
+            (@default - the trainer shipped with this package).
+        :param metric_definitions: SageMaker metric definitions
+            (@default - `METRIC_DEFINITIONS` of the trainer's `log_format.py`).
+        """
+        super().__init__(scope, id)
+        _require_pair("bucket", bucket, "key", key)
+        _require_pair("training_role", training_role, "pipeline_role", pipeline_role)
+        self.config = config
+        self.image_uri = sdk.default_image_uri(config)
+        self.subnets = list(subnets or vpc.isolated_subnets)
+        if not self.subnets or len(self.subnets) > 16:
+            raise ValueError(f"subnets: {len(self.subnets)} given; a training job takes 1 to 16 subnets")
+        self.security_group = security_group or TrainingSecurityGroup(self, "SecurityGroup", vpc=vpc).security_group
+        if bucket is None:
+            store = ArtifactStore(self, "Store", checkpoint_expiration_days=config.checkpoint_expiration_days,
+                                  noncurrent_version_expiration_days=config.noncurrent_version_expiration_days,
+                                  abort_incomplete_upload_days=config.abort_incomplete_upload_days)
+            bucket, key = store.bucket, store.key
+        self.bucket, self.key = bucket, key
+        if training_role is None:
+            roles = self._create_roles()
+            training_role, pipeline_role = roles.training_role, roles.pipeline_role
+        self.training_role, self.pipeline_role = training_role, pipeline_role
+        source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
+        self.code_asset = self._package_trainer(source_dir)
+        self.definition = sdk.generate(
+            config, placeholders=sdk.Placeholders.for_counts(len(self.subnets), 1), image_uri=self.image_uri,
+            metric_definitions=metric_definitions or load_metric_definitions(source_dir))
+        self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
+                                         inter_container_encryption=config.inter_container_encryption,
+                                         volume_encryption=config.volume_encryption_allowed)
+        self.pipeline = sagemaker.CfnPipeline(
+            self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
+            pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",
+            pipeline_definition={"PipelineDefinitionBody": self._definition_body()})
+        self.pipeline_name = config.pipeline_name
+        self.pipeline_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="pipeline",
+                                                          resource_name=config.pipeline_name.lower())
+
+    def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
+        """Let `grantee` start runs of this pipeline and follow them (start, describe, list steps, stop)."""
+        return iam.Grant.add_to_principal(
+            grantee=grantee,
+            actions=["sagemaker:StartPipelineExecution", "sagemaker:DescribePipelineExecution",
+                     "sagemaker:ListPipelineExecutionSteps", "sagemaker:StopPipelineExecution"],
+            resource_arns=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])
+
+    def _create_roles(self) -> TrainingRoles:
+        config = self.config
+        return TrainingRoles(self, "Roles", bucket=self.bucket, key=self.key, image_uri=self.image_uri,
+                             subnets=self.subnets, security_groups=[self.security_group],
+                             allowed_instance_types=config.instance_type_allow_list,
+                             max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,
+                             inter_container_encryption=config.inter_container_encryption,
+                             volume_encryption=config.volume_encryption_allowed)
+
+    def _package_trainer(self, source_dir: Path) -> s3_assets.Asset:
+        archive = deterministic_tarball(source_dir)
+        asset = s3_assets.Asset(self, "TrainerCode", path=str(archive))
+        # A managed policy in this stack, attached to the role: no inline policy, no cross-stack cycle.
+        iam.ManagedPolicy(self, "ReadTrainerCode", roles=[self.training_role], statements=[iam.PolicyStatement(
+            actions=["s3:GetObject"], resources=[asset.bucket.arn_for_objects(asset.s3_object_key)])])
+        return asset
+
+    def _definition_body(self) -> str:
+        """The generated definition as JSON, each placeholder swapped for its deploy-time token."""
+        placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
+        substitutions = {
+            placeholders.role_arn: self.training_role.role_arn,
+            placeholders.bucket_name: self.bucket.bucket_name,
+            placeholders.kms_key_arn: self.key.key_arn,
+            placeholders.code_bucket_name: self.code_asset.s3_bucket_name,
+            placeholders.code_object_key: self.code_asset.s3_object_key,
+            **{p: s.subnet_id for p, s in zip(placeholders.subnet_ids, self.subnets)},
+            placeholders.security_group_ids[0]: self.security_group.security_group_id,
+        }
+        body = json.dumps(self.definition, separators=(",", ":"))
+        for placeholder, token in substitutions.items():
+            body = body.replace(placeholder, token)
+        return body
+
+
+def _require_pair(name_a: str, a: Any, name_b: str, b: Any) -> None:
+    if (a is None) != (b is None):
+        raise ValueError(f"{name_a} and {name_b}: give both (bring your own) or neither (created for you)")
+
+
+def default_trainer_dir() -> Path:
+    """The trainer shipped with this package (a link to the repository's `trainer/`)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "trainer", here.parent.parent / "trainer"):
+        if (candidate / sdk.ENTRY_POINT).is_file():
+            return candidate
+    raise FileNotFoundError(f"trainer_source_dir: no {sdk.ENTRY_POINT} found next to {here}; pass "
+                            "trainer_source_dir=<folder holding train.py>")
+
+
+def load_metric_definitions(source_dir: Path) -> list[dict[str, str]]:
+    """`METRIC_DEFINITIONS` from the trainer's own `log_format.py`: the regexes live beside the code
+    that prints the lines they parse."""
+    path = source_dir / "log_format.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"metric_definitions: {path} is missing; pass metric_definitions=[...]")
+    spec = importlib.util.spec_from_file_location("spot_training_trainer_log_format", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [dict(m) for m in module.METRIC_DEFINITIONS]
+
+
+def deterministic_tarball(source_dir: Path) -> Path:
+    """`source_dir` as a `.tar.gz` whose bytes depend only on file names and contents (sorted entries,
+    zero mtimes and owners), so the asset hash changes only when the code does."""
+    files = sorted(p for p in source_dir.rglob("*")
+                   if p.is_file() and not _EXCLUDED.intersection(p.relative_to(source_dir).parts)
+                   and p.suffix != ".pyc")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in files:
+            data = path.read_bytes()
+            info = tarfile.TarInfo(path.relative_to(source_dir).as_posix())
+            info.size, info.mtime, info.mode = len(data), 0, 0o755 if path.stat().st_mode & 0o111 else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, filename="") as gz:
+        gz.write(raw.getvalue())
+    digest = hashlib.sha256(packed.getvalue()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / "spot-training-trainer" / f"trainer-{digest}.tar.gz"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{id(packed)}.tmp")
+        tmp.write_bytes(packed.getvalue())
+        tmp.replace(out)
+    return out

@@ -1,0 +1,165 @@
+"""Least-privilege IAM for training: the job's execution role and the pipeline's role."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from spot_training.layout import PREFIXES
+from spot_training.nag import acknowledge, arn_finding
+
+SAGEMAKER = iam.ServicePrincipal("sagemaker.amazonaws.com")
+# Pipelines name the training jobs they create `pipelines-<id>-<step>-<hash>`.
+PIPELINE_JOB_PATTERN = "pipelines-*"
+
+
+def ecr_repository_arn(image_uri: str) -> str:
+    """`<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>` -> the repository's ARN."""
+    match = re.fullmatch(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/([^:@]+)[:@].+", image_uri)
+    if not match:
+        raise ValueError(f"image_uri={image_uri}: must be an ECR image URI "
+                         "<account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>")
+    account, region, repository = match.groups()
+    return f"arn:{cdk.Aws.PARTITION}:ecr:{region}:{account}:repository/{repository}"
+
+
+class TrainingRoles(Construct):
+    """The training job's execution role and the SageMaker pipeline's role, each with one managed policy.
+
+    The execution role reads `data/` and `models/`, reads and writes `checkpoints/`, writes `outputs/`,
+    uses the KMS key only through S3, writes its own logs, pulls the training image and manages the ENIs
+    of VPC mode. The pipeline role may create training jobs only inside our subnets and security groups,
+    with isolation, encryption, KMS keys, instance types and a runtime cap as configured
+    (`sagemaker:*` condition keys), and pass only the execution role, only to SageMaker.
+    """
+
+    def __init__(self, scope: Construct, id: str, *, bucket: s3.IBucket, key: kms.IKey, image_uri: str,
+                 subnets: Sequence[ec2.ISubnet], security_groups: Sequence[ec2.ISecurityGroup],
+                 allowed_instance_types: Sequence[str], max_run_seconds: int, network_isolation: bool = True,
+                 inter_container_encryption: bool = True, volume_encryption: bool = False) -> None:
+        """
+        :param image_uri: the training image; the execution role may pull from its repository only.
+        :param subnets: the only subnets a training job may use.
+        :param security_groups: the only security groups a training job may use.
+        :param allowed_instance_types: the instance types a training job may request.
+        :param max_run_seconds: the highest MaxRuntimeInSeconds a training job may request.
+        :param volume_encryption: whether jobs pass VolumeKmsKeyId (@default False: local-NVMe types).
+        """
+        super().__init__(scope, id)
+        stack = cdk.Stack.of(self)
+        self.training_role = iam.Role(self, "TrainingRole", assumed_by=SAGEMAKER,
+                                      description="Execution role of the distributed training jobs")
+        self.training_policy = iam.ManagedPolicy(
+            self, "TrainingPolicy", roles=[self.training_role],
+            statements=self._training_statements(stack, bucket, key, image_uri, subnets, security_groups))
+        self._acknowledge_training_policy(bucket)
+        self.pipeline_role = iam.Role(self, "PipelineRole", assumed_by=SAGEMAKER,
+                                      description="Role of the SageMaker pipeline: starts the training jobs")
+        job_arn = stack.format_arn(service="sagemaker", resource="training-job", resource_name=PIPELINE_JOB_PATTERN)
+        subnet_ids = [s.subnet_id for s in subnets]
+        group_ids = [g.security_group_id for g in security_groups]
+        create_conditions = {
+            "Null": {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false"},
+            "ForAllValues:StringEquals": {"sagemaker:VpcSubnets": subnet_ids,
+                                          "sagemaker:VpcSecurityGroupIds": group_ids,
+                                          "sagemaker:InstanceTypes": list(allowed_instance_types)},
+            "Bool": {"sagemaker:NetworkIsolation": str(network_isolation).lower(),
+                     "sagemaker:InterContainerTrafficEncryption": str(inter_container_encryption).lower()},
+            "ArnEquals": {"sagemaker:OutputKmsKey": key.key_arn},
+            # Types with local NVMe storage refuse a volume key, so the key is only checked when present.
+            "ArnEqualsIfExists": {"sagemaker:VolumeKmsKey": key.key_arn},
+            "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": max_run_seconds},
+        }
+        statements = [
+            iam.PolicyStatement(sid="CreateTrainingJobsInsideGuardrails", actions=["sagemaker:CreateTrainingJob"],
+                                resources=[job_arn], conditions=create_conditions),
+            iam.PolicyStatement(sid="FollowAndStopOwnTrainingJobs",
+                                actions=["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+                                         "sagemaker:AddTags"], resources=[job_arn]),
+            iam.PolicyStatement(sid="PassOnlyTheTrainingRole", actions=["iam:PassRole"],
+                                resources=[self.training_role.role_arn],
+                                conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+        ]
+        if volume_encryption:
+            statements.append(iam.PolicyStatement(
+                sid="EncryptTrainingVolumes", actions=["kms:CreateGrant", "kms:DescribeKey"],
+                resources=[key.key_arn], conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}}))
+        self.pipeline_policy = iam.ManagedPolicy(self, "PipelinePolicy", roles=[self.pipeline_role],
+                                                 statements=statements)
+        acknowledge(self.pipeline_policy, {
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'training-job/{PIPELINE_JOB_PATTERN}')}]": "SageMaker Pipelines generate the training job names at run "
+            "time (pipelines-<execution>-<step>); the prefix limits the role to jobs pipelines create, and "
+            "CreateTrainingJob is further bound by subnet, security group, isolation, KMS, instance type and "
+            "runtime conditions.",
+        })
+
+    def _training_statements(self, stack: cdk.Stack, bucket: s3.IBucket, key: kms.IKey, image_uri: str,
+                             subnets: Sequence[ec2.ISubnet],
+                             security_groups: Sequence[ec2.ISecurityGroup]) -> list[iam.PolicyStatement]:
+        def objects(kind: str) -> str:
+            return bucket.arn_for_objects(PREFIXES[kind] + "*")
+
+        log_group = stack.format_arn(service="logs", resource="log-group", resource_name="/aws/sagemaker/TrainingJobs",
+                                     arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
+        statements = [
+            iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"], resources=[objects("data"), objects("models")]),
+            iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+                                conditions={"StringLike": {"s3:prefix": [p + "*" for p in PREFIXES.values()]}}),
+            iam.PolicyStatement(sid="SyncCheckpoints", actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                                                                "s3:AbortMultipartUpload"],
+                                resources=[objects("checkpoints")]),
+            iam.PolicyStatement(sid="WriteOutputs", actions=["s3:PutObject", "s3:AbortMultipartUpload"],
+                                resources=[objects("outputs")]),
+            iam.PolicyStatement(sid="UseKeyThroughS3Only", actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                                resources=[key.key_arn],
+                                conditions={"StringEquals": {"kms:ViaService": f"s3.{stack.region}.amazonaws.com"}}),
+            iam.PolicyStatement(sid="WriteJobLogs", actions=["logs:CreateLogGroup", "logs:CreateLogStream",
+                                                             "logs:PutLogEvents", "logs:DescribeLogStreams"],
+                                resources=[log_group, f"{log_group}:log-stream:*"]),
+            iam.PolicyStatement(sid="PullTrainingImage", actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                                                                  "ecr:BatchCheckLayerAvailability"],
+                                resources=[ecr_repository_arn(image_uri)]),
+            iam.PolicyStatement(sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"]),
+            iam.PolicyStatement(sid="PublishTrainingMetrics", actions=["cloudwatch:PutMetricData"], resources=["*"],
+                                conditions={"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}),
+            iam.PolicyStatement(sid="VpcModeNetworkInterfaces",
+                                actions=["ec2:CreateNetworkInterface"],
+                                resources=[eni, *[stack.format_arn(service="ec2", resource="subnet",
+                                                                   resource_name=s.subnet_id) for s in subnets],
+                                           *[stack.format_arn(service="ec2", resource="security-group",
+                                                              resource_name=g.security_group_id)
+                                             for g in security_groups]]),
+            iam.PolicyStatement(sid="VpcModeNetworkInterfacePermissions",
+                                actions=["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                                         "ec2:DeleteNetworkInterfacePermission"], resources=[eni]),
+            iam.PolicyStatement(sid="VpcModeDescribe",
+                                actions=["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                                         "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], resources=["*"]),
+        ]
+        return statements
+
+    def _acknowledge_training_policy(self, bucket: s3.IBucket) -> None:
+        """Acknowledge the execution role's scoped wildcards, each by its exact finding id."""
+        cfn_bucket = bucket.node.default_child
+        bucket_ref = (f"<{cdk.Stack.of(bucket).get_logical_id(cfn_bucket)}.Arn>"
+                      if isinstance(cfn_bucket, cdk.CfnElement) else bucket.bucket_arn)
+        s3_reason = ("Object keys under this prefix are written at run time (dataset shards, checkpoint "
+                     "step folders, model files); access is limited to the one prefix this role needs.")
+        acknowledge(self.training_policy, {
+            **{f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES[k]}*]": s3_reason
+               for k in ("data", "models", "checkpoints", "outputs")},
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'logs', 'log-group:/aws/sagemaker/TrainingJobs:log-stream:*')}]": "SageMaker creates one log stream per training job "
+            "instance at run time, inside its fixed log group.",
+            "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (bound by a "
+            "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions.",
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates the training ENIs at run time in VPC mode; their ids are "
+            "not known in advance. Creation is tied to our subnets and security groups.",
+        })

@@ -1,0 +1,1 @@
+"""The deployable stacks, wired in app.py: networking -> security -> pipeline."""

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import aws_cdk as cdk
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from spot_training.config import TrainingConfig
+from spot_training.pipeline import TrainingPipeline
+
+
+class PipelineStack(cdk.Stack):
+    """The SageMaker pipeline (the L3 construct) wired to the networking and security stacks."""
+
+    def __init__(self, scope: Construct, id: str, *, config: TrainingConfig, vpc: ec2.IVpc,
+                 subnets: list[ec2.ISubnet], security_group: ec2.ISecurityGroup, bucket: s3.IBucket,
+                 key: kms.IKey, training_role: iam.IRole, pipeline_role: iam.IRole, **kwargs) -> None:
+        super().__init__(scope, id, **kwargs)
+        self.training = TrainingPipeline(self, "Training", config=config, vpc=vpc, subnets=subnets,
+                                         security_group=security_group, bucket=bucket, key=key,
+                                         training_role=training_role, pipeline_role=pipeline_role)
+        cdk.CfnOutput(self, "PipelineName", value=self.training.pipeline_name,
+                      description="SageMaker pipeline that runs one training per execution")
+        cdk.CfnOutput(self, "StartExecutionCommand", description="Starts one training run",
+                      value=f"aws sagemaker start-pipeline-execution --region {self.region} "
+                            f"--pipeline-name {self.training.pipeline_name} "
+                            f"--pipeline-execution-display-name run-$(date +%Y%m%d-%H%M%S)")

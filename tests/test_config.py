@@ -1,0 +1,92 @@
+"""Configuration: every bad value is refused with one line naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spot_training.config import ConfigError, TrainingConfig
+from tests.conftest import ROOT, cdk_json_context
+
+
+def parse(**overrides):
+    context = {**cdk_json_context(), **{f"training.{k}": v for k, v in overrides.items()}}
+    return TrainingConfig.from_context(context)
+
+
+def test_cdk_json_gives_the_documented_defaults():
+    config = parse()
+    assert (config.instance_type, config.instance_count, config.use_spot) == ("ml.p4d.24xlarge", 2, True)
+    assert config.max_run_seconds <= config.max_wait_seconds
+
+
+def test_command_line_strings_are_parsed_into_typed_values():
+    config = parse(instance_count="4", use_spot="false", learning_rate="3e-4",
+                   allowed_instance_types="ml.p4d.24xlarge, ml.p5.48xlarge")
+    assert config.instance_count == 4 and config.use_spot is False and config.learning_rate == 3e-4
+    assert config.allowed_instance_types == ("ml.p4d.24xlarge", "ml.p5.48xlarge")
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        parse().instance_count = 3
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"instance_count": "two"}, "training.instance_count=two: must be an integer from 1 to 64"),
+    ({"instance_count": 0}, "training.instance_count=0: must be from 1 to 64"),
+    ({"instance_count": 2.5}, "training.instance_count=2.5: must be an integer from 1 to 64"),
+    ({"use_spot": "maybe"}, "training.use_spot=maybe: must be true or false"),
+    ({"max_run_seconds": 30}, "training.max_run_seconds=30: must be from 60 to 2419200"),
+    ({"max_run_seconds": 3_000_000}, "training.max_run_seconds=3000000: must be from 60 to 2419200"),
+    ({"instance_cout": 3}, "training.instance_cout=3: unknown field (did you mean instance_count?); allowed: "),
+    ({"max_wait_seconds": 3600}, "training.max_wait_seconds=3600: must be >= training.max_run_seconds "
+                                 "(43200) when training.use_spot=true"),
+    ({"instance_type": "ml.p9.huge"}, "training.instance_type=ml.p9.huge: not an instance type SageMaker offers "
+                                      "for training (botocore TrainingInstanceType)"),
+    ({"instance_type": "ml.m5.xlarge"}, "training.instance_type=ml.m5.xlarge: has no NVIDIA GPU, so it cannot run "
+                                        "distributed GPU training; use a GPU type such as ml.p4d.24xlarge, "
+                                        "ml.p5.48xlarge or ml.g5.12xlarge, or set training.require_gpu=false"),
+    ({"allowed_instance_types": "ml.p5.48xlarge"}, "training.allowed_instance_types=ml.p5.48xlarge: must include "
+                                                   "training.instance_type (ml.p4d.24xlarge)"),
+    ({"allowed_instance_types": "ml.p4d.24xlarge,ml.t3.nano"},
+     "training.allowed_instance_types[1]=ml.t3.nano: not an instance type SageMaker offers for training"),
+    ({"strategy": "zero3"}, "training.strategy=zero3: must be one of ddp, fsdp"),
+    ({"log_retention_days": 42}, "training.log_retention_days=42: must be one of 1, 3, 5, 7, 14, 30, 60"),
+    ({"region": "Mars"}, "training.region=Mars: must match"),
+    ({"learning_rate": 0}, "training.learning_rate=0.0: must be above 0.0 to 1.0"),
+    ({"az_count": 1}, "training.az_count=1: must be from 2 to 6"),
+    ({"pipeline_name": "has_underscore"}, "training.pipeline_name=has_underscore: must match"),
+])
+def test_bad_values_are_refused_with_one_line_naming_field_value_and_rule(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(**overrides)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_spot_off_lifts_the_max_wait_rule():
+    assert parse(use_spot="false", max_wait_seconds=3600).max_wait_seconds == 3600
+
+
+def test_cpu_types_are_allowed_when_gpu_is_not_required():
+    assert parse(instance_type="ml.m5.xlarge", require_gpu="false").instance_type == "ml.m5.xlarge"
+
+
+def test_training_context_must_be_an_object():
+    with pytest.raises(ConfigError, match="training=3: must be an object of settings"):
+        TrainingConfig.from_context({"training": 3})
+
+
+def test_synth_with_a_bad_value_exits_nonzero_with_one_line_and_no_traceback():
+    context = {**cdk_json_context(), "training.max_wait_seconds": "60"}
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: training.max_wait_seconds=60: must be >= training.max_run_seconds "
+                                   "(43200) when training.use_spot=true")
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,0 +1,159 @@
+"""The pipeline stack and the L3 construct: every training-step setting, as synthesized."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+
+from spot_training.config import TrainingConfig
+from spot_training.pipeline import TrainingPipeline, deterministic_tarball, load_metric_definitions
+from tests.conftest import ROOT, pipeline_body, synth, training_step
+
+
+@pytest.fixture(scope="module")
+def step(default_app):
+    return training_step(default_app)
+
+
+@pytest.fixture(scope="module")
+def arguments(step):
+    return step["Arguments"]
+
+
+def test_training_runs_on_managed_spot_with_runtime_and_wait_limits(arguments):
+    assert arguments["EnableManagedSpotTraining"] is True
+    assert arguments["StoppingCondition"] == {"MaxRuntimeInSeconds": 43200, "MaxWaitTimeInSeconds": 86400}
+
+
+def test_checkpoints_go_to_a_prefix_keyed_on_the_execution_id_with_trailing_slash(arguments):
+    checkpoint = arguments["CheckpointConfig"]
+    assert checkpoint["LocalPath"] == "/opt/ml/checkpoints"
+    join = checkpoint["S3Uri"]["Std:Join"]
+    assert join["On"] == "/"
+    assert join["Values"][0].startswith("s3://<importvalue:") and join["Values"][0].endswith("/checkpoints")
+    assert join["Values"][1:] == [{"Get": "Execution.PipelineExecutionId"}, ""]
+
+
+def test_training_runs_in_our_subnets_and_training_security_group(arguments):
+    vpc = arguments["VpcConfig"]
+    assert [s.split("ExportsOutputRef")[1][:24] for s in vpc["Subnets"]] == [
+        "NetworkVpctrainingSubnet", "NetworkVpctrainingSubnet"]
+    assert len(vpc["SecurityGroupIds"]) == 1 and "TrainingSecurityGroup" in vpc["SecurityGroupIds"][0]
+
+
+def test_network_isolation_and_inter_container_encryption_are_on(arguments):
+    assert arguments["EnableNetworkIsolation"] is True
+    assert arguments["EnableInterContainerTrafficEncryption"] is True
+
+
+def test_outputs_are_kms_encrypted_and_p4d_volumes_use_the_instance_hardware_key(arguments):
+    assert "StoreKey" in arguments["OutputDataConfig"]["KmsKeyId"]
+    assert arguments["OutputDataConfig"]["S3OutputPath"].endswith("/outputs/")
+    assert "VolumeKmsKeyId" not in arguments["ResourceConfig"], "p4d has local NVMe: SageMaker refuses a volume key"
+
+
+def test_volume_key_is_set_for_instance_types_without_local_storage(tmp_path_factory):
+    p3 = synth(tmp_path_factory.getbasetemp(), instance_type="ml.p3.16xlarge")
+    assert "StoreKey" in training_step(p3)["Arguments"]["ResourceConfig"]["VolumeKmsKeyId"]
+
+
+def test_step_retries_capacity_limit_and_internal_errors(step):
+    retried = [set(p["ExceptionType"]) for p in step["RetryPolicies"]]
+    assert {"SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT", "SageMaker.JOB_INTERNAL_ERROR"} in retried
+    assert {"Step.SERVICE_FAULT", "Step.THROTTLING"} in retried
+    assert all(p["MaxAttempts"] == 3 for p in step["RetryPolicies"])
+
+
+def test_metric_definitions_are_the_trainers_own(arguments):
+    assert arguments["AlgorithmSpecification"]["MetricDefinitions"] == load_metric_definitions(ROOT / "trainer")
+
+
+def test_distributed_pytorch_runs_the_trainer_from_the_code_asset(arguments):
+    hyper = arguments["HyperParameters"]
+    assert hyper["sagemaker_torch_distributed_enabled"] == "true"
+    assert hyper["sagemaker_program"] == '"train.py"'
+    (code,) = [c for c in arguments["InputDataConfig"] if c["ChannelName"] == "code"]
+    key = code["DataSource"]["S3DataSource"]["S3Uri"].split("/", 3)[-1]
+    assert hyper["sagemaker_submit_directory"] == json.dumps(f"/opt/ml/input/data/code/{key}")
+    assert "huggingface-pytorch-training:2.8.0-transformers4.56.2-gpu" in arguments["AlgorithmSpecification"]["TrainingImage"]
+
+
+def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, arguments):
+    parameters = {p["Name"]: p["DefaultValue"] for p in pipeline_body(default_app)["Parameters"]}
+    assert parameters["InstanceType"] == "ml.p4d.24xlarge"
+    assert parameters["InstanceCount"] == 2
+    assert parameters["TrainingDataUri"].endswith("/data/train/")
+    assert parameters["BaseModelUri"].endswith("/models/base/")
+    assert {"MaxSteps", "LearningRate", "PerDeviceBatchSize", "GradientAccumulationSteps", "SequenceLength",
+            "CheckpointIntervalMinutes"} <= set(parameters)
+    assert arguments["ResourceConfig"]["InstanceType"] == {"Get": "Parameters.InstanceType"}
+    assert arguments["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.InstanceCount"}
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in arguments["InputDataConfig"]}
+    assert channels["train"] == {"Get": "Parameters.TrainingDataUri"}
+    assert channels["model"] == {"Get": "Parameters.BaseModelUri"}
+
+
+def test_nothing_starts_a_run_on_deploy(default_app):
+    types = {r["Type"] for r in default_app.templates["pipeline"]["Resources"].values()}
+    assert types <= {"AWS::SageMaker::Pipeline", "AWS::IAM::ManagedPolicy", "AWS::CDK::Metadata"}
+
+
+def test_outputs_give_the_pipeline_name_and_a_ready_start_command(default_app):
+    outputs = default_app.templates["pipeline"]["Outputs"]
+    assert outputs["PipelineName"]["Value"] == "distributed-training"
+    assert outputs["StartExecutionCommand"]["Value"].startswith(
+        "aws sagemaker start-pipeline-execution --region us-east-1 --pipeline-name distributed-training")
+
+
+def test_trainer_archive_is_byte_identical_across_builds():
+    first = deterministic_tarball(ROOT / "trainer").read_bytes()
+    second = deterministic_tarball(ROOT / "trainer").read_bytes()
+    assert first == second
+    with tarfile.open(deterministic_tarball(ROOT / "trainer")) as tar:
+        names = tar.getnames()
+        assert "train.py" in names and not any("__pycache__" in n for n in names)
+        assert {m.mtime for m in tar.getmembers()} == {0}
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    """The construct alone in a stack, bringing only a VPC, as another team's app would use it."""
+    app = cdk.App(outdir=str(tmp_path_factory.mktemp("standalone")))
+    stack = cdk.Stack(app, "TeamStack", env=cdk.Environment(region="eu-west-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    pipeline = TrainingPipeline(stack, "Training", config=TrainingConfig(region="eu-west-1"), vpc=vpc)
+    starter = iam.Role(stack, "Starter", assumed_by=iam.AccountRootPrincipal())
+    pipeline.grant_start_execution(starter)
+    return pipeline, app.synth().get_stack_by_name("TeamStack").template
+
+
+def test_construct_creates_what_it_is_not_given(standalone):
+    pipeline, template = standalone
+    types = [r["Type"] for r in template["Resources"].values()]
+    assert types.count("AWS::S3::Bucket") == 2 and types.count("AWS::IAM::Role") >= 3
+    assert pipeline.bucket is not None and pipeline.training_role is not None and pipeline.security_group is not None
+
+
+def test_grant_start_execution_allows_starting_and_following_this_pipeline_only(standalone):
+    _, template = standalone
+    (policy,) = [r for k, r in template["Resources"].items() if r["Type"] == "AWS::IAM::Policy" and "Starter" in k]
+    (statement,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert "sagemaker:StartPipelineExecution" in statement["Action"]
+    resources = json.dumps(statement["Resource"])
+    assert ":pipeline/distributed-training" in resources and ":pipeline/distributed-training/execution/*" in resources
+
+
+def test_construct_refuses_half_of_a_bring_your_own_pair():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    role = iam.Role(stack, "R", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
+    with pytest.raises(ValueError, match="training_role and pipeline_role: give both"):
+        TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, training_role=role)
