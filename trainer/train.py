@@ -1,1 +1,53 @@
-print("train.py placeholder for synth probe")
+"""Entry point of the training step: `torchrun train.py --max_steps 1000 ...` on SageMaker or a laptop.
+
+The SageMaker PyTorch container's `torch_distributed` launcher runs this file under torchrun on every
+instance. It resumes from the newest complete checkpoint in `/opt/ml/checkpoints` (which SageMaker restores
+after a spot interruption), trains, and writes the fine-tuned model to SM_MODEL_DIR.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+# Everything below must already be in the training image: the job runs with no internet, so nothing
+# can be pip-installed at start (sagemaker-python-sdk#2199).
+REQUIRED_MODULES = ("torch", "transformers", "safetensors", "numpy")
+
+
+def check_imports() -> None:
+    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: the training image lacks {', '.join(missing)}; it must provide "
+              f"{', '.join(REQUIRED_MODULES)} (see trainer/requirements.txt)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    check_imports()
+    from settings import SettingsError, parse_settings
+
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from environment import Topology, ensure_rendezvous_defaults
+    from loop import Trainer
+
+    topology = Topology.from_environment()
+    logging.basicConfig(level=logging.INFO if topology.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ensure_rendezvous_defaults()
+    trainer = Trainer(settings, topology)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

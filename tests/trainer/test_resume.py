@@ -1,0 +1,111 @@
+"""Spot-interruption recovery on CPU: torchrun with 2 gloo processes, a tiny random GPT-2, synthetic data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.harness import SLOW_IO, Run, same_parameters
+from tests.trainer.tiny import make_job
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return make_job(tmp_path_factory.mktemp("job"))
+
+
+@pytest.fixture(scope="module")
+def baseline(job, tmp_path_factory):
+    """An uninterrupted run: the reference every interrupted run must reproduce bit for bit."""
+    run = Run(job, tmp_path_factory.mktemp("baseline"))
+    run.run()
+    return run
+
+
+def test_uninterrupted_run_trains_and_writes_a_hugging_face_model(baseline):
+    losses = baseline.losses()
+    assert sorted(losses) == list(range(1, 17))
+    assert losses[16] < losses[1]
+    assert (baseline.outputs["output_model_dir"] / "model.safetensors").is_file()
+    assert (baseline.outputs["output_model_dir"] / "tokenizer.json").is_file()
+    assert not any(p.name.startswith("step-") for p in baseline.outputs["output_model_dir"].iterdir())
+
+
+def test_run_killed_at_step_k_resumes_to_the_same_losses_and_parameters(job, baseline, tmp_path):
+    run = Run(job, tmp_path)
+    run.kill_at_step(run.start(), 6)
+    assert 6 <= run.last_step() < 16
+    run.run()
+    assert [r for r in run.resumed_from() if r is not None][0] in (4, 8, 12)  # the newest complete at the kill
+    assert run.losses() == baseline.losses()
+    assert same_parameters(run.parameters(), baseline.parameters())
+
+
+def test_two_interruptions_one_during_a_checkpoint_write(job, baseline, tmp_path):
+    run = Run(job, tmp_path)
+    run.kill_at_step(run.start(), 6)
+    flag = tmp_path / "writing"
+    slow = {"PYTHONPATH": str(SLOW_IO), "SLOW_CHECKPOINT_FLAG": str(flag), "SLOW_CHECKPOINT_SECONDS": "3"}
+    process = run.start(env=slow)
+    run.kill_when(process, flag.exists)
+    interrupted = run.checkpoints()[-1]
+    assert not (run.outputs["checkpoint_dir"] / interrupted / "COMPLETE.json").exists(), "killed mid-write"
+    final = run.run()
+    assert f"skipping checkpoint {run.outputs['checkpoint_dir'] / interrupted}: no completion marker" in final
+    assert run.losses() == baseline.losses()
+    assert same_parameters(run.parameters(), baseline.parameters())
+
+
+def _damage_truncate(folder: Path) -> None:
+    target = folder / "__1_0.distcp"
+    target.write_bytes(target.read_bytes()[:-100])
+
+
+def _damage_corrupt(folder: Path) -> None:
+    target = folder / "__0_0.distcp"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    target.write_bytes(bytes(data))
+
+
+def _damage_incomplete(folder: Path) -> None:
+    (folder / "COMPLETE.json").unlink()
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_damage_truncate, "__1_0.distcp has"), (_damage_corrupt, "__0_0.distcp fails its CRC-32 check (corrupted)"),
+    (_damage_incomplete, "no completion marker")])
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_complete_one(job, baseline, tmp_path, damage, reason):
+    run = Run(job, tmp_path, max_steps=18)
+    shutil.copytree(baseline.outputs["checkpoint_dir"], run.outputs["checkpoint_dir"])
+    damage(run.outputs["checkpoint_dir"] / "step-16")
+    out = run.run()
+    assert f"skipping checkpoint {run.outputs['checkpoint_dir'] / 'step-16'}: {reason}" in out
+    assert run.resumed_from()[0] == 12
+    assert sorted(run.losses()) == [13, 14, 15, 16, 17, 18]
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_checkpoint_resumes_on_a_different_world_size(job, tmp_path, first, second):
+    run = Run(job, tmp_path, max_steps=4)
+    run.run(nproc=first)
+    out = run.run(nproc=second, max_steps=6)
+    assert f"world size {second}" in out and "resuming at step 4" in out
+    assert run.resumed_from()[-1] == 4 and run.last_step() == 6
+
+
+def test_keep_last_k_keeps_the_newest_complete_checkpoints(baseline):
+    assert baseline.checkpoints() == ["step-8", "step-12", "step-16"]
+
+
+def test_fsdp_resumes_bit_exactly_too(job, tmp_path_factory):
+    reference = Run(job, tmp_path_factory.mktemp("fsdp-ref"), strategy="fsdp", max_steps=12)
+    reference.run()
+    run = Run(job, tmp_path_factory.mktemp("fsdp-killed"), strategy="fsdp", max_steps=12)
+    run.kill_at_step(run.start(), 6)
+    assert run.last_step() < 12
+    run.run()
+    assert run.losses() == reference.losses()
+    assert same_parameters(run.parameters(), reference.parameters())

@@ -1,0 +1,49 @@
+"""Tiny models and data the tests build themselves: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("spot capacity returns checkpoint shard gradient rank node token batch model loss step resume "
+         "interrupt save load train write read marker epoch sample seed").split()
+
+
+def make_model_dir(folder: Path, *, text_corpus: list[str], vocab_size: int = 96, dropout: float = 0.1) -> Path:
+    """A randomly initialised GPT-2 shaped config (no weights) and a BPE tokenizer trained on the corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(text_corpus, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                                   special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    config.save_pretrained(folder)
+    return folder
+
+
+def corpus(documents: int = 400, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(documents)]
+
+
+def make_text_channel(folder: Path, documents: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "part-000.jsonl").open("w") as out:
+        for text in documents:
+            out.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def make_job(root: Path, *, documents: int = 400) -> dict[str, Path]:
+    texts = corpus(documents)
+    return {"model_dir": make_model_dir(root / "model", text_corpus=texts),
+            "train_dir": make_text_channel(root / "train", texts[:-40]),
+            "validation_dir": make_text_channel(root / "validation", texts[-40:])}

@@ -1,0 +1,82 @@
+"""Training data: a token stream cut into fixed-length blocks, read in a seeded, resumable order.
+
+Formats in a channel folder (all files, sorted by name, concatenated):
+- `*.jsonl`: one JSON object per line with a `text` field, tokenized with the model's tokenizer, each
+  document followed by the EOS token;
+- `*.npy`: a one-dimensional array of token ids (pre-tokenized; memory-mapped, for large corpora).
+
+The order is a pure function of (seed, sample index): sample i of the run is block
+`permutation(seed + epoch)[i mod blocks]` with `epoch = i div blocks`. A checkpoint stores how many samples
+the job consumed, so a resumed run reads exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the folder or file."""
+
+
+def load_tokens(folder: str, tokenizer=None) -> np.ndarray:
+    path = Path(folder)
+    files = sorted(p for p in path.glob("*") if p.suffix in (".jsonl", ".npy"))
+    if not files:
+        raise DataError(f"{folder}: no *.jsonl or *.npy files")
+    parts = []
+    for file in files:
+        if file.suffix == ".npy":
+            array = np.load(file, mmap_mode="r")
+            if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+                raise DataError(f"{file}: must be a one-dimensional integer array of token ids")
+            parts.append(array)
+        else:
+            if tokenizer is None:
+                raise DataError(f"{file}: text data needs a tokenizer in the model folder")
+            parts.append(_tokenize_jsonl(file, tokenizer))
+    return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+
+
+def _tokenize_jsonl(file: Path, tokenizer) -> np.ndarray:
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    with file.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise DataError(f"{file}:{number}: expected a JSON object with a `text` field ({error})") from None
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(eos)
+    return np.asarray(ids, dtype=np.int64)
+
+
+class BlockDataset:
+    """Blocks of `sequence_length + 1` tokens (inputs and shifted labels) in a seeded order."""
+
+    def __init__(self, tokens: np.ndarray, sequence_length: int, seed: int) -> None:
+        self.tokens, self.block, self.seed = tokens, sequence_length + 1, seed
+        self.num_blocks = len(tokens) // self.block
+        if self.num_blocks == 0:
+            raise DataError(f"{len(tokens)} tokens: fewer than one sequence of {self.block}")
+        self._epoch, self._order = -1, None
+
+    def block_index(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.num_blocks)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_blocks, generator=generator).tolist()
+        return self._order[position]
+
+    def batch(self, first_sample: int, count: int) -> torch.Tensor:
+        rows = [self.tokens[self.block_index(i) * self.block:(self.block_index(i) + 1) * self.block]
+                for i in range(first_sample, first_sample + count)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))

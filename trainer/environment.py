@@ -1,0 +1,65 @@
+"""The one place that knows the SageMaker training contract and torchrun's environment.
+
+SageMaker (sagemaker-training-toolkit) passes hyperparameters as `--name value` arguments, mounts each
+input channel at `SM_CHANNEL_<NAME>`, uploads `SM_MODEL_DIR` as model.tar.gz and `SM_OUTPUT_DATA_DIR` as
+output.tar.gz, and syncs `/opt/ml/checkpoints` with CheckpointConfig.S3Uri. torchrun sets RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+CHECKPOINT_DIR = "/opt/ml/checkpoints"
+DEFAULT_PATHS = {
+    "train_dir": ("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train"),
+    "validation_dir": ("SM_CHANNEL_VALIDATION", ""),
+    "model_dir": ("SM_CHANNEL_MODEL", "/opt/ml/input/data/model"),
+    "output_model_dir": ("SM_MODEL_DIR", "/opt/ml/model"),
+    "output_data_dir": ("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
+}
+
+
+def default_path(name: str) -> str:
+    variable, fallback = DEFAULT_PATHS[name]
+    return os.environ.get(variable, fallback)
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where this process sits in the job. Outside torchrun it is a job of one."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @staticmethod
+    def from_environment() -> Topology:
+        return Topology(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def ensure_rendezvous_defaults() -> None:
+    """Let `python train.py` run as a job of one without torchrun."""
+    for name in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(name, "0")
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])

@@ -1,0 +1,269 @@
+"""The training loop: a small Trainer around a Hugging Face causal LM, DDP or FSDP2, and the Checkpointer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import log_format
+from checkpointing import Checkpointer
+from data import BlockDataset, load_tokens
+from environment import Topology
+from settings import TrainSettings
+
+log = logging.getLogger("trainer")
+
+
+def load_model_and_tokenizer(model_dir: str, seed: int):
+    """The base model from local files only (the job has no internet). A folder with config.json and no
+    weights yields a randomly initialised model, seeded so every rank builds the same one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model_dir={model_dir}: no config.json (expected a Hugging Face model folder)")
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    torch.manual_seed(seed)
+    if has_weights:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+    else:
+        log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json", model_dir)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warmup, then cosine decay to `min_learning_rate_ratio` of the peak at max_steps."""
+    if step < settings.warmup_steps:
+        return (step + 1) / (settings.warmup_steps + 1)
+    progress = (step - settings.warmup_steps) / max(1, settings.max_steps - settings.warmup_steps)
+    floor = settings.min_learning_rate_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings, topology: Topology) -> None:
+        self.settings, self.topology = settings, topology
+        self.device = torch.device(f"cuda:{topology.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        use_bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        model, self.tokenizer = load_model_and_tokenizer(settings.model_dir, settings.seed)
+        self.raw_model = model.to(self.device)
+        self.model = self._wrap(self.raw_model)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step, settings))
+        self.data = BlockDataset(load_tokens(settings.train_dir, self.tokenizer), settings.sequence_length, settings.seed)
+        self.validation = (BlockDataset(load_tokens(settings.validation_dir, self.tokenizer), settings.sequence_length,
+                                        settings.seed) if settings.validation_dir else None)
+        self.checkpointer = Checkpointer(settings.checkpoint_dir, topology, keep=settings.keep_checkpoints,
+                                         interval_minutes=settings.checkpoint_interval_minutes,
+                                         every_steps=settings.checkpoint_every_steps,
+                                         async_save=settings.async_checkpoint, device=self.device)
+        self.step, self.samples_seen, self.resumed_from = 0, 0, None
+        self.stop_requested = False
+        self.last_loss = float("nan")
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.settings.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in _transformer_blocks(model):
+                fully_shard(block)
+            return fully_shard(model)
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # SageMaker's stop signal (120 s grace on StopTrainingJob). Finish the step in progress, then
+        # stop on every rank at once; no last-moment save (spot reclaims may not wait for it).
+        self.stop_requested = True
+
+    # ---- checkpoint state ------------------------------------------------------------------------------
+    def _state(self, include_rng: bool = True) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict(),
+                 "progress": {"step": self.step, "samples_seen": self.samples_seen}}
+        if include_rng:
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state[f"rng_rank{self.topology.rank}"] = rng
+        return state
+
+    def _state_for(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        # Dropout RNG streams are per rank: they carry over only when the world size is unchanged.
+        return self._state(include_rng=manifest["world_size"] == self.topology.world_size)
+
+    def _apply(self, state: dict[str, Any], manifest: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.samples_seen = int(state["progress"]["step"]), int(state["progress"]["samples_seen"])
+        rng = state.get(f"rng_rank{self.topology.rank}")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            self._seed_dropout()
+        self.resumed_from = self.step
+
+    def _seed_dropout(self) -> None:
+        torch.manual_seed(self.settings.seed + 7919 * (self.topology.rank + 1) + self.step)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Returns the process exit code: 0 when done or stopped by SIGTERM."""
+        self._seed_dropout()
+        self.checkpointer.load_latest(self._state_for, self._apply)
+        if self.topology.is_main:
+            start = f"resuming at step {self.step}" if self.resumed_from is not None else "starting at step 0"
+            print(f"[start] {start} of {self.settings.max_steps}, world size {self.topology.world_size}, "
+                  f"strategy {self.settings.strategy}, device {self.device.type}", flush=True)
+        while self.step < self.settings.max_steps:
+            started = time.perf_counter()
+            loss = self._run_step()
+            if self.step % self.settings.log_every_steps == 0 or self.step == self.settings.max_steps:
+                self._log_step(loss, time.perf_counter() - started)
+            if self.settings.eval_every_steps and self.validation and self.step % self.settings.eval_every_steps == 0:
+                self._evaluate()
+            if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested):
+                self.checkpointer.wait()
+                if self.topology.is_main:
+                    print(f"[stop] SIGTERM: stopped after step {self.step}; the next start resumes from the newest "
+                          "complete checkpoint", flush=True)
+                return 0
+            if self.checkpointer.last_blocked_seconds and self.topology.is_main:
+                print(log_format.checkpoint_line(step=self.step, blocked_seconds=self.checkpointer.last_blocked_seconds),
+                      flush=True)
+                self.checkpointer.last_blocked_seconds = 0.0
+        if self.validation:
+            self._evaluate()
+        self.checkpointer.save(self.step, self._state)  # a restart after this point only rewrites the model
+        self.checkpointer.wait()
+        self._save_model()
+        return 0
+
+    def _run_step(self) -> torch.Tensor:
+        s, t = self.settings, self.topology
+        self.model.train()
+        micro_samples = t.world_size * s.per_device_batch_size
+        total = torch.zeros((), device=self.device)
+        for micro in range(s.gradient_accumulation_steps):
+            first = self.samples_seen + micro * micro_samples + t.rank * s.per_device_batch_size
+            batch = self.data.batch(first, s.per_device_batch_size).to(self.device, non_blocking=True)
+            last = micro == s.gradient_accumulation_steps - 1
+            with self._gradient_sync(last), self.autocast:
+                logits = self.model(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            (loss / s.gradient_accumulation_steps).backward()
+            total += loss.detach()
+        if s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.last_learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += micro_samples * s.gradient_accumulation_steps
+        return total / s.gradient_accumulation_steps
+
+    def _gradient_sync(self, enabled: bool):
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        if isinstance(self.model, DDP):
+            return contextlib.nullcontext() if enabled else self.model.no_sync()
+        self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def _log_step(self, loss: torch.Tensor, seconds: float) -> None:
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        value = loss.item() / self.topology.world_size
+        self.last_loss = value
+        s = self.settings
+        tokens = self.topology.world_size * s.per_device_batch_size * s.gradient_accumulation_steps * s.sequence_length
+        if self.topology.is_main:
+            learning_rate = self.last_learning_rate
+            print(log_format.train_line(step=self.step, loss=value, learning_rate=learning_rate,
+                                        tokens_per_second=tokens / seconds), flush=True)
+            self._append_metrics({"step": self.step, "loss": value, "learning_rate": learning_rate,
+                                  "tokens_per_second": tokens / seconds, "resumed_from": self.resumed_from})
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        folder = Path(self.settings.output_data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        self.model.eval()
+        s, t = self.settings, self.topology
+        total = torch.zeros((), device=self.device)
+        for index in range(s.eval_batches):
+            first = (index * t.world_size + t.rank) * s.per_device_batch_size
+            batch = self.validation.batch(first, s.per_device_batch_size).to(self.device)
+            with self.autocast:
+                logits = self.model(input_ids=batch[:, :-1]).logits
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        value = total.item() / (s.eval_batches * t.world_size)
+        if t.is_main:
+            print(log_format.validation_line(step=self.step, loss=value), flush=True)
+            self._append_metrics({"step": self.step, "validation_loss": value})
+
+    def _save_model(self) -> None:
+        """Rank 0 writes the model in Hugging Face format (safetensors), gathered from shards under FSDP."""
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.topology.is_main:
+            out = Path(self.settings.output_model_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.raw_model.save_pretrained(out, state_dict=full, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out)
+            summary = {"final_step": self.step, "final_loss": self.last_loss, "resumed_from": self.resumed_from,
+                       "world_size": self.topology.world_size}
+            Path(self.settings.output_data_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.settings.output_data_dir) / "summary.json").write_text(json.dumps(summary))
+            print(f"[done] step {self.step}, model written to {out}", flush=True)
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder layers that FSDP shards one by one (Llama `layers`, GPT-2 `h`, ...)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
