@@ -26,7 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
+import log_format
 from environment import Topology
 
 MARKER = "COMPLETE.json"
@@ -87,8 +90,10 @@ class _PendingSave:
     step: int
     path: Path
     future: Any = None
+    staging: Any = None
     local_files: dict[str, list[int]] | None = None
     started: float = 0.0
+    blocked_seconds: float = 0.0
     error: BaseException | None = None
 
 
@@ -101,6 +106,11 @@ class Checkpointer:
         self.folder, self.topology = Path(folder), topology
         self.keep, self.interval_s, self.every_steps = keep, interval_minutes * 60, every_steps
         self.async_save, self.device = async_save, device
+        # Staging (the copy of the state that training may then overwrite) runs in the background too; the
+        # trainer waits for it only before the next optimizer step changes the weights.
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
+                                                   use_async_staging=True,
+                                                   use_non_blocking_copy=device.type == "cuda"))
         # Checkpoint I/O runs on its own gloo group: an async save's collectives must never interleave
         # with the training collectives (NCCL on GPU) of the main thread.
         self.group = dist.new_group(backend="gloo")
@@ -108,7 +118,7 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.pending: _PendingSave | None = None
         self.completed: list[int] = []
-        self.last_blocked_seconds = 0.0
+        self.last_blocked_seconds = 0.0  # of the newest completed save: save call plus any staging wait
 
     # ---- saving -----------------------------------------------------------------------------------
     def poll(self, step: int, state: Callable[[], dict[str, Any]], *, stop_requested: bool) -> bool:
@@ -142,16 +152,29 @@ class Checkpointer:
         pending = _PendingSave(step=step, path=path, started=started)
         writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
         if self.async_save:
-            pending.future = dcp.async_save(state(), storage_writer=writer, process_group=self.group)
+            response = dcp.async_save(state(), storage_writer=writer, process_group=self.group,
+                                      async_stager=self.stager)
+            if isinstance(response, AsyncSaveResponse):
+                pending.staging, pending.future = response.staging_completion, response.upload_completion
+            else:
+                pending.future = response
             pending.future.add_done_callback(lambda future: self._record_local_files(pending, future))
         else:
             dcp.save(state(), storage_writer=writer, process_group=self.group)
             pending.local_files = self._local_files(path)
-        self.last_blocked_seconds = time.perf_counter() - started
+        pending.blocked_seconds = time.perf_counter() - started
         self.last_save_time = time.monotonic()
         self.pending = pending
         if not self.async_save:
             self._complete(pending)
+
+    def wait_for_staging(self) -> None:
+        """Call before changing the model or optimizer state: returns once a save in flight has its copy."""
+        pending = self.pending
+        if pending is not None and pending.staging is not None and not pending.staging.done():
+            started = time.perf_counter()
+            pending.staging.result()
+            pending.blocked_seconds += time.perf_counter() - started
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and marked complete, on every rank."""
@@ -203,7 +226,9 @@ class Checkpointer:
             _fsync_dir(pending.path)
         dist.barrier(group=self.group)
         self.completed = sorted(set(self.completed) | {pending.step})
+        self.last_blocked_seconds = pending.blocked_seconds
         if self.topology.is_main:
+            print(log_format.checkpoint_line(step=pending.step, blocked_seconds=pending.blocked_seconds), flush=True)
             log.info("checkpoint step-%d complete (%.1f s after start)", pending.step,
                      time.perf_counter() - pending.started)
         self.prune()

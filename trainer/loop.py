@@ -162,10 +162,6 @@ class Trainer:
                     print(f"[stop] SIGTERM: stopped after step {self.step}; the next start resumes from the newest "
                           "complete checkpoint", flush=True)
                 return 0
-            if self.checkpointer.last_blocked_seconds and self.topology.is_main:
-                print(log_format.checkpoint_line(step=self.step, blocked_seconds=self.checkpointer.last_blocked_seconds),
-                      flush=True)
-                self.checkpointer.last_blocked_seconds = 0.0
         if self.validation:
             self._evaluate()
         self.checkpointer.save(self.step, self._state)  # a restart after this point only rewrites the model
@@ -190,6 +186,7 @@ class Trainer:
         if s.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.last_learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.checkpointer.wait_for_staging()  # an async save may still be copying the weights we update now
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

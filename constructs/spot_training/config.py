@@ -36,8 +36,8 @@ class TrainingConfig:
 
     region: str = _field("us-east-1", "AWS region the stacks deploy to (also picks the training image).",
                          pattern=r"[a-z]{2}(-gov)?-[a-z]+-\d")
-    pipeline_name: str = _field("distributed-training", "SageMaker pipeline name; also prefixes the "
-                                "stack names and the artifact bucket's resources.",
+    pipeline_name: str = _field("distributed-training", "SageMaker pipeline name; the stacks are named "
+                                "after it (DistributedTrainingNetworking, ...).",
                                 pattern=r"[a-zA-Z][a-zA-Z0-9-]{0,47}")
     instance_type: str = _field("ml.p4d.24xlarge", "Default training instance type (pipeline parameter "
                                 "InstanceType).")
