@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
-.PHONY: setup synth test deploy destroy clean
+.PHONY: setup synth test local deploy destroy clean
 
 $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.app requirements-dev.txt trainer/requirements.txt
+$(VENV)/.trainer: $(VENV)/.app trainer/requirements.txt
+	$(PY) -m pip install -q -r trainer/requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -37,6 +41,14 @@ synth: setup
 test: setup $(VENV)/.dev .venv-checkov/.installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# The deployed training step on this CPU: 2 emulated instances, one spot interruption, against a
+# reference run without one; prints both summaries and whether they end bit-identically.
+LOCAL_OUT ?= out/local
+local: setup $(VENV)/.trainer
+	$(VENV)/bin/spot-training local-run --steps 12 --out $(LOCAL_OUT)/reference
+	$(VENV)/bin/spot-training local-run --steps 12 --interrupt-at-step 5 --out $(LOCAL_OUT)/interrupted
+	$(VENV)/bin/spot-training compare-runs $(LOCAL_OUT)/reference $(LOCAL_OUT)/interrupted
+
 deploy: synth
 	cdk deploy --all --require-approval broadening --outputs-file outputs.json
 
@@ -44,4 +56,4 @@ destroy: setup
 	cdk destroy --all
 
 clean:
-	rm -rf $(VENV) .venv-checkov node_modules cdk.out
+	rm -rf $(VENV) .venv-checkov node_modules cdk.out out

@@ -90,7 +90,7 @@ def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, argum
     assert parameters["TrainingDataUri"].endswith("/data/train/")
     assert parameters["BaseModelUri"].endswith("/models/base/")
     assert {"MaxSteps", "LearningRate", "PerDeviceBatchSize", "GradientAccumulationSteps", "SequenceLength",
-            "CheckpointIntervalMinutes"} <= set(parameters)
+            "CheckpointIntervalMinutes", "CheckpointEverySteps"} <= set(parameters)
     assert arguments["ResourceConfig"]["InstanceType"] == {"Get": "Parameters.InstanceType"}
     assert arguments["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.InstanceCount"}
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in arguments["InputDataConfig"]}

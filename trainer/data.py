@@ -60,23 +60,37 @@ def _tokenize_jsonl(file: Path, tokenizer) -> np.ndarray:
 
 
 class BlockDataset:
-    """Blocks of `sequence_length + 1` tokens (inputs and shifted labels) in a seeded order."""
+    """Blocks of `sequence_length + 1` tokens (inputs and shifted labels) in a seeded order; optionally
+    only the blocks `[first_block, first_block + num_blocks)` of the stream."""
 
-    def __init__(self, tokens: np.ndarray, sequence_length: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, sequence_length: int, seed: int, first_block: int = 0,
+                 num_blocks: int | None = None) -> None:
         self.tokens, self.block, self.seed = tokens, sequence_length + 1, seed
-        self.num_blocks = len(tokens) // self.block
-        if self.num_blocks == 0:
+        available = len(tokens) // self.block - first_block
+        self.first_block = first_block
+        self.num_blocks = available if num_blocks is None else min(num_blocks, available)
+        if self.num_blocks <= 0:
             raise DataError(f"{len(tokens)} tokens: fewer than one sequence of {self.block}")
         self._epoch, self._order = -1, None
+
+    def split(self, fraction: float) -> tuple[BlockDataset, BlockDataset | None]:
+        """(train, held-out validation): the last `fraction` of the blocks, at least one, are held out."""
+        held = max(1, int(self.num_blocks * fraction)) if fraction > 0 and self.num_blocks > 1 else 0
+        if not held:
+            return self, None
+        train = BlockDataset(self.tokens, self.block - 1, self.seed, self.first_block, self.num_blocks - held)
+        validation = BlockDataset(self.tokens, self.block - 1, self.seed, self.first_block + self.num_blocks - held,
+                                  held)
+        return train, validation
 
     def block_index(self, sample: int) -> int:
         epoch, position = divmod(sample, self.num_blocks)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_blocks, generator=generator).tolist()
-        return self._order[position]
+        return self.first_block + self._order[position]
 
     def batch(self, first_sample: int, count: int) -> torch.Tensor:
-        rows = [self.tokens[self.block_index(i) * self.block:(self.block_index(i) + 1) * self.block]
-                for i in range(first_sample, first_sample + count)]
+        starts = [self.block_index(i) * self.block for i in range(first_sample, first_sample + count)]
+        rows = [self.tokens[start:start + self.block] for start in starts]
         return torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -82,8 +82,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, settings))
         self.data = BlockDataset(load_tokens(settings.train_dir, self.tokenizer), settings.sequence_length, settings.seed)
-        self.validation = (BlockDataset(load_tokens(settings.validation_dir, self.tokenizer), settings.sequence_length,
-                                        settings.seed) if settings.validation_dir else None)
+        if settings.validation_dir:
+            self.validation = BlockDataset(load_tokens(settings.validation_dir, self.tokenizer),
+                                           settings.sequence_length, settings.seed)
+        else:
+            self.data, self.validation = self.data.split(settings.validation_holdout_fraction)
         self.checkpointer = Checkpointer(settings.checkpoint_dir, topology, keep=settings.keep_checkpoints,
                                          interval_minutes=settings.checkpoint_interval_minutes,
                                          every_steps=settings.checkpoint_every_steps,

@@ -27,7 +27,7 @@ class TrainSettings:
     train_dir: str = dataclasses.field(default="", metadata=_doc(
         "Training data: *.jsonl files with a `text` field per line, and/or *.npy arrays of token ids."))
     validation_dir: str = dataclasses.field(default="", metadata=_doc(
-        "Optional validation data, same formats; empty disables validation."))
+        "Optional validation data, same formats; empty: hold out validation_holdout_fraction of train."))
     model_dir: str = dataclasses.field(default="", metadata=_doc(
         "Base model: a Hugging Face folder (config.json, safetensors weights, tokenizer). Without weights "
         "the model is initialised randomly from config.json (seeded)."))
@@ -70,6 +70,9 @@ class TrainSettings:
     eval_every_steps: int = dataclasses.field(default=0, metadata=_doc(
         "Validate every N steps (needs validation_dir); 0 validates only at the end.", min=0))
     eval_batches: int = dataclasses.field(default=8, metadata=_doc("Batches per validation.", min=1))
+    validation_holdout_fraction: float = dataclasses.field(default=0.02, metadata=_doc(
+        "Without validation_dir, the last blocks of the training data held out for validation (0: none).",
+        min=0.0, max=0.5))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

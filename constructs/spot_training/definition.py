@@ -24,6 +24,7 @@ from typing import Any
 
 from spot_training.config import TrainingConfig
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
+from spot_training.trainer_code import ENTRY_POINT
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 for _name in ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry"):
@@ -66,7 +67,6 @@ from sagemaker.workflow.retry import (  # noqa: E402
 from sagemaker.workflow.steps import TrainingStep  # noqa: E402
 
 TRAINING_STEP_NAME = "Train"
-ENTRY_POINT = "train.py"
 
 # The container has no internet: never let transformers or tokenizers reach for the Hugging Face hub.
 TRAINING_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -127,6 +127,7 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[Pipeli
         PipelineParameter("GradientAccumulationSteps", ParameterInteger, config.gradient_accumulation_steps),
         PipelineParameter("SequenceLength", ParameterInteger, config.sequence_length),
         PipelineParameter("CheckpointIntervalMinutes", ParameterFloat, config.checkpoint_interval_minutes),
+        PipelineParameter("CheckpointEverySteps", ParameterInteger, 0),
     ]
 
 
@@ -180,6 +181,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
             "gradient_accumulation_steps": params["GradientAccumulationSteps"],
             "sequence_length": params["SequenceLength"],
             "checkpoint_interval_minutes": params["CheckpointIntervalMinutes"],
+            "checkpoint_every_steps": params["CheckpointEverySteps"],
             "strategy": config.strategy,
         },
         metric_definitions=[dict(m) for m in metric_definitions],

@@ -3,13 +3,7 @@ in private subnets, with checkpoints keyed on the pipeline execution."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import importlib.util
-import io
 import json
-import tarfile
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +23,7 @@ from spot_training.definition_rules import Expectations
 from spot_training.network import TrainingSecurityGroup
 from spot_training.roles import TrainingRoles
 from spot_training.storage import ArtifactStore
-
-_EXCLUDED = {"__pycache__", ".pytest_cache", ".mypy_cache"}
+from spot_training.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
 
 
 class TrainingPipeline(Construct):
@@ -146,51 +139,3 @@ class TrainingPipeline(Construct):
 def _require_pair(name_a: str, a: Any, name_b: str, b: Any) -> None:
     if (a is None) != (b is None):
         raise ValueError(f"{name_a} and {name_b}: give both (bring your own) or neither (created for you)")
-
-
-def default_trainer_dir() -> Path:
-    """The trainer shipped with this package (a link to the repository's `trainer/`)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "trainer", here.parent.parent / "trainer"):
-        if (candidate / sdk.ENTRY_POINT).is_file():
-            return candidate
-    raise FileNotFoundError(f"trainer_source_dir: no {sdk.ENTRY_POINT} found next to {here}; pass "
-                            "trainer_source_dir=<folder holding train.py>")
-
-
-def load_metric_definitions(source_dir: Path) -> list[dict[str, str]]:
-    """`METRIC_DEFINITIONS` from the trainer's own `log_format.py`: the regexes live beside the code
-    that prints the lines they parse."""
-    path = source_dir / "log_format.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"metric_definitions: {path} is missing; pass metric_definitions=[...]")
-    spec = importlib.util.spec_from_file_location("spot_training_trainer_log_format", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [dict(m) for m in module.METRIC_DEFINITIONS]
-
-
-def deterministic_tarball(source_dir: Path) -> Path:
-    """`source_dir` as a `.tar.gz` whose bytes depend only on file names and contents (sorted entries,
-    zero mtimes and owners), so the asset hash changes only when the code does."""
-    files = sorted(p for p in source_dir.rglob("*")
-                   if p.is_file() and not _EXCLUDED.intersection(p.relative_to(source_dir).parts)
-                   and p.suffix != ".pyc")
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
-            data = path.read_bytes()
-            info = tarfile.TarInfo(path.relative_to(source_dir).as_posix())
-            info.size, info.mtime, info.mode = len(data), 0, 0o755 if path.stat().st_mode & 0o111 else 0o644
-            tar.addfile(info, io.BytesIO(data))
-    packed = io.BytesIO()
-    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, filename="") as gz:
-        gz.write(raw.getvalue())
-    digest = hashlib.sha256(packed.getvalue()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / "spot-training-trainer" / f"trainer-{digest}.tar.gz"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{id(packed)}.tmp")
-        tmp.write_bytes(packed.getvalue())
-        tmp.replace(out)
-    return out

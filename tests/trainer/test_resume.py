@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.harness import SLOW_IO, Run, same_parameters
-from tests.trainer.tiny import make_job
+from spot_training.tiny import make_job
 
 
 @pytest.fixture(scope="module")

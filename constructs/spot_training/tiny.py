@@ -1,4 +1,6 @@
-"""Tiny models and data the tests build themselves: nothing is downloaded."""
+"""Tiny models and data built locally (tests and `local-run`): nothing is downloaded.
+
+Needs the trainer's packages (`trainer/requirements.txt`: torch, transformers, which brings tokenizers)."""
 
 from __future__ import annotations
 
