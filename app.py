@@ -32,7 +32,8 @@ def build_app(app: cdk.App, config: TrainingConfig) -> dict[str, cdk.Stack]:
     pipeline = PipelineStack(app, f"{prefix}Pipeline", config=config, vpc=network.vpc, subnets=subnets,
                              security_group=security_group, bucket=security.store.bucket,
                              key=security.store.key, training_role=security.roles.training_role,
-                             pipeline_role=security.roles.pipeline_role, env=env)
+                             pipeline_role=security.roles.pipeline_role,
+                             endpoint_security_group=network.endpoint_security_group, env=env)
     add_checks(app)
     return {"networking": networking, "security": security, "pipeline": pipeline}
 
@@ -44,7 +45,14 @@ def main() -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    build_app(app, config)
+    findings = config.guardrail_findings()
+    if findings and config.guardrails == "refuse":
+        for finding in findings:
+            print(f"error: guardrail: {finding} (training.guardrails=refuse)", file=sys.stderr)
+        sys.exit(2)
+    stacks = build_app(app, config)
+    for finding in findings:
+        cdk.Annotations.of(stacks["pipeline"]).add_warning_v2("spot-training:guardrail", finding)
     app.synth()
 
 

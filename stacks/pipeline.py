@@ -16,13 +16,17 @@ class PipelineStack(cdk.Stack):
 
     def __init__(self, scope: Construct, id: str, *, config: TrainingConfig, vpc: ec2.IVpc,
                  subnets: list[ec2.ISubnet], security_group: ec2.ISecurityGroup, bucket: s3.IBucket,
-                 key: kms.IKey, training_role: iam.IRole, pipeline_role: iam.IRole, **kwargs) -> None:
+                 key: kms.IKey, training_role: iam.IRole, pipeline_role: iam.IRole,
+                 endpoint_security_group: ec2.ISecurityGroup, **kwargs) -> None:
         super().__init__(scope, id, **kwargs)
         self.training = TrainingPipeline(self, "Training", config=config, vpc=vpc, subnets=subnets,
                                          security_group=security_group, bucket=bucket, key=key,
-                                         training_role=training_role, pipeline_role=pipeline_role)
+                                         training_role=training_role, pipeline_role=pipeline_role,
+                                         endpoint_security_group=endpoint_security_group)
         cdk.CfnOutput(self, "PipelineName", value=self.training.pipeline_name,
                       description="SageMaker pipeline that runs one training per execution")
+        cdk.CfnOutput(self, "AlarmTopicArn", value=self.training.alarm_topic.topic_arn,
+                      description="SNS topic of failed, stopped and overlong executions")
         cdk.CfnOutput(self, "StartExecutionCommand", description="Starts one training run",
                       value=f"aws sagemaker start-pipeline-execution --region {self.region} "
                             f"--pipeline-name {self.training.pipeline_name} "

@@ -57,10 +57,13 @@ def test_config_is_frozen():
      "training.allowed_instance_types[1]=ml.t3.nano: not an instance type SageMaker offers for training"),
     ({"strategy": "zero3"}, "training.strategy=zero3: must be one of ddp, fsdp"),
     ({"log_retention_days": 42}, "training.log_retention_days=42: must be one of 1, 3, 5, 7, 14, 30, 60"),
-    ({"region": "Mars"}, "training.region=Mars: must match"),
+    ({"region": "Mars"}, "training.region=Mars: must be an AWS region such as us-east-1"),
     ({"learning_rate": 0}, "training.learning_rate=0.0: must be above 0.0 to 1.0"),
     ({"az_count": 1}, "training.az_count=1: must be from 2 to 6"),
-    ({"pipeline_name": "has_underscore"}, "training.pipeline_name=has_underscore: must match"),
+    ({"pipeline_name": "has_underscore"}, "training.pipeline_name=has_underscore: must be 1 to 48 letters, "
+                                          "digits and hyphens, starting with a letter"),
+    ({"alarm_email": "nope"}, "training.alarm_email=nope: must be an e-mail address, or empty"),
+    ({"guardrails": "maybe"}, "training.guardrails=maybe: must be one of warn, refuse, off"),
 ])
 def test_bad_values_are_refused_with_one_line_naming_field_value_and_rule(overrides, message):
     with pytest.raises(ConfigError) as caught:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spot_training import instance_types
+from spot_training.sizing import Workload, guardrail_findings
 
 CONTEXT_KEY = "training"
 MAX_RUNTIME_LIMIT_SECONDS = 28 * 24 * 3600  # SageMaker's MaxRuntimeInSeconds ceiling (28 days)
@@ -35,10 +36,12 @@ class TrainingConfig:
     """Settings of one deployment. Field docs are the README's configuration reference."""
 
     region: str = _field("us-east-1", "AWS region the stacks deploy to (also picks the training image).",
-                         pattern=r"[a-z]{2}(-gov)?-[a-z]+-\d")
+                         pattern=r"[a-z]{2}(-gov)?-[a-z]+-\d",
+        allowed="an AWS region such as us-east-1")
     pipeline_name: str = _field("distributed-training", "SageMaker pipeline name; the stacks are named "
                                 "after it (DistributedTrainingNetworking, ...).",
-                                pattern=r"[a-zA-Z][a-zA-Z0-9-]{0,47}")
+                                pattern=r"[a-zA-Z][a-zA-Z0-9-]{0,47}",
+        allowed="1 to 48 letters, digits and hyphens, starting with a letter")
     instance_type: str = _field("ml.p4d.24xlarge", "Default training instance type (pipeline parameter "
                                 "InstanceType).")
     allowed_instance_types: tuple[str, ...] = _field((), "Instance types a run may request; the pipeline "
@@ -65,7 +68,8 @@ class TrainingConfig:
     az_count: int = _field(2, "Availability zones (one isolated subnet each) of the created VPC.",
                            min=2, max=6)
     vpc_cidr: str = _field("10.80.0.0/16", "CIDR block of the created VPC.",
-                           pattern=r"(\d{1,3}\.){3}\d{1,3}/(1[6-9]|2[0-4])")
+                           pattern=r"(\d{1,3}\.){3}\d{1,3}/(1[6-9]|2[0-4])",
+        allowed="an IPv4 CIDR block from /16 to /24")
     checkpoint_expiration_days: int = _field(30, "Delete checkpoint objects this many days after "
                                              "writing.", min=1, max=3650)
     noncurrent_version_expiration_days: int = _field(30, "Delete overwritten object versions after this "
@@ -77,10 +81,13 @@ class TrainingConfig:
     image_uri: str = _field("", "Training image. Empty: the AWS Hugging Face PyTorch training DLC for "
                             "framework_version/transformers_version in this region.")
     framework_version: str = _field("2.8.0", "PyTorch version of the default image (exact).",
-                                    pattern=r"\d+\.\d+\.\d+")
+                                    pattern=r"\d+\.\d+\.\d+",
+        allowed="an exact version such as 2.8.0")
     transformers_version: str = _field("4.56.2", "transformers version of the default image (exact).",
-                                       pattern=r"\d+\.\d+\.\d+")
-    py_version: str = _field("py312", "Python version tag of the default image.", pattern=r"py3\d+")
+                                       pattern=r"\d+\.\d+\.\d+",
+        allowed="an exact version such as 4.56.2")
+    py_version: str = _field("py312", "Python version tag of the default image.", pattern=r"py3\d+",
+        allowed="a tag such as py312")
     strategy: str = _field("ddp", "Default distribution strategy of the trainer.", choices=("ddp", "fsdp"))
     max_steps: int = _field(1000, "Default optimizer steps per run (pipeline parameter MaxSteps).",
                             min=1, max=10_000_000)
@@ -93,6 +100,25 @@ class TrainingConfig:
     checkpoint_interval_minutes: float = _field(10.0, "Default wall-clock interval between checkpoints; "
                                                 "bounds the work lost per interruption.", min=0.0,
                                                 max=1440.0, exclusive_min=True)
+    guardrails: str = _field("warn", "What synth does when the sizing model says a limit will not hold: "
+                             "warn, refuse (exit 2) or off.", choices=("warn", "refuse", "off"))
+    expected_run_hours: float = _field(6.0, "Expected training time of one run without interruptions "
+                                       "(sizing model).", min=0.0, max=672.0, exclusive_min=True)
+    slo_hours: float = _field(24.0, "Refresh SLO: a run must finish within this many hours (sizing model).",
+                              min=0.0, max=8760.0, exclusive_min=True)
+    interruptions_per_instance_hour: float = _field(0.05, "Expected spot interruptions per instance-hour "
+                                                    "(sizing model).", min=0.0, max=10.0)
+    max_lost_work_minutes: float = _field(10.0, "Target: most work lost per interruption (sizing model).",
+                                          min=0.0, max=1440.0, exclusive_min=True)
+    checkpoint_save_seconds: float = _field(30.0, "Training time one checkpoint save blocks (sizing model).",
+                                            min=0.0, max=3600.0)
+    restart_minutes: float = _field(15.0, "Capacity wait, provisioning and download after an interruption "
+                                    "(sizing model).", min=0.0, max=1440.0)
+    alarm_email: str = _field("", "E-mail address subscribed to the alarm topic (confirm the subscription "
+                              "mail). Empty: no subscription.", pattern=r"|[^@\s]+@[^@\s]+\.[^@\s]+",
+        allowed="an e-mail address, or empty")
+    alarm_after_hours: float = _field(12.0, "Alarm when an execution is still running after this many hours.",
+                                      min=0.0, max=720.0, exclusive_min=True)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -129,6 +155,20 @@ class TrainingConfig:
     def volume_encryption_allowed(self) -> bool:
         """SageMaker rejects VolumeKmsKeyId on local-NVMe types; decided over every allowed type."""
         return not any(instance_types.has_local_storage(t) for t in self.instance_type_allow_list)
+
+    def workload(self) -> Workload:
+        """This deployment as the sizing model sees it."""
+        return Workload(instance_count=self.instance_count, run_hours=self.expected_run_hours,
+                        slo_hours=self.slo_hours, interruptions_per_instance_hour=self.interruptions_per_instance_hour,
+                        checkpoint_save_seconds=self.checkpoint_save_seconds, restart_minutes=self.restart_minutes,
+                        max_lost_work_minutes=self.max_lost_work_minutes,
+                        checkpoint_interval_minutes=self.checkpoint_interval_minutes)
+
+    def guardrail_findings(self) -> list[str]:
+        if self.guardrails == "off":
+            return []
+        return guardrail_findings(self.workload(), use_spot=self.use_spot, max_run_seconds=self.max_run_seconds,
+                                  max_wait_seconds=self.max_wait_seconds, retry_attempts=self.retry_attempts)
 
     @classmethod
     def field_docs(cls) -> list[tuple[str, Any, str]]:
@@ -216,7 +256,7 @@ def _check_rules(f: dataclasses.Field, value: Any) -> None:
     if "choices" in rules and value not in rules["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(map(str, rules['choices']))}")
     if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
-        raise ConfigError(f"{where}: must match {rules['pattern']}")
+        raise ConfigError(f"{where}: must be {rules['allowed']}")
     if "min" in rules:
         too_low = value <= rules["min"] if rules.get("exclusive_min") else value < rules["min"]
         if too_low or value > rules["max"]:

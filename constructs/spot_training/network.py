@@ -31,6 +31,26 @@ MATCH_NO_TRAFFIC = {"CidrIp": "255.255.255.255/32", "Description": "Disallow all
 AWS_CUSTOM_RESOURCE_FUNCTION_ID = "AWS679f53fac002430cb0da5b7982bd2287"
 
 
+def keep_default_egress_closed(security_group: ec2.SecurityGroup) -> None:
+    """Egress rules to security groups and token peers are separate resources, which leaves the group's
+    inline egress list empty, and an empty list makes EC2 add its default allow-all egress rule. Keeping
+    CDK's match-nothing rule inline means that default is never created."""
+    cfn_group: ec2.CfnSecurityGroup = security_group.node.default_child
+    cfn_group.add_property_override("SecurityGroupEgress", [MATCH_NO_TRAFFIC])
+
+
+def https_between(scope: Construct, id: str, source: ec2.ISecurityGroup, target: ec2.ISecurityGroup,
+                  description: str) -> None:
+    """HTTPS from `source` to `target` as two rules in `scope`'s stack: `source`'s egress and `target`'s
+    ingress. CDK would put a rule on another stack's group into that stack, and cycle the dependencies."""
+    ec2.CfnSecurityGroupEgress(scope, f"{id}Egress", group_id=source.security_group_id, ip_protocol="tcp",
+                               from_port=443, to_port=443, destination_security_group_id=target.security_group_id,
+                               description=description)
+    ec2.CfnSecurityGroupIngress(scope, f"{id}Ingress", group_id=target.security_group_id, ip_protocol="tcp",
+                                from_port=443, to_port=443, source_security_group_id=source.security_group_id,
+                                description=description)
+
+
 def retention(days: int) -> logs.RetentionDays:
     """CloudWatch retention in days -> the CDK enum (same order as the allowed values)."""
     return list(logs.RetentionDays)[LOG_RETENTION_DAYS.index(days)]
@@ -116,11 +136,7 @@ class TrainingSecurityGroup(Construct):
         self.security_group.add_egress_rule(endpoints, HTTPS, "HTTPS to the VPC interface endpoints")
         self.security_group.add_egress_rule(ec2.Peer.prefix_list(self._s3_prefix_list_id()), HTTPS,
                                             "HTTPS to S3 through the gateway endpoint")
-        # Every egress rule above is a separate resource (security-group and token peers cannot be inlined),
-        # which leaves the group's inline egress list empty, and an empty list makes EC2 add its default
-        # allow-all egress rule. Keep CDK's match-nothing rule inline so that default is never created.
-        cfn_group: ec2.CfnSecurityGroup = self.security_group.node.default_child
-        cfn_group.add_property_override("SecurityGroupEgress", [MATCH_NO_TRAFFIC])
+        keep_default_egress_closed(self.security_group)
         acknowledge(self.security_group, {
             rule: "The all-traffic ingress comes only from this security group itself (the other training "
             "instances of the same job), never from a CIDR range; NCCL and EFA use dynamic ports."

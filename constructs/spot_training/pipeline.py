@@ -18,6 +18,7 @@ from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 from spot_training import definition as sdk
+from spot_training.alarms import PipelineAlarms
 from spot_training.config import TrainingConfig
 from spot_training.definition_rules import Expectations
 from spot_training.network import TrainingSecurityGroup
@@ -40,7 +41,8 @@ class TrainingPipeline(Construct):
                  bucket: s3.IBucket | None = None, key: kms.IKey | None = None,
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
                  trainer_source_dir: str | Path | None = None,
-                 metric_definitions: Sequence[Mapping[str, str]] | None = None) -> None:
+                 metric_definitions: Sequence[Mapping[str, str]] | None = None,
+                 alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
         """
         :param config: the validated platform settings (instance type and count, spot, limits, ...).
         :param vpc: the VPC the training instances run in.
@@ -57,6 +59,10 @@ class TrainingPipeline(Construct):
             (@default - the trainer shipped with this package).
         :param metric_definitions: SageMaker metric definitions
             (@default - `METRIC_DEFINITIONS` of the trainer's `log_format.py`).
+        :param alarms: create `PipelineAlarms` (failed, stopped and overlong executions to an SNS topic,
+            e-mail from `config.alarm_email`) (@default True).
+        :param endpoint_security_group: the VPC interface endpoints' group, for the alarm monitor's HTTPS
+            (@default - HTTPS to the VPC's CIDR block).
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
@@ -92,6 +98,11 @@ class TrainingPipeline(Construct):
         self.pipeline_name = config.pipeline_name
         self.pipeline_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="pipeline",
                                                           resource_name=config.pipeline_name.lower())
+        self.alarms = PipelineAlarms(
+            self, "Alarms", pipeline_name=config.pipeline_name, pipeline_arn=self.pipeline_arn, vpc=vpc,
+            subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
+            endpoint_security_group=endpoint_security_group) if alarms else None
+        self.alarm_topic = self.alarms.topic if self.alarms else None
 
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
         """Let `grantee` start runs of this pipeline and follow them (start, describe, list steps, stop)."""

@@ -1,0 +1,147 @@
+"""Alarms for failed and overlong pipeline executions, delivered to a KMS-encrypted SNS topic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import aws_cdk as cdk
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from spot_training.nag import acknowledge
+from spot_training.network import https_between, keep_default_egress_closed
+
+# EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
+EXECUTION_STATUS_EVENT = "SageMaker Model Building Pipeline Execution Status Change"
+PIPELINE_METRICS_NAMESPACE = "AWS/Sagemaker/ModelBuildingPipeline"
+AGE_METRICS_NAMESPACE = "SpotTraining"
+MONITOR_CODE = Path(__file__).resolve().parent / "monitor"
+
+
+class PipelineAlarms(Construct):
+    """An SNS topic (KMS, SSL-only, optional e-mail) fed by: an EventBridge rule on executions that end
+    Failed or Stopped; a CloudWatch alarm on ExecutionFailed; and an alarm on the age of the oldest
+    running execution, a metric a scheduled function publishes every 5 minutes."""
+
+    def __init__(self, scope: Construct, id: str, *, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
+                 subnets: Sequence[ec2.ISubnet], alarm_after_hours: float, email: str | None = None,
+                 endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
+        """
+        :param alarm_after_hours: alarm when an execution is still running after this long.
+        :param email: subscribe this address to the topic (@default - no subscription).
+        :param endpoint_security_group: the VPC interface endpoints' group; the monitor function reaches
+            SageMaker and CloudWatch through it (@default - HTTPS to the VPC's CIDR block).
+        """
+        super().__init__(scope, id)
+        region = cdk.Stack.of(self).region
+        self.key = kms.Key(self, "Key", enable_key_rotation=True, description="Encrypts training alarm messages")
+        for service in ("events.amazonaws.com", "cloudwatch.amazonaws.com", f"logs.{region}.amazonaws.com"):
+            self.key.grant_encrypt_decrypt(iam.ServicePrincipal(service))
+        self.topic = sns.Topic(self, "Topic", master_key=self.key, enforce_ssl=True,
+                               display_name=f"Training alarms: {pipeline_name}")
+        if email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(email))
+        self.status_rule = events.Rule(
+            self, "FailedOrStopped", description=f"{pipeline_name} executions that end Failed or Stopped",
+            event_pattern=events.EventPattern(source=["aws.sagemaker"], detail_type=[EXECUTION_STATUS_EVENT],
+                                              detail={"pipelineArn": [pipeline_arn],
+                                                      "currentPipelineExecutionStatus": ["Failed", "Stopped"]}),
+            targets=[targets.SnsTopic(self.topic, message=events.RuleTargetInput.from_text(
+                f"Pipeline {pipeline_name}: execution {events.EventField.from_path('$.detail.pipelineExecutionArn')} "
+                f"is {events.EventField.from_path('$.detail.currentPipelineExecutionStatus')}. Find the reason "
+                f"with: spot-training watch {events.EventField.from_path('$.detail.pipelineExecutionArn')}"))])
+        action = cloudwatch_actions.SnsAction(self.topic)
+        self.failed_alarm = cloudwatch.Alarm(
+            self, "ExecutionFailed", alarm_description=f"A {pipeline_name} execution failed",
+            metric=cloudwatch.Metric(namespace=PIPELINE_METRICS_NAMESPACE, metric_name="ExecutionFailed",
+                                     dimensions_map={"PipelineName": pipeline_name}, statistic="Sum",
+                                     period=cdk.Duration.minutes(5)),
+            threshold=1, evaluation_periods=1, treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD)
+        self.failed_alarm.add_alarm_action(action)
+        self.monitor = self._monitor_function(pipeline_name, pipeline_arn, vpc, subnets, endpoint_security_group)
+        self.age_alarm = cloudwatch.Alarm(
+            self, "ExecutionRunningTooLong",
+            alarm_description=f"A {pipeline_name} execution has run for more than {alarm_after_hours:g} h",
+            metric=cloudwatch.Metric(namespace=AGE_METRICS_NAMESPACE, metric_name="OldestRunningExecutionAgeSeconds",
+                                     dimensions_map={"PipelineName": pipeline_name}, statistic="Maximum",
+                                     period=cdk.Duration.minutes(5)),
+            threshold=alarm_after_hours * 3600, evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.MISSING,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD)
+        self.age_alarm.add_alarm_action(action)
+        self.monitor_errors_alarm = cloudwatch.Alarm(
+            self, "MonitorErrors", alarm_description="The execution-age monitor itself is failing",
+            metric=self.monitor.metric_errors(period=cdk.Duration.minutes(15)), threshold=1, evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD)
+        self.monitor_errors_alarm.add_alarm_action(action)
+
+    def _monitor_function(self, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
+                          subnets: Sequence[ec2.ISubnet],
+                          endpoint_security_group: ec2.ISecurityGroup | None) -> lambda_.Function:
+        group = ec2.SecurityGroup(self, "MonitorSecurityGroup", vpc=vpc, allow_all_outbound=False,
+                                  description="Execution-age monitor: HTTPS to the VPC interface endpoints only")
+        if endpoint_security_group is not None:
+            https_between(self, "MonitorToEndpoints", group, endpoint_security_group,
+                          "Execution-age monitor to the VPC interface endpoints")
+            keep_default_egress_closed(group)
+        else:
+            group.add_egress_rule(ec2.Peer.ipv4(vpc.vpc_cidr_block), ec2.Port.tcp(443),
+                                  "HTTPS to the VPC interface endpoints")
+        log_group = logs.LogGroup(self, "MonitorLogs", encryption_key=self.key, retention=logs.RetentionDays.ONE_YEAR,
+                                  removal_policy=cdk.RemovalPolicy.DESTROY)
+        role = iam.Role(self, "MonitorRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                        description="Execution-age monitor of the training pipeline")
+        dead_letters = sqs.Queue(self, "MonitorDeadLetters", encryption=sqs.QueueEncryption.KMS,
+                                 encryption_master_key=self.key, enforce_ssl=True,
+                                 retention_period=cdk.Duration.days(14))
+        stack = cdk.Stack.of(self)
+        policy = iam.ManagedPolicy(self, "MonitorPolicy", roles=[role], statements=[
+            iam.PolicyStatement(sid="ListThisPipelinesExecutions", actions=["sagemaker:ListPipelineExecutions"],
+                                resources=[pipeline_arn]),
+            iam.PolicyStatement(sid="PublishAgeMetric", actions=["cloudwatch:PutMetricData"], resources=["*"],
+                                conditions={"StringEquals": {"cloudwatch:namespace": AGE_METRICS_NAMESPACE}}),
+            iam.PolicyStatement(sid="WriteOwnLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                                resources=[log_group.log_group_arn]),
+            iam.PolicyStatement(sid="VpcNetworkInterfaces",
+                                actions=["ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces",
+                                         "ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
+                                         "ec2:UnassignPrivateIpAddresses"], resources=["*"]),
+            iam.PolicyStatement(sid="DeadLetters", actions=["sqs:SendMessage"], resources=[dead_letters.queue_arn]),
+            iam.PolicyStatement(sid="EncryptDeadLettersAndLogs", actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                                resources=[self.key.key_arn]),
+        ])
+        function = lambda_.Function(
+            self, "Monitor", runtime=lambda_.Runtime.PYTHON_3_14, handler="execution_age.handler",
+            code=lambda_.Code.from_asset(str(MONITOR_CODE), exclude=["__pycache__"]),
+            role=role.without_policy_updates(), timeout=cdk.Duration.seconds(60), memory_size=256,
+            reserved_concurrent_executions=1, dead_letter_queue=dead_letters, log_group=log_group,
+            vpc=vpc, vpc_subnets=ec2.SubnetSelection(subnets=list(subnets)), security_groups=[group],
+            environment={"PIPELINE_NAME": pipeline_name, "METRIC_NAMESPACE": AGE_METRICS_NAMESPACE},
+            description=f"Publishes the age of the oldest running {pipeline_name} execution")
+        function.node.add_dependency(policy)
+        events.Rule(self, "EveryFiveMinutes", schedule=events.Schedule.rate(cdk.Duration.minutes(5)),
+                    targets=[targets.LambdaFunction(function, retry_attempts=2, dead_letter_queue=dead_letters)])
+        acknowledge(policy, {
+            "AwsSolutions-IAM5[Resource::*]": "cloudwatch:PutMetricData (bound to one namespace by condition) and "
+            "the EC2 network-interface calls Lambda makes for VPC functions support no resource-level "
+            "permissions.",
+        })
+        acknowledge(dead_letters, {
+            "AwsSolutions-SQS3": "This queue is itself the dead-letter queue of the monitor function and its "
+            "schedule; a dead-letter queue for it would only move the same messages again.",
+        })
+        return function

@@ -1,0 +1,158 @@
+"""The sizing model: capacity, cost, retries, checkpoint interval and completion time under interruptions.
+
+Used by `spot-training size` and by the synth-time guardrails, so both say the same thing.
+
+- instance-hours per run = instance_count x run_hours; per month = that x runs_per_month.
+- spot-effective price = spot_fraction x on-demand (default 35%).
+- retries before an SLO breach = floor(slo_hours / run_hours) - 1.
+- checkpoint interval: Young's first-order optimum tau = sqrt(2 x C x MTBF) (Young 1974; Daly 2006), where C
+  is the time a save blocks training and MTBF = 1 / (instance_count x interruptions per instance-hour),
+  capped so that the worst-case lost work per interruption (one interval) stays under the target.
+- Monte Carlo: interruptions arrive as a Poisson process at the job's rate; each one loses the work since
+  the last checkpoint and costs a restart (capacity wait, provisioning, download); every interval of work
+  costs C more. Gives completion-time percentiles and the probability of meeting the SLO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Workload:
+    instance_count: int = 2
+    run_hours: float = 6.0
+    runs_per_month: float = 4.0
+    slo_hours: float = 24.0
+    on_demand_price_per_instance_hour: float | None = None
+    spot_fraction: float = 0.35
+    interruptions_per_instance_hour: float = 0.05
+    checkpoint_save_seconds: float = 30.0
+    restart_minutes: float = 15.0
+    max_lost_work_minutes: float = 10.0
+    checkpoint_interval_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("instance_count", "run_hours", "runs_per_month", "slo_hours", "spot_fraction",
+                     "checkpoint_interval_minutes", "max_lost_work_minutes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be above 0")
+        for name in ("interruptions_per_instance_hour", "checkpoint_save_seconds", "restart_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be 0 or more")
+        if self.spot_fraction > 1:
+            raise ValueError(f"spot_fraction={self.spot_fraction}: must be at most 1")
+
+    @property
+    def job_interruptions_per_hour(self) -> float:
+        """Any instance reclaimed interrupts the whole job."""
+        return self.instance_count * self.interruptions_per_instance_hour
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    p50_hours: float
+    p90_hours: float
+    p99_hours: float
+    mean_interruptions: float
+    probability_within_slo: float
+    training_hours_p90: float
+
+
+def instance_hours_per_run(w: Workload) -> float:
+    return w.instance_count * w.run_hours
+
+
+def instance_hours_per_month(w: Workload) -> float:
+    return instance_hours_per_run(w) * w.runs_per_month
+
+
+def retries_before_slo_breach(w: Workload) -> int:
+    return max(0, math.floor(w.slo_hours / w.run_hours) - 1)
+
+
+def young_daly_interval_minutes(w: Workload) -> float:
+    """sqrt(2 C M), C = save cost, M = mean time between job interruptions; infinite without interruptions."""
+    if w.job_interruptions_per_hour == 0:
+        return math.inf
+    mtbf_minutes = 60 / w.job_interruptions_per_hour
+    return math.sqrt(2 * (w.checkpoint_save_seconds / 60) * mtbf_minutes)
+
+
+def recommended_interval_minutes(w: Workload) -> float:
+    """Young/Daly's optimum, capped so one interval (the worst-case loss) stays under the target."""
+    return min(young_daly_interval_minutes(w), w.max_lost_work_minutes)
+
+
+def simulate(w: Workload, *, trials: int = 4000, seed: int = 0) -> Completion:
+    rng = random.Random(seed)
+    tau, save_hours = w.checkpoint_interval_minutes / 60, w.checkpoint_save_seconds / 3600
+    rate, restart = w.job_interruptions_per_hour, w.restart_minutes / 60
+    walls, trainings, counts = [], [], []
+    for _ in range(trials):
+        done = wall = training = 0.0
+        interruptions = 0
+        while done < w.run_hours:
+            # Wall time needed from here to finish, saving every tau of work.
+            remaining = w.run_hours - done
+            needed = remaining + math.floor(remaining / tau) * save_hours
+            gap = rng.expovariate(rate) if rate > 0 else math.inf
+            if gap >= needed:
+                wall += needed
+                training += needed
+                break
+            # Interrupted after `gap`: keep the work up to the last completed save.
+            saved_intervals = math.floor(gap / (tau + save_hours))
+            done += saved_intervals * tau
+            wall += gap + restart
+            training += gap
+            interruptions += 1
+        walls.append(wall)
+        trainings.append(training)
+        counts.append(interruptions)
+    walls.sort()
+    trainings.sort()
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return Completion(p50_hours=pct(walls, 0.5), p90_hours=pct(walls, 0.9), p99_hours=pct(walls, 0.99),
+                      mean_interruptions=statistics.fmean(counts),
+                      probability_within_slo=sum(x <= w.slo_hours for x in walls) / trials,
+                      training_hours_p90=pct(trainings, 0.9))
+
+
+def cost(w: Workload) -> dict[str, float] | None:
+    if w.on_demand_price_per_instance_hour is None:
+        return None
+    on_demand = instance_hours_per_month(w) * w.on_demand_price_per_instance_hour
+    return {"on_demand_per_run": instance_hours_per_run(w) * w.on_demand_price_per_instance_hour,
+            "spot_per_run": instance_hours_per_run(w) * w.on_demand_price_per_instance_hour * w.spot_fraction,
+            "on_demand_per_month": on_demand, "spot_per_month": on_demand * w.spot_fraction}
+
+
+def guardrail_findings(w: Workload, *, use_spot: bool, max_run_seconds: int, max_wait_seconds: int,
+                       retry_attempts: int) -> list[str]:
+    """What in the deployment's limits the sizing model says will not hold, each as one sentence."""
+    findings = []
+    if w.checkpoint_interval_minutes > w.max_lost_work_minutes:
+        findings.append(f"checkpoint_interval_minutes={w.checkpoint_interval_minutes:g} can lose up to "
+                        f"{w.checkpoint_interval_minutes:g} minutes of work per interruption, more than "
+                        f"max_lost_work_minutes={w.max_lost_work_minutes:g}")
+    if retry_attempts * w.run_hours > w.slo_hours:
+        findings.append(f"retry_attempts={retry_attempts} x expected_run_hours={w.run_hours:g} = "
+                        f"{retry_attempts * w.run_hours:g} h exceeds slo_hours={w.slo_hours:g}")
+    if use_spot:
+        completion = simulate(w, trials=2000)
+        if completion.p90_hours * 3600 > max_wait_seconds:
+            findings.append(f"max_wait_seconds={max_wait_seconds} does not cover the 90th-percentile completion "
+                            f"time with interruptions ({completion.p90_hours * 3600:.0f} s)")
+        if completion.training_hours_p90 * 3600 > max_run_seconds:
+            findings.append(f"max_run_seconds={max_run_seconds} does not cover the 90th-percentile training "
+                            f"time with interruptions ({completion.training_hours_p90 * 3600:.0f} s)")
+    elif w.run_hours * 3600 > max_run_seconds:
+        findings.append(f"max_run_seconds={max_run_seconds} is below expected_run_hours={w.run_hours:g}")
+    return findings
