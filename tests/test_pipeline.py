@@ -99,8 +99,11 @@ def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, argum
 
 
 def test_nothing_starts_a_run_on_deploy(default_app):
-    types = {r["Type"] for r in default_app.templates["pipeline"]["Resources"].values()}
-    assert types <= {"AWS::SageMaker::Pipeline", "AWS::IAM::ManagedPolicy", "AWS::CDK::Metadata"}
+    resources = default_app.templates["pipeline"]["Resources"].values()
+    assert not [r for r in resources if r["Type"].startswith("Custom::") or r["Type"] == "AWS::CloudFormation::CustomResource"]
+    targets = [t for r in resources if r["Type"] == "AWS::Events::Rule" for t in r["Properties"]["Targets"]]
+    assert targets and not [t for t in targets if "SageMakerPipelineParameters" in t]
+    assert "StartPipelineExecution" not in json.dumps(default_app.templates["pipeline"])
 
 
 def test_outputs_give_the_pipeline_name_and_a_ready_start_command(default_app):

@@ -20,7 +20,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from spot_training.nag import acknowledge
+from spot_training.nag import acknowledge, arn_finding
 from spot_training.network import https_between, keep_default_egress_closed
 
 # EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
@@ -109,6 +109,9 @@ class PipelineAlarms(Construct):
                                  encryption_master_key=self.key, enforce_ssl=True,
                                  retention_period=cdk.Duration.days(14))
         stack = cdk.Stack.of(self)
+        eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
+        group_arn = stack.format_arn(service="ec2", resource="security-group", resource_name=group.security_group_id)
+        subnet_arns = [stack.format_arn(service="ec2", resource="subnet", resource_name=s.subnet_id) for s in subnets]
         policy = iam.ManagedPolicy(self, "MonitorPolicy", roles=[role], statements=[
             iam.PolicyStatement(sid="ListThisPipelinesExecutions", actions=["sagemaker:ListPipelineExecutions"],
                                 resources=[pipeline_arn]),
@@ -116,10 +119,13 @@ class PipelineAlarms(Construct):
                                 conditions={"StringEquals": {"cloudwatch:namespace": AGE_METRICS_NAMESPACE}}),
             iam.PolicyStatement(sid="WriteOwnLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents"],
                                 resources=[log_group.log_group_arn]),
-            iam.PolicyStatement(sid="VpcNetworkInterfaces",
-                                actions=["ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces",
-                                         "ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
-                                         "ec2:UnassignPrivateIpAddresses"], resources=["*"]),
+            iam.PolicyStatement(sid="CreateVpcNetworkInterfaces", actions=["ec2:CreateNetworkInterface"],
+                                resources=[eni, group_arn, *subnet_arns]),
+            iam.PolicyStatement(sid="ManageVpcNetworkInterfaces",
+                                actions=["ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
+                                         "ec2:UnassignPrivateIpAddresses"], resources=[eni]),
+            iam.PolicyStatement(sid="DescribeVpcNetworkInterfaces", actions=["ec2:DescribeNetworkInterfaces"],
+                                resources=["*"]),
             iam.PolicyStatement(sid="DeadLetters", actions=["sqs:SendMessage"], resources=[dead_letters.queue_arn]),
             iam.PolicyStatement(sid="EncryptDeadLettersAndLogs", actions=["kms:GenerateDataKey", "kms:Decrypt"],
                                 resources=[self.key.key_arn]),
@@ -129,6 +135,7 @@ class PipelineAlarms(Construct):
             code=lambda_.Code.from_asset(str(MONITOR_CODE), exclude=["__pycache__"]),
             role=role.without_policy_updates(), timeout=cdk.Duration.seconds(60), memory_size=256,
             reserved_concurrent_executions=1, dead_letter_queue=dead_letters, log_group=log_group,
+            environment_encryption=self.key,
             vpc=vpc, vpc_subnets=ec2.SubnetSelection(subnets=list(subnets)), security_groups=[group],
             environment={"PIPELINE_NAME": pipeline_name, "METRIC_NAMESPACE": AGE_METRICS_NAMESPACE},
             description=f"Publishes the age of the oldest running {pipeline_name} execution")
@@ -137,8 +144,10 @@ class PipelineAlarms(Construct):
                     targets=[targets.LambdaFunction(function, retry_attempts=2, dead_letter_queue=dead_letters)])
         acknowledge(policy, {
             "AwsSolutions-IAM5[Resource::*]": "cloudwatch:PutMetricData (bound to one namespace by condition) and "
-            "the EC2 network-interface calls Lambda makes for VPC functions support no resource-level "
-            "permissions.",
+            "ec2:DescribeNetworkInterfaces support no resource-level permissions.",
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "Lambda creates the "
+            "function's VPC network interfaces at run time, so their ids are unknown; creation is tied to this "
+            "function's subnets and security group.",
         })
         acknowledge(dead_letters, {
             "AwsSolutions-SQS3": "This queue is itself the dead-letter queue of the monitor function and its "
