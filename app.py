@@ -35,6 +35,8 @@ def build_app(app: cdk.App, config: TrainingConfig) -> dict[str, cdk.Stack]:
                              pipeline_role=security.roles.pipeline_role,
                              endpoint_security_group=network.endpoint_security_group, env=env)
     add_checks(app)
+    for finding in config.guardrail_findings():  # with guardrails=refuse, main() stopped before this
+        cdk.Annotations.of(pipeline).add_warning_v2("spot-training:guardrail", finding)
     return {"networking": networking, "security": security, "pipeline": pipeline}
 
 
@@ -50,9 +52,7 @@ def main() -> None:
         for finding in findings:
             print(f"error: guardrail: {finding} (training.guardrails=refuse)", file=sys.stderr)
         sys.exit(2)
-    stacks = build_app(app, config)
-    for finding in findings:
-        cdk.Annotations.of(stacks["pipeline"]).add_warning_v2("spot-training:guardrail", finding)
+    build_app(app, config)
     app.synth()
 
 

@@ -93,3 +93,41 @@ def test_synth_with_a_bad_value_exits_nonzero_with_one_line_and_no_traceback():
     assert done.stderr.strip() == ("error: training.max_wait_seconds=60: must be >= training.max_run_seconds "
                                    "(43200) when training.use_spot=true")
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_defaults_pass_the_sizing_guardrails():
+    assert parse().guardrail_findings() == []
+
+
+@pytest.mark.parametrize(("overrides", "finding"), [
+    ({"checkpoint_interval_minutes": 30}, "checkpoint_interval_minutes=30 can lose up to 30 minutes of work per "
+                                          "interruption, more than max_lost_work_minutes=10"),
+    ({"retry_attempts": 5}, "retry_attempts=5 x expected_run_hours=6 = 30 h exceeds slo_hours=24"),
+    ({"expected_run_hours": 11, "max_wait_seconds": 43200}, "max_wait_seconds=43200 does not cover the "
+                                                             "90th-percentile completion time with interruptions"),
+    ({"expected_run_hours": 11.9}, "max_run_seconds=43200 does not cover the 90th-percentile training time"),
+])
+def test_guardrails_find_limits_the_sizing_model_says_will_not_hold(overrides, finding):
+    findings = parse(**overrides).guardrail_findings()
+    assert any(f.startswith(finding) for f in findings), findings
+
+
+def test_guardrails_refuse_stops_synth_with_one_line_per_finding():
+    context = {**cdk_json_context(), "training.guardrails": "refuse", "training.retry_attempts": "5"}
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: guardrail: retry_attempts=5 x expected_run_hours=6 = 30 h exceeds "
+                                   "slo_hours=24 (training.guardrails=refuse)")
+
+
+def test_guardrails_warn_annotates_the_pipeline_stack(tmp_path_factory):
+    import aws_cdk as cdk
+
+    from app import build_app
+
+    context = {**cdk_json_context(), "training.retry_attempts": "5"}
+    app = cdk.App(context=context, outdir=str(tmp_path_factory.mktemp("warn")))
+    stacks = build_app(app, TrainingConfig.from_context(context))
+    messages = [m for m in stacks["pipeline"].node.metadata if m.type == "aws:cdk:warning"]
+    assert any("retry_attempts=5" in str(m.data) for m in messages)

@@ -1,5 +1,9 @@
 """`spot-training`: the platform's command-line tool.
 
+    spot-training start  [--outputs outputs.json | --pipeline-name NAME] [--parameter Name=Value ...] [--resume-from ARN]
+    spot-training watch  EXECUTION_ARN
+    spot-training report EXECUTION_ARN [--price-per-hour USD] [--chart timeline.png]
+    spot-training size   [--instance-count 2 --run-hours 6 ...]
     spot-training local-run --steps 12 --interrupt-at-step 5 --out out/local
 """
 
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from spot_training.config import ConfigError, TrainingConfig
+from spot_training.operations import OperationError
 
 
 class CliError(Exception):
@@ -65,10 +70,165 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
     return 0 if same_loss and same_parameters else 1
 
 
+PRICES = Path(__file__).resolve().parent / "prices.json"
+
+
+def aws_client(service: str, region: str):
+    """One place that creates AWS clients (tests replace it with moto or stubbed clients)."""
+    import boto3
+
+    return boto3.client(service, region_name=region)
+
+
+def _region(args: argparse.Namespace) -> str:
+    import os
+
+    return args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or load_config().region
+
+
+def _pipeline_name(args: argparse.Namespace) -> str:
+    from spot_training.operations import pipeline_name_from_outputs
+
+    return args.pipeline_name or pipeline_name_from_outputs(Path(args.outputs))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from spot_training.operations import parse_parameters, start
+
+    sagemaker = aws_client("sagemaker", _region(args))
+    arn = start(sagemaker, _pipeline_name(args), parameters=parse_parameters(args.parameter or []),
+                resume_from=args.resume_from, display_name=args.display_name)
+    print(arn)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from spot_training.operations import watch
+
+    return watch(aws_client("sagemaker", _region(args)), args.execution_arn, interval=args.interval,
+                 timeout=args.timeout)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spot_training.operations import load_prices, report, report_text, timeline_chart
+
+    region = _region(args)
+    result = report(aws_client("sagemaker", region), aws_client("s3", region), args.execution_arn,
+                    price_per_hour=args.price_per_hour, prices=load_prices(Path(args.price_file)))
+    print(report_text(result))
+    if args.chart:
+        timeline_chart(result, Path(args.chart))
+        print(f"timeline chart: {args.chart}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2))
+    return 0
+
+
+def cmd_size(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from spot_training import sizing
+    from spot_training.operations import load_prices
+
+    base = load_config().workload()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(sizing.Workload)
+                 if getattr(args, f.name, None) is not None}
+    if "on_demand_price_per_instance_hour" not in overrides:
+        overrides["on_demand_price_per_instance_hour"] = load_prices(Path(args.price_file)).get(args.instance_type)
+    try:
+        workload = dataclasses.replace(base, **overrides)
+    except ValueError as error:
+        name, _, rest = str(error).partition("=")
+        raise CliError(f"{args.flag_names.get(name, name)}={rest}") from None
+    print(sizing_text(workload, args.instance_type))
+    return 0
+
+
+def sizing_text(w, instance_type: str) -> str:
+    from spot_training import sizing
+
+    completion = sizing.simulate(w)
+    cost = sizing.cost(w)
+    young = sizing.young_daly_interval_minutes(w)
+    lines = [
+        f"workload: {w.instance_count} x {instance_type}, {w.run_hours:g} h per run, {w.runs_per_month:g} runs per month",
+        f"  instance-hours per run:   {sizing.instance_hours_per_run(w):g}",
+        f"  instance-hours per month: {sizing.instance_hours_per_month(w):g}",
+    ]
+    if cost:
+        lines += [f"  cost per run:   on-demand ${cost['on_demand_per_run']:,.2f}, spot-effective "
+                  f"${cost['spot_per_run']:,.2f} ({w.spot_fraction:.0%} of on-demand)",
+                  f"  cost per month: on-demand ${cost['on_demand_per_month']:,.2f}, spot-effective "
+                  f"${cost['spot_per_month']:,.2f}"]
+    else:
+        lines.append(f"  cost: no price for {instance_type}; pass --price-per-hour")
+    lines += [
+        f"  retries before an SLO breach ({w.slo_hours:g} h SLO): {sizing.retries_before_slo_breach(w)}",
+        f"  checkpoint interval: Young/Daly optimum {young:.1f} min (save {w.checkpoint_save_seconds:g} s, "
+        f"{w.job_interruptions_per_hour:g} interruptions/h for the job); recommended "
+        f"{sizing.recommended_interval_minutes(w):.1f} min to keep lost work under {w.max_lost_work_minutes:g} min",
+        f"  Monte Carlo ({w.interruptions_per_instance_hour:g} interruptions per instance-hour, "
+        f"{w.restart_minutes:g} min per restart, checkpoint every {w.checkpoint_interval_minutes:g} min):",
+        f"    completion p50 {completion.p50_hours:.2f} h, p90 {completion.p90_hours:.2f} h, p99 {completion.p99_hours:.2f} h; "
+        f"{completion.mean_interruptions:.2f} interruptions on average",
+        f"    probability of finishing within the {w.slo_hours:g} h SLO: {completion.probability_within_slo:.1%}",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spot-training", description="Run, watch and size the SageMaker "
                                      "spot training pipeline.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    aws = argparse.ArgumentParser(add_help=False)
+    aws.add_argument("--region", help="AWS region (default: AWS_REGION, else the region in ./cdk.json)")
+
+    start = commands.add_parser("start", parents=[aws], help="start a training run (or resume a failed one)",
+                                description="Starts one pipeline execution and prints its ARN.")
+    where = start.add_mutually_exclusive_group()
+    where.add_argument("--pipeline-name", help="the pipeline (default: PipelineName in --outputs)")
+    where.add_argument("--outputs", default="outputs.json", help="a `cdk deploy --outputs-file` file")
+    start.add_argument("--parameter", action="append", metavar="NAME=VALUE",
+                       help="pipeline parameter override, e.g. InstanceCount=4; repeatable")
+    start.add_argument("--resume-from", metavar="EXECUTION",
+                       help="rerun a Failed or Stopped execution (ARN or id): same id, so it continues from its checkpoints")
+    start.add_argument("--display-name", help="execution display name (default: run-<timestamp>)")
+    start.set_defaults(handler=cmd_start)
+
+    watch = commands.add_parser("watch", parents=[aws], help="follow a run live; non-zero exit if it fails",
+                                description="Follows an execution: execution, step and training-job status with "
+                                "secondary status transitions (spot interruptions, restarts, downloading, training), "
+                                "elapsed and billable time. On failure prints the real reason and exits 1.")
+    watch.add_argument("execution_arn")
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    watch.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    watch.set_defaults(handler=cmd_watch)
+
+    report = commands.add_parser("report", parents=[aws], help="cost, savings, interruptions and checkpoints of a run")
+    report.add_argument("execution_arn")
+    report.add_argument("--price-per-hour", type=float, help="on-demand USD per instance-hour (overrides the price file)")
+    report.add_argument("--price-file", default=str(PRICES), help="JSON of instance type -> USD per instance-hour")
+    report.add_argument("--chart", metavar="PNG", help="also draw a timeline chart")
+    report.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    report.set_defaults(handler=cmd_report)
+
+    size = commands.add_parser("size", help="sizing math: instance-hours, cost, retries, checkpoint interval, "
+                               "completion-time Monte Carlo", description="Defaults come from ./cdk.json.")
+    size.add_argument("--instance-type", default=load_config().instance_type)
+    size.add_argument("--instance-count", dest="instance_count", type=int)
+    size.add_argument("--run-hours", dest="run_hours", type=float)
+    size.add_argument("--runs-per-month", dest="runs_per_month", type=float)
+    size.add_argument("--slo-hours", dest="slo_hours", type=float)
+    size.add_argument("--price-per-hour", dest="on_demand_price_per_instance_hour", type=float)
+    size.add_argument("--price-file", default=str(PRICES))
+    size.add_argument("--spot-fraction", dest="spot_fraction", type=float, help="spot-effective share of on-demand (0.35)")
+    size.add_argument("--interruptions-per-instance-hour", dest="interruptions_per_instance_hour", type=float)
+    size.add_argument("--checkpoint-save-seconds", dest="checkpoint_save_seconds", type=float)
+    size.add_argument("--checkpoint-interval-minutes", dest="checkpoint_interval_minutes", type=float)
+    size.add_argument("--restart-minutes", dest="restart_minutes", type=float)
+    size.add_argument("--max-lost-minutes", dest="max_lost_work_minutes", type=float)
+    size.set_defaults(handler=cmd_size, flag_names={a.dest: a.option_strings[0] for a in size._actions
+                                                    if a.option_strings})
 
     local = commands.add_parser("local-run", help="run the pipeline's training step on this machine, with "
                                 "simulated spot interruptions",
@@ -92,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (CliError, ConfigError) as error:
+    except (CliError, ConfigError, OperationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

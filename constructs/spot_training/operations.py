@@ -1,0 +1,261 @@
+"""Operating runs: start, watch and report on pipeline executions (boto3 clients are passed in).
+
+The real failure reason of a run is in the step and the training job (ListPipelineExecutionSteps,
+DescribeTrainingJob), not in the execution's generic FailureReason; spot interruptions show up as the
+training job's `Interrupted` secondary status; realized spot savings are
+(1 - BillableTimeInSeconds / TrainingTimeInSeconds) x 100 (SageMaker managed spot documentation).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+TERMINAL = {"Succeeded", "Failed", "Stopped"}
+
+
+class OperationError(Exception):
+    """A user-facing failure; the message is one line."""
+
+
+# ---- pipeline name and parameters -----------------------------------------------------------------------
+def pipeline_name_from_outputs(path: Path) -> str:
+    """The `PipelineName` output of a `cdk deploy --outputs-file` file."""
+    if not path.is_file():
+        raise OperationError(f"--outputs {path}: no such file; deploy with `make deploy` or pass --pipeline-name")
+    names = [outputs["PipelineName"] for outputs in json.loads(path.read_text()).values() if "PipelineName" in outputs]
+    if len(names) != 1:
+        raise OperationError(f"--outputs {path}: expected one PipelineName output, found {len(names)}")
+    return names[0]
+
+
+def parse_parameters(items: Sequence[str]) -> dict[str, str]:
+    parameters = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise OperationError(f"--parameter {item}: must be Name=Value")
+        parameters[name] = value
+    return parameters
+
+
+def execution_arn(sagemaker, pipeline_name: str, execution: str) -> str:
+    if execution.startswith("arn:"):
+        return execution
+    pipeline_arn = sagemaker.describe_pipeline(PipelineName=pipeline_name)["PipelineArn"]
+    return f"{pipeline_arn}/execution/{execution}"
+
+
+# ---- start ------------------------------------------------------------------------------------------
+def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resume_from: str | None = None,
+          display_name: str | None = None) -> str:
+    """Start a run, or resume one: a resumed execution keeps its id, so its training step finds the
+    checkpoints it wrote under `checkpoints/<execution id>/` (RetryPipelineExecution)."""
+    if resume_from:
+        if parameters:
+            raise OperationError("--resume-from reruns an execution with its own parameters; drop --parameter")
+        arn = execution_arn(sagemaker, pipeline_name, resume_from)
+        status = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)["PipelineExecutionStatus"]
+        if status not in ("Failed", "Stopped"):
+            raise OperationError(f"--resume-from {resume_from}: execution is {status}; only Failed or Stopped "
+                                 "executions can be resumed")
+        return sagemaker.retry_pipeline_execution(PipelineExecutionArn=arn,
+                                                  ClientRequestToken=str(uuid.uuid4()))["PipelineExecutionArn"]
+    definition = json.loads(sagemaker.describe_pipeline(PipelineName=pipeline_name)["PipelineDefinition"])
+    known = [p["Name"] for p in definition.get("Parameters", [])]
+    for name in parameters:
+        if name not in known:
+            raise OperationError(f"--parameter {name}: not a parameter of {pipeline_name}; allowed: {', '.join(known)}")
+    request = {"PipelineName": pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
+               "PipelineExecutionDisplayName": display_name or datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")}
+    if parameters:
+        request["PipelineParameters"] = [{"Name": k, "Value": v} for k, v in parameters.items()]
+    return sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
+
+
+# ---- state of a run ---------------------------------------------------------------------------------
+def snapshot(sagemaker, arn: str) -> dict[str, Any]:
+    """The execution, its steps and the training job behind its training step."""
+    execution = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+    steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn, SortOrder="Ascending")[
+        "PipelineExecutionSteps"]
+    job = None
+    for step in steps:
+        job_arn = step.get("Metadata", {}).get("TrainingJob", {}).get("Arn")
+        if job_arn:
+            job = sagemaker.describe_training_job(TrainingJobName=job_arn.rsplit("/", 1)[-1])
+    return {"execution": execution, "steps": steps, "job": job}
+
+
+def failure_reasons(state: Mapping[str, Any]) -> list[str]:
+    reasons = [f"step {s['StepName']}: {s['FailureReason']}" for s in state["steps"] if s.get("FailureReason")]
+    job = state["job"]
+    if job and job.get("FailureReason"):
+        reasons.append(f"training job {job['TrainingJobName']}: {job['FailureReason']}")
+    if not reasons and state["execution"].get("FailureReason"):
+        reasons.append(f"execution: {state['execution']['FailureReason']}")
+    return reasons
+
+
+def _seconds(value: Any) -> str:
+    value = int(value or 0)
+    return f"{value // 3600}h{value % 3600 // 60:02d}m{value % 60:02d}s"
+
+
+def watch(sagemaker, arn: str, *, out: TextIO = sys.stdout, interval: float = 30.0, timeout: float | None = None,
+          sleep: Callable[[float], None] = time.sleep, now: Callable[[], datetime.datetime] | None = None) -> int:
+    """Follow a run until it ends: returns 0 when it succeeded, 1 when it failed or stopped."""
+    now = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
+    seen_transitions, seen_steps, last_status = 0, {}, None
+    started_watching = time.monotonic()
+    live = out.isatty()
+    while True:
+        state = snapshot(sagemaker, arn)
+        execution, job = state["execution"], state["job"]
+        status = execution["PipelineExecutionStatus"]
+        if status != last_status:
+            _line(out, live, f"execution {arn.rsplit('/', 1)[-1]}: {status}")
+            last_status = status
+        for step in state["steps"]:
+            if seen_steps.get(step["StepName"]) != step["StepStatus"]:
+                seen_steps[step["StepName"]] = step["StepStatus"]
+                attempts = f" (attempt {step['AttemptCount']})" if step.get("AttemptCount", 1) > 1 else ""
+                _line(out, live, f"step {step['StepName']}: {step['StepStatus']}{attempts}")
+        if job:
+            transitions = job.get("SecondaryStatusTransitions", [])
+            for transition in transitions[seen_transitions:]:
+                note = " <- spot interruption" if transition["Status"] == "Interrupted" else ""
+                _line(out, live, f"training job {transition['Status']}: {transition.get('StatusMessage', '')}{note}")
+            seen_transitions = len(transitions)
+        elapsed = (now() - execution["CreationTime"]).total_seconds()
+        progress = f"elapsed {_seconds(elapsed)}"
+        if job:
+            progress += (f", job {job['TrainingJobStatus']}/{job.get('SecondaryStatus', '-')}, training "
+                         f"{_seconds(job.get('TrainingTimeInSeconds'))}, billable {_seconds(job.get('BillableTimeInSeconds'))}")
+        if live:
+            out.write(f"\r{progress}\033[K")
+            out.flush()
+        if status in TERMINAL:
+            if live:
+                out.write("\n")
+            _line(out, False, progress)
+            if status == "Succeeded":
+                _line(out, False, "succeeded")
+                return 0
+            for reason in failure_reasons(state) or ["no reason reported"]:
+                _line(out, False, f"FAILED: {reason}")
+            return 1
+        if timeout is not None and time.monotonic() - started_watching > timeout:
+            raise OperationError(f"--timeout {timeout:g}: the execution is still {status}")
+        sleep(interval)
+
+
+def _line(out: TextIO, live: bool, text: str) -> None:
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    out.write(("\r\033[K" if live else "") + f"[{stamp}] {text}\n")
+    out.flush()
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def load_prices(path: Path) -> dict[str, float]:
+    prices = json.loads(path.read_text())
+    return {k: float(v) for k, v in prices.items() if not k.startswith("_")}
+
+
+def checkpoints_in_s3(s3, s3_uri: str) -> dict[str, datetime.datetime]:
+    """Complete checkpoints (`step-N/COMPLETE.json`) under a checkpoint prefix, with their write times."""
+    bucket, _, prefix = s3_uri.removeprefix("s3://").partition("/")
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            parts = item["Key"][len(prefix):].strip("/").split("/")
+            if len(parts) == 2 and parts[0].startswith("step-") and parts[1] == "COMPLETE.json":
+                found[parts[0]] = item["LastModified"]
+    return dict(sorted(found.items(), key=lambda kv: int(kv[0].split("-")[1])))
+
+
+def report(sagemaker, s3, arn: str, *, price_per_hour: float | None = None,
+           prices: Mapping[str, float] | None = None) -> dict[str, Any]:
+    state = snapshot(sagemaker, arn)
+    execution, job = state["execution"], state["job"]
+    if job is None:
+        raise OperationError(f"{arn}: no training job yet (execution is {execution['PipelineExecutionStatus']})")
+    training, billable = job.get("TrainingTimeInSeconds", 0), job.get("BillableTimeInSeconds", 0)
+    spot = job.get("EnableManagedSpotTraining", False)
+    resource = job["ResourceConfig"]
+    price = price_per_hour if price_per_hour is not None else (prices or {}).get(resource["InstanceType"])
+    checkpoint_uri = job.get("CheckpointConfig", {}).get("S3Uri")
+    checkpoints = checkpoints_in_s3(s3, checkpoint_uri) if checkpoint_uri else {}
+    transitions = job.get("SecondaryStatusTransitions", [])
+    result = {
+        "execution_arn": arn, "status": execution["PipelineExecutionStatus"],
+        "training_job": job["TrainingJobName"], "instance_type": resource["InstanceType"],
+        "instance_count": resource["InstanceCount"], "managed_spot": spot,
+        "training_seconds": training, "billable_seconds": billable,
+        "spot_savings_percent": round((1 - billable / training) * 100, 1) if spot and training else 0.0,
+        "interruptions": sum(t["Status"] == "Interrupted" for t in transitions),
+        "checkpoints": list(checkpoints),
+        "price_per_instance_hour": price,
+        "estimated_cost": round(price * resource["InstanceCount"] * billable / 3600, 2) if price is not None else None,
+        "on_demand_equivalent_cost": (round(price * resource["InstanceCount"] * training / 3600, 2)
+                                      if price is not None else None),
+        "failure_reasons": failure_reasons(state) if execution["PipelineExecutionStatus"] != "Succeeded" else [],
+    }
+    result["_timeline"] = {"transitions": transitions, "checkpoints": checkpoints}
+    return result
+
+
+def report_text(result: Mapping[str, Any]) -> str:
+    cost = (f"${result['estimated_cost']:,.2f} (on-demand would be ${result['on_demand_equivalent_cost']:,.2f}, "
+            f"at ${result['price_per_instance_hour']:g}/instance-hour)" if result["estimated_cost"] is not None
+            else "unknown: pass --price-per-hour or add the instance type to the price file")
+    lines = [
+        f"run {result['execution_arn'].rsplit('/', 1)[-1]}: {result['status']}",
+        f"  training job {result['training_job']}: {result['instance_count']} x {result['instance_type']}, "
+        f"managed spot {'on' if result['managed_spot'] else 'off'}",
+        f"  training {_seconds(result['training_seconds'])}, billable {_seconds(result['billable_seconds'])}, "
+        f"spot savings {result['spot_savings_percent']:.1f}%",
+        f"  interruptions: {result['interruptions']}",
+        f"  complete checkpoints in S3: {', '.join(result['checkpoints']) or 'none'}",
+        f"  estimated cost: {cost}",
+    ]
+    lines += [f"  FAILED: {reason}" for reason in result["failure_reasons"]]
+    return "\n".join(lines)
+
+
+def timeline_chart(result: Mapping[str, Any], path: Path) -> None:
+    """A PNG timeline: secondary statuses as bars, interruptions and complete checkpoints as marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transitions = result["_timeline"]["transitions"]
+    if not transitions:
+        raise OperationError("--chart: the training job has no status transitions to draw yet")
+    colours = {"Training": "tab:green", "Interrupted": "tab:red", "Downloading": "tab:blue",
+               "Uploading": "tab:purple", "Starting": "tab:gray", "Restarting": "tab:orange"}
+    figure, axis = plt.subplots(figsize=(11, 3))
+    for t in transitions:
+        end = t.get("EndTime") or t["StartTime"]
+        axis.barh(0, (end - t["StartTime"]).total_seconds() / 3600 or 0.01,
+                  left=(t["StartTime"] - transitions[0]["StartTime"]).total_seconds() / 3600,
+                  color=colours.get(t["Status"], "tab:olive"), edgecolor="black", label=t["Status"])
+    for name, written in result["_timeline"]["checkpoints"].items():
+        axis.axvline((written - transitions[0]["StartTime"]).total_seconds() / 3600, color="black", linestyle=":")
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axis.legend(unique.values(), unique.keys(), loc="upper center", ncol=len(unique), bbox_to_anchor=(0.5, -0.35))
+    axis.set_yticks([])
+    axis.set_xlabel("hours since the job started (dotted: complete checkpoints)")
+    axis.set_title(f"{result['training_job']}: {result['interruptions']} interruption(s), "
+                   f"spot savings {result['spot_savings_percent']:.1f}%")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,238 @@
+"""start / watch / report / size against moto (pipelines, S3) and botocore stubs (steps, training jobs)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+
+import boto3
+import botocore.session
+import pytest
+from botocore.stub import ANY, Stubber
+from moto import mock_aws
+
+from spot_training import cli, sizing
+from spot_training.operations import OperationError, report, report_text, start, timeline_chart, watch
+
+REGION = "us-east-1"
+PIPELINE_ARN = "arn:aws:sagemaker:us-east-1:123456789012:pipeline/distributed-training"
+EXECUTION = f"{PIPELINE_ARN}/execution/abc123"
+JOB = "pipelines-abc123-Train-XYZ"
+T0 = datetime.datetime(2026, 11, 20, 8, 0, tzinfo=datetime.timezone.utc)
+
+
+def hours(h: float) -> datetime.datetime:
+    return T0 + datetime.timedelta(hours=h)
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def pipeline(aws):
+    """A pipeline in moto with the parameters of the real definition."""
+    sagemaker = boto3.client("sagemaker", region_name=REGION)
+    definition = {"Version": "2020-12-01", "Parameters": [{"Name": "InstanceCount", "Type": "Integer", "DefaultValue": 2},
+                                                          {"Name": "MaxSteps", "Type": "Integer", "DefaultValue": 1000}],
+                  "Steps": []}
+    sagemaker.create_pipeline(PipelineName="distributed-training", PipelineDefinition=json.dumps(definition),
+                              RoleArn="arn:aws:iam::123456789012:role/pipeline-role")
+    return sagemaker
+
+
+def stubbed_sagemaker():
+    return botocore.session.get_session().create_client("sagemaker", region_name=REGION, aws_access_key_id="x",
+                                                        aws_secret_access_key="x")
+
+
+def execution(status: str, **extra) -> dict:
+    return {"PipelineExecutionArn": EXECUTION, "PipelineExecutionStatus": status, "CreationTime": T0, **extra}
+
+
+def steps(status: str, failure: str | None = None, attempts: int = 1) -> dict:
+    step = {"StepName": "Train", "StepStatus": status, "AttemptCount": attempts,
+            "Metadata": {"TrainingJob": {"Arn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{JOB}"}}}
+    if failure:
+        step["FailureReason"] = failure
+    return {"PipelineExecutionSteps": [step]}
+
+
+TRANSITIONS = [
+    {"Status": "Starting", "StartTime": hours(0), "EndTime": hours(0.1), "StatusMessage": "Preparing the instances"},
+    {"Status": "Downloading", "StartTime": hours(0.1), "EndTime": hours(0.2), "StatusMessage": "Downloading input data"},
+    {"Status": "Training", "StartTime": hours(0.2), "EndTime": hours(2.0), "StatusMessage": "Training image download completed"},
+    {"Status": "Interrupted", "StartTime": hours(2.0), "EndTime": hours(2.5), "StatusMessage": "Spot capacity reclaimed"},
+    {"Status": "Training", "StartTime": hours(2.5), "EndTime": hours(6.5), "StatusMessage": "Resumed from checkpoint"},
+]
+
+
+def training_job(status: str, transitions: list, failure: str | None = None) -> dict:
+    job = {"TrainingJobName": JOB, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{JOB}",
+           "TrainingJobStatus": status, "SecondaryStatus": transitions[-1]["Status"],
+           "SecondaryStatusTransitions": transitions, "AlgorithmSpecification": {"TrainingInputMode": "File"},
+           "ResourceConfig": {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 2, "VolumeSizeInGB": 500},
+           "StoppingCondition": {"MaxRuntimeInSeconds": 43200, "MaxWaitTimeInSeconds": 86400},
+           "CreationTime": T0, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/outputs/model.tar.gz"},
+           "EnableManagedSpotTraining": True, "TrainingTimeInSeconds": 6 * 3600, "BillableTimeInSeconds": 2 * 3600,
+           "CheckpointConfig": {"S3Uri": "s3://artifacts/checkpoints/abc123/", "LocalPath": "/opt/ml/checkpoints"}}
+    if failure:
+        job["FailureReason"] = failure
+    return job
+
+
+def queue_snapshot(stub: Stubber, ex: dict, st: dict, job: dict) -> None:
+    stub.add_response("describe_pipeline_execution", ex, {"PipelineExecutionArn": EXECUTION})
+    stub.add_response("list_pipeline_execution_steps", st, {"PipelineExecutionArn": EXECUTION, "SortOrder": "Ascending"})
+    stub.add_response("describe_training_job", job, {"TrainingJobName": JOB})
+
+
+# ---- start ------------------------------------------------------------------------------------------
+def test_start_runs_the_pipeline_with_parameter_overrides_and_returns_the_arn(pipeline):
+    arn = start(pipeline, "distributed-training", parameters={"InstanceCount": "4"})
+    assert arn.startswith(PIPELINE_ARN + "/execution/")
+    (summary,) = pipeline.list_pipeline_executions(PipelineName="distributed-training")["PipelineExecutionSummaries"]
+    assert summary["PipelineExecutionArn"] == arn
+
+
+def test_start_refuses_an_unknown_parameter_naming_the_allowed_ones(pipeline):
+    with pytest.raises(OperationError, match="--parameter InstanceCnt: not a parameter of distributed-training; "
+                                             "allowed: InstanceCount, MaxSteps"):
+        start(pipeline, "distributed-training", parameters={"InstanceCnt": "4"})
+
+
+def test_start_reads_the_pipeline_name_from_the_outputs_file(pipeline, tmp_path, monkeypatch, capsys):
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({"DistributedTrainingPipeline": {"PipelineName": "distributed-training"},
+                                   "DistributedTrainingSecurity": {"ArtifactBucketName": "b"}}))
+    monkeypatch.setattr(cli, "aws_client", lambda service, region: pipeline)
+    assert cli.main(["start", "--outputs", str(outputs), "--region", REGION, "--parameter", "MaxSteps=10"]) == 0
+    assert capsys.readouterr().out.strip().startswith(PIPELINE_ARN + "/execution/")
+
+
+def test_start_without_outputs_file_says_how_to_get_one(capsys, tmp_path):
+    assert cli.main(["start", "--outputs", str(tmp_path / "missing.json"), "--region", REGION]) == 2
+    assert "no such file; deploy with `make deploy` or pass --pipeline-name" in capsys.readouterr().err
+
+
+def test_resume_from_retries_the_failed_execution_so_it_keeps_its_checkpoint_prefix():
+    sagemaker = stubbed_sagemaker()
+    with Stubber(sagemaker) as stub:
+        stub.add_response("describe_pipeline_execution", execution("Failed"), {"PipelineExecutionArn": EXECUTION})
+        stub.add_response("retry_pipeline_execution", {"PipelineExecutionArn": EXECUTION},
+                          {"PipelineExecutionArn": EXECUTION, "ClientRequestToken": ANY})
+        assert start(sagemaker, "distributed-training", parameters={}, resume_from=EXECUTION) == EXECUTION
+
+
+def test_resume_from_a_running_execution_is_refused():
+    sagemaker = stubbed_sagemaker()
+    with Stubber(sagemaker) as stub:
+        stub.add_response("describe_pipeline_execution", execution("Executing"), {"PipelineExecutionArn": EXECUTION})
+        with pytest.raises(OperationError, match="execution is Executing; only Failed or Stopped"):
+            start(sagemaker, "distributed-training", parameters={}, resume_from=EXECUTION)
+
+
+# ---- watch ------------------------------------------------------------------------------------------
+def test_watch_follows_transitions_and_exits_1_with_the_real_reason():
+    sagemaker = stubbed_sagemaker()
+    out = io.StringIO()
+    with Stubber(sagemaker) as stub:
+        queue_snapshot(stub, execution("Executing"), steps("Executing"), training_job("InProgress", TRANSITIONS[:3]))
+        queue_snapshot(stub, execution("Executing"), steps("Executing"), training_job("InProgress", TRANSITIONS[:4]))
+        queue_snapshot(stub, execution("Failed", FailureReason="Step failure: One or multiple steps failed."),
+                       steps("Failed", "ClientError: ResourceLimitExceeded for ml.p4d.24xlarge spot", attempts=3),
+                       training_job("Failed", TRANSITIONS[:4], "ResourceLimitExceeded: account quota is 0 instances"))
+        code = watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(2.6))
+    text = out.getvalue()
+    assert code == 1
+    assert "training job Downloading: Downloading input data" in text
+    assert "training job Interrupted: Spot capacity reclaimed <- spot interruption" in text
+    assert "step Train: Failed (attempt 3)" in text
+    assert "FAILED: step Train: ClientError: ResourceLimitExceeded for ml.p4d.24xlarge spot" in text
+    assert "FAILED: training job pipelines-abc123-Train-XYZ: ResourceLimitExceeded: account quota is 0 instances" in text
+    assert "One or multiple steps failed" not in text, "the execution's generic reason is not the real one"
+    assert "elapsed 2h36m00s" in text and "billable 2h00m00s" in text
+
+
+def test_watch_exits_0_when_the_run_succeeds():
+    sagemaker = stubbed_sagemaker()
+    out = io.StringIO()
+    with Stubber(sagemaker) as stub:
+        queue_snapshot(stub, execution("Succeeded"), steps("Succeeded"), training_job("Completed", TRANSITIONS))
+        assert watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(7)) == 0
+    assert "succeeded" in out.getvalue()
+
+
+# ---- report -----------------------------------------------------------------------------------------
+@pytest.fixture
+def finished_run(aws):
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="artifacts")
+    for step, complete in ((100, True), (200, True), (300, False)):
+        s3.put_object(Bucket="artifacts", Key=f"checkpoints/abc123/step-{step}/__0_0.distcp", Body=b"x")
+        if complete:
+            s3.put_object(Bucket="artifacts", Key=f"checkpoints/abc123/step-{step}/COMPLETE.json", Body=b"{}")
+    sagemaker = stubbed_sagemaker()
+    stub = Stubber(sagemaker)
+    queue_snapshot(stub, execution("Succeeded"), steps("Succeeded"), training_job("Completed", TRANSITIONS))
+    stub.activate()
+    return sagemaker, s3
+
+
+def test_report_gives_times_savings_interruptions_checkpoints_and_cost(finished_run):
+    sagemaker, s3 = finished_run
+    result = report(sagemaker, s3, EXECUTION, prices={"ml.p4d.24xlarge": 37.688})
+    assert (result["training_seconds"], result["billable_seconds"]) == (21600, 7200)
+    assert result["spot_savings_percent"] == pytest.approx(66.7)
+    assert result["interruptions"] == 1
+    assert result["checkpoints"] == ["step-100", "step-200"]
+    assert result["estimated_cost"] == pytest.approx(2 * 2 * 37.688, abs=0.01)
+    assert result["on_demand_equivalent_cost"] == pytest.approx(2 * 6 * 37.688, abs=0.01)
+    text = report_text(result)
+    assert "spot savings 66.7%" in text and "interruptions: 1" in text and "$150.75" in text
+
+
+def test_report_draws_a_timeline_chart(finished_run, tmp_path):
+    sagemaker, s3 = finished_run
+    chart = tmp_path / "timeline.png"
+    timeline_chart(report(sagemaker, s3, EXECUTION, price_per_hour=10.0), chart)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
+
+
+# ---- size -------------------------------------------------------------------------------------------
+def test_size_reproduces_the_seeds_worked_example(capsys):
+    assert cli.main(["size", "--instance-count", "2", "--run-hours", "6", "--runs-per-month", "4",
+                     "--slo-hours", "24", "--price-per-hour", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "instance-hours per run:   12" in text
+    assert "instance-hours per month: 48" in text
+    assert "retries before an SLO breach (24 h SLO): 3" in text
+    assert "cost per run:   on-demand $120.00, spot-effective $42.00 (35% of on-demand)" in text
+
+
+def test_young_daly_interval_and_the_lost_work_cap():
+    w = sizing.Workload(instance_count=2, interruptions_per_instance_hour=0.05, checkpoint_save_seconds=30)
+    # MTBF = 1 / (2 x 0.05) h = 600 min; sqrt(2 x 0.5 min x 600 min) = 24.49 min, capped at 10.
+    assert sizing.young_daly_interval_minutes(w) == pytest.approx(24.4949, abs=1e-3)
+    assert sizing.recommended_interval_minutes(w) == 10
+    frequent = sizing.Workload(instance_count=8, interruptions_per_instance_hour=0.5, checkpoint_save_seconds=6)
+    assert sizing.recommended_interval_minutes(frequent) == pytest.approx((2 * 0.1 * 15) ** 0.5)
+
+
+def test_monte_carlo_completion_grows_with_interruptions_and_is_deterministic():
+    calm = sizing.simulate(sizing.Workload(interruptions_per_instance_hour=0.0))
+    stormy = sizing.simulate(sizing.Workload(interruptions_per_instance_hour=0.5))
+    assert calm.p50_hours == pytest.approx(6 + 36 * 30 / 3600)  # 36 saves of 30 s, no interruption
+    assert calm.probability_within_slo == 1.0 and calm.mean_interruptions == 0
+    assert stormy.p90_hours > calm.p90_hours and stormy.mean_interruptions > 3
+    assert sizing.simulate(sizing.Workload(interruptions_per_instance_hour=0.5)) == stormy
+
+
+def test_size_refuses_a_bad_value_naming_its_flag(capsys):
+    assert cli.main(["size", "--run-hours", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --run-hours=0.0: must be above 0"
