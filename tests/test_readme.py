@@ -19,3 +19,18 @@ def test_configuration_reference_lists_every_field_with_its_default():
         shown = {True: "true", False: "false"}.get(default, default)
         assert name in rows, f"README misses training.{name}"
         assert rows[name] == ("(empty)" if shown in ("", ()) else str(shown)), name
+
+
+RUNBOOK = (ROOT / "docs" / "incidents" / "sagemaker-distributed-training.md").read_text()
+
+
+def test_runbook_covers_every_scenario_with_the_five_parts():
+    scenarios = ["Spot capacity unavailable, MaxWaitTimeExceeded", "Job stuck in Starting",
+                 "One node lost, NCCL timeout", "Checkpoint not restored, or corrupt", "Out of memory",
+                 "KMS access denied", "Quota: ResourceLimitExceeded", "Runaway cost"]
+    sections = RUNBOOK.split("\n## ")[1:]
+    assert len(sections) == len(scenarios)
+    for scenario, section in zip(scenarios, sections):
+        assert scenario in section.splitlines()[0]
+        for part in ("**Symptoms.**", "**Confirm.**", "**Mitigate.**", "**Prevent.**", "**Simulate.**"):
+            assert part in section, f"{scenario}: missing {part}"
