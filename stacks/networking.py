@@ -13,4 +13,5 @@ class NetworkingStack(cdk.Stack):
     def __init__(self, scope: Construct, id: str, *, config: TrainingConfig, **kwargs) -> None:
         super().__init__(scope, id, **kwargs)
         self.network = TrainingNetwork(self, "Network", az_count=config.az_count, cidr=config.vpc_cidr,
-                                       flow_log_retention_days=config.log_retention_days)
+                                       flow_log_retention_days=config.log_retention_days,
+                                       mlflow_endpoint=config.mlflow)

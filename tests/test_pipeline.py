@@ -158,5 +158,5 @@ def test_construct_refuses_half_of_a_bring_your_own_pair():
     vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
         ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
     role = iam.Role(stack, "R", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
-    with pytest.raises(ValueError, match="training_role and pipeline_role: give both"):
-        TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, training_role=role)
+    with pytest.raises(ValueError, match="pipeline_role: needs training_role too"):
+        TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, pipeline_role=role)

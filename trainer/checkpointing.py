@@ -102,7 +102,8 @@ class Checkpointer:
     newest complete and intact checkpoint. Call `poll(step, stop)` once per step on every rank."""
 
     def __init__(self, folder: str, topology: Topology, *, keep: int, interval_minutes: float, every_steps: int,
-                 async_save: bool, device: torch.device) -> None:
+                 async_save: bool, device: torch.device,
+                 on_complete: Callable[[int, float], None] | None = None) -> None:
         self.folder, self.topology = Path(folder), topology
         self.keep, self.interval_s, self.every_steps = keep, interval_minutes * 60, every_steps
         self.async_save, self.device = async_save, device
@@ -119,6 +120,7 @@ class Checkpointer:
         self.pending: _PendingSave | None = None
         self.completed: list[int] = []
         self.last_blocked_seconds = 0.0  # of the newest completed save: save call plus any staging wait
+        self.on_complete = on_complete
 
     # ---- saving -----------------------------------------------------------------------------------
     def poll(self, step: int, state: Callable[[], dict[str, Any]], *, stop_requested: bool) -> bool:
@@ -229,6 +231,8 @@ class Checkpointer:
         self.last_blocked_seconds = pending.blocked_seconds
         if self.topology.is_main:
             print(log_format.checkpoint_line(step=pending.step, blocked_seconds=pending.blocked_seconds), flush=True)
+            if self.on_complete:
+                self.on_complete(pending.step, pending.blocked_seconds)
             log.info("checkpoint step-%d complete (%.1f s after start)", pending.step,
                      time.perf_counter() - pending.started)
         self.prune()

@@ -27,6 +27,7 @@ from checkpointing import Checkpointer
 from data import BlockDataset, load_tokens
 from environment import Topology
 from settings import TrainSettings
+from tracking import Tracker
 
 log = logging.getLogger("trainer")
 
@@ -87,10 +88,12 @@ class Trainer:
                                            settings.sequence_length, settings.seed)
         else:
             self.data, self.validation = self.data.split(settings.validation_holdout_fraction)
+        self.tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings, topology.is_main)
         self.checkpointer = Checkpointer(settings.checkpoint_dir, topology, keep=settings.keep_checkpoints,
                                          interval_minutes=settings.checkpoint_interval_minutes,
                                          every_steps=settings.checkpoint_every_steps,
-                                         async_save=settings.async_checkpoint, device=self.device)
+                                         async_save=settings.async_checkpoint, device=self.device,
+                                         on_complete=self.tracker.log_checkpoint)
         self.step, self.samples_seen, self.resumed_from = 0, 0, None
         self.stop_requested = False
         self.last_loss = float("nan")
@@ -164,12 +167,14 @@ class Trainer:
                 if self.topology.is_main:
                     print(f"[stop] SIGTERM: stopped after step {self.step}; the next start resumes from the newest "
                           "complete checkpoint", flush=True)
+                self.tracker.finish("KILLED")
                 return 0
         if self.validation:
             self._evaluate()
         self.checkpointer.save(self.step, self._state)  # a restart after this point only rewrites the model
         self.checkpointer.wait()
         self._save_model()
+        self.tracker.finish("FINISHED")
         return 0
 
     def _run_step(self) -> torch.Tensor:
@@ -216,6 +221,8 @@ class Trainer:
                                         tokens_per_second=tokens / seconds), flush=True)
             self._append_metrics({"step": self.step, "loss": value, "learning_rate": learning_rate,
                                   "tokens_per_second": tokens / seconds, "resumed_from": self.resumed_from})
+            self.tracker.log_metrics({"loss": value, "learning_rate": learning_rate,
+                                      "tokens_per_second": tokens / seconds}, step=self.step)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         folder = Path(self.settings.output_data_dir)
@@ -239,6 +246,7 @@ class Trainer:
         if t.is_main:
             print(log_format.validation_line(step=self.step, loss=value), flush=True)
             self._append_metrics({"step": self.step, "validation_loss": value})
+            self.tracker.log_metrics({"validation_loss": value}, step=self.step)
 
     def _save_model(self) -> None:
         """Rank 0 writes the model in Hugging Face format (safetensors), gathered from shards under FSDP."""

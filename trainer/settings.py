@@ -70,6 +70,10 @@ class TrainSettings:
     eval_every_steps: int = dataclasses.field(default=0, metadata=_doc(
         "Validate every N steps (needs validation_dir); 0 validates only at the end.", min=0))
     eval_batches: int = dataclasses.field(default=8, metadata=_doc("Batches per validation.", min=1))
+    mlflow_tracking_uri: str = dataclasses.field(default="", metadata=_doc(
+        "Log parameters, metrics and checkpoint events to MLflow (a SageMaker tracking server ARN or any "
+        "MLflow URI); empty: off."))
+    mlflow_experiment: str = dataclasses.field(default="spot-training", metadata=_doc("MLflow experiment name."))
     validation_holdout_fraction: float = dataclasses.field(default=0.02, metadata=_doc(
         "Without validation_dir, the last blocks of the training data held out for validation (0: none).",
         min=0.0, max=0.5))

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if settings.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        print("error: mlflow_tracking_uri is set but the training image lacks mlflow (and, for a SageMaker "
+              "tracking server, sagemaker-mlflow)", file=sys.stderr)
+        return 2
     from environment import Topology, ensure_rendezvous_defaults
     from loop import Trainer
 

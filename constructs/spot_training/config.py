@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,69 @@ def _field(default: Any, doc: str, **rules: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TeamConfig:
+    """One team's guardrails: what its runs may request, enforced by its own pipeline and pipeline role."""
+
+    name: str
+    instance_types: tuple[str, ...]
+    max_instance_count: int
+    max_run_seconds: int
+    principals: tuple[str, ...] = ()
+    instance_type: str = ""
+    instance_count: int = 0
+
+    FIELDS = ("instance_types", "max_instance_count", "max_run_seconds", "principals", "instance_type",
+              "instance_count")
+
+    def allowed_instance_types(self) -> tuple[str, ...]:
+        """Exact types, with families such as `ml.g5.*` expanded from botocore's list."""
+        offered = instance_types.training_instance_types()
+        expanded: list[str] = []
+        for entry in self.instance_types:
+            matches = [t for t in offered if t.startswith(entry[:-1])] if entry.endswith(".*") else [entry]
+            expanded += [t for t in matches if t not in expanded]
+        return tuple(expanded)
+
+    @staticmethod
+    def parse(name: str, raw: Any) -> TeamConfig:
+        where = f"{CONTEXT_KEY}.teams.{name}"
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", name):
+            raise ConfigError(f"{where}: team name must be 1 to 20 lowercase letters, digits and hyphens")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}={_show(raw)}: must be an object with {', '.join(TeamConfig.FIELDS)}")
+        unknown = [k for k in raw if k not in TeamConfig.FIELDS]
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown team field; allowed: {', '.join(TeamConfig.FIELDS)}")
+        for required in ("instance_types", "max_instance_count", "max_run_seconds"):
+            if required not in raw:
+                raise ConfigError(f"{where}.{required}: required")
+        types = raw["instance_types"]
+        if not (isinstance(types, list) and types and all(isinstance(t, str) for t in types)):
+            raise ConfigError(f"{where}.instance_types={_show(types)}: must be a non-empty list of instance types "
+                              "or families such as ml.g5.*")
+        for key, low, high in (("max_instance_count", 1, 64), ("max_run_seconds", 60, MAX_RUNTIME_LIMIT_SECONDS),
+                               ("instance_count", 0, 64)):
+            value = raw.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{where}.{key}={_show(value)}: must be an integer from {low} to {high}")
+        principals = raw.get("principals", [])
+        role_arn = r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+"
+        if not isinstance(principals, list) or not all(isinstance(p, str) and re.fullmatch(role_arn, p)
+                                                       for p in principals):
+            raise ConfigError(f"{where}.principals={_show(principals)}: must be a list of IAM role ARNs")
+        team = TeamConfig(name=name, instance_types=tuple(types), max_instance_count=raw["max_instance_count"],
+                          max_run_seconds=raw["max_run_seconds"], principals=tuple(principals),
+                          instance_type=raw.get("instance_type", ""), instance_count=raw.get("instance_count", 0))
+        offered = instance_types.training_instance_types()
+        for entry in types:
+            family_members = [t for t in offered if entry.endswith(".*") and t.startswith(entry[:-1])]
+            if entry not in offered and not family_members:
+                raise ConfigError(f"{where}.instance_types: {entry} is neither a SageMaker training instance type "
+                                  "nor a family such as ml.g5.*")
+        return team
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
     """Settings of one deployment. Field docs are the README's configuration reference."""
 
@@ -49,6 +113,8 @@ class TrainingConfig:
                                                      "On the command line: comma-separated.")
     instance_count: int = _field(2, "Default number of instances (pipeline parameter InstanceCount).",
                                  min=1, max=64)
+    max_instance_count: int = _field(0, "Cap on InstanceCount a run may request, enforced by the pipeline "
+                                     "(a condition step) since IAM has no such key; 0: no cap.", min=0, max=64)
     require_gpu: bool = _field(True, "Refuse instance types without NVIDIA GPUs. Set false for a CPU "
                                "smoke run (the trainer then uses gloo).")
     use_spot: bool = _field(True, "Run on managed spot capacity (checkpointing is always on).")
@@ -117,6 +183,12 @@ class TrainingConfig:
     alarm_email: str = _field("", "E-mail address subscribed to the alarm topic (confirm the subscription "
                               "mail). Empty: no subscription.", pattern=r"|[^@\s]+@[^@\s]+\.[^@\s]+",
         allowed="an e-mail address, or empty")
+    mlflow: bool = _field(False, "Create a SageMaker managed MLflow tracking server (and its VPC endpoint) and "
+                          "have the trainer log to it. Needs network_isolation=false and an image_uri with mlflow "
+                          "and sagemaker-mlflow.")
+    teams: tuple[TeamConfig, ...] = _field((), "Teams, each with its own pipeline and pipeline role: an object "
+                                           "of team name -> {instance_types, max_instance_count, "
+                                           "max_run_seconds, principals, instance_type, instance_count}.")
     alarm_after_hours: float = _field(12.0, "Alarm when an execution is still running after this many hours.",
                                       min=0.0, max=720.0, exclusive_min=True)
 
@@ -130,6 +202,22 @@ class TrainingConfig:
             raise ConfigError(
                 f"{CONTEXT_KEY}.allowed_instance_types={','.join(self.allowed_instance_types)}: must "
                 f"include {CONTEXT_KEY}.instance_type ({self.instance_type})")
+        if self.max_instance_count and self.instance_count > self.max_instance_count:
+            raise ConfigError(f"{CONTEXT_KEY}.instance_count={self.instance_count}: above "
+                              f"{CONTEXT_KEY}.max_instance_count ({self.max_instance_count})")
+        if self.mlflow and self.network_isolation:
+            raise ConfigError(f"{CONTEXT_KEY}.mlflow=true: needs {CONTEXT_KEY}.network_isolation=false; an "
+                              "isolated training container cannot reach the MLflow tracking server (metrics "
+                              "still reach CloudWatch through the metric definitions)")
+        if self.mlflow and not self.image_uri:
+            raise ConfigError(f"{CONTEXT_KEY}.mlflow=true: needs {CONTEXT_KEY}.image_uri, an image with mlflow "
+                              "and sagemaker-mlflow installed; the default Hugging Face DLC has neither and the job "
+                              "cannot pip install")
+        names = [team.name for team in self.teams]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{CONTEXT_KEY}.teams: team names must be unique, got {', '.join(names)}")
+        for team in self.teams:
+            self.for_team(team)  # raises on a default that breaks the team's limits
         if self.use_spot and self.max_wait_seconds < self.max_run_seconds:
             raise ConfigError(
                 f"{CONTEXT_KEY}.max_wait_seconds={self.max_wait_seconds}: must be >= "
@@ -155,6 +243,26 @@ class TrainingConfig:
     def volume_encryption_allowed(self) -> bool:
         """SageMaker rejects VolumeKmsKeyId on local-NVMe types; decided over every allowed type."""
         return not any(instance_types.has_local_storage(t) for t in self.instance_type_allow_list)
+
+    def for_team(self, team: TeamConfig) -> TrainingConfig:
+        """This deployment as seen by one team's pipeline: its name, instance types, caps and defaults."""
+        where = f"{CONTEXT_KEY}.teams.{team.name}"
+        allowed = team.allowed_instance_types()
+        instance_type = team.instance_type or (self.instance_type if self.instance_type in allowed else allowed[0])
+        if instance_type not in allowed:
+            raise ConfigError(f"{where}.instance_type={instance_type}: not among the team's instance_types "
+                              f"({', '.join(allowed)})")
+        instance_count = team.instance_count or min(self.instance_count, team.max_instance_count)
+        if instance_count > team.max_instance_count:
+            raise ConfigError(f"{where}.instance_count={instance_count}: above the team's max_instance_count "
+                              f"({team.max_instance_count})")
+        if self.use_spot and self.max_wait_seconds < team.max_run_seconds:
+            raise ConfigError(f"{where}.max_run_seconds={team.max_run_seconds}: above {CONTEXT_KEY}.max_wait_seconds "
+                              f"({self.max_wait_seconds}); spot needs MaxWait >= MaxRuntime")
+        return dataclasses.replace(
+            self, pipeline_name=f"{self.pipeline_name}-{team.name}", instance_type=instance_type,
+            allowed_instance_types=allowed, instance_count=instance_count, max_instance_count=team.max_instance_count,
+            max_run_seconds=team.max_run_seconds, teams=())
 
     def workload(self) -> Workload:
         """This deployment as the sizing model sees it."""
@@ -200,6 +308,8 @@ class TrainingConfig:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, TeamConfig):
+        return value.name
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
@@ -232,6 +342,15 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{where}: must be a number{_range_text(f)}")
+    if kind == "tuple[TeamConfig, ...]":
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{where}: must be a JSON object of team name -> settings") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: must be an object of team name -> settings")
+        return tuple(TeamConfig.parse(name, value) for name, value in raw.items())
     if kind == "tuple[str, ...]":
         if isinstance(raw, str):
             return tuple(part.strip() for part in raw.split(",") if part.strip())

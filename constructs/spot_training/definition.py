@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from spot_training.config import TrainingConfig
+from spot_training.definition_rules import all_steps
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
 from spot_training.trainer_code import ENTRY_POINT
 
@@ -53,7 +54,10 @@ import boto3  # noqa: E402
 from sagemaker import image_uris  # noqa: E402
 from sagemaker.inputs import TrainingInput  # noqa: E402
 from sagemaker.pytorch import PyTorch  # noqa: E402
+from sagemaker.workflow.condition_step import ConditionStep  # noqa: E402
+from sagemaker.workflow.conditions import ConditionLessThanOrEqualTo  # noqa: E402
 from sagemaker.workflow.execution_variables import ExecutionVariables  # noqa: E402
+from sagemaker.workflow.fail_step import FailStep  # noqa: E402
 from sagemaker.workflow.functions import Join  # noqa: E402
 from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString  # noqa: E402
 from sagemaker.workflow.pipeline import Pipeline  # noqa: E402
@@ -67,6 +71,8 @@ from sagemaker.workflow.retry import (  # noqa: E402
 from sagemaker.workflow.steps import TrainingStep  # noqa: E402
 
 TRAINING_STEP_NAME = "Train"
+INSTANCE_COUNT_CHECK_STEP_NAME = "CheckInstanceCount"
+INSTANCE_COUNT_FAIL_STEP_NAME = "RefuseInstanceCountAboveCap"
 
 # The container has no internet: never let transformers or tokenizers reach for the Hugging Face hub.
 TRAINING_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -85,6 +91,8 @@ class Placeholders:
     kms_key_arn: str = "arn:aws:kms:us-east-1:000000000000:key/00000000-0000-4000-8000-placeholder7"
     code_bucket_name: str = "placeholder-asset-bucket-7f3a"
     code_object_key: str = "placeholder-code-key-7f3a.tar.gz"
+    mlflow_tracking_server_arn: str = ("arn:aws:sagemaker:us-east-1:000000000000:mlflow-tracking-server/"
+                                       "placeholder-tracking-7f3a")
     subnet_ids: tuple[str, ...] = ("subnet-placeholder7f3a0",)
     security_group_ids: tuple[str, ...] = ("sg-placeholder7f3a0",)
 
@@ -183,6 +191,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
             "checkpoint_interval_minutes": params["CheckpointIntervalMinutes"],
             "checkpoint_every_steps": params["CheckpointEverySteps"],
             "strategy": config.strategy,
+            **({"mlflow_tracking_uri": placeholders.mlflow_tracking_server_arn} if config.mlflow else {}),
         },
         metric_definitions=[dict(m) for m in metric_definitions],
         environment=dict(TRAINING_ENVIRONMENT),
@@ -205,15 +214,27 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         warnings.simplefilter("ignore")  # "No Wait, No Logs": the expected state of a PipelineSession
         step = TrainingStep(name=TRAINING_STEP_NAME, step_args=estimator.fit(inputs),
                             retry_policies=retry_policies)
-        pipeline = Pipeline(name=config.pipeline_name, parameters=list(params.values()), steps=[step],
+        steps = [_instance_count_gate(config, params["InstanceCount"], step)] if config.max_instance_count else [step]
+        pipeline = Pipeline(name=config.pipeline_name, parameters=list(params.values()), steps=steps,
                             sagemaker_session=session)
         definition = json.loads(pipeline.definition())
     _point_code_at_asset(definition, placeholders)
     return definition
 
 
+def _instance_count_gate(config: TrainingConfig, instance_count, step: TrainingStep) -> ConditionStep:
+    """IAM has no condition key on instance count, so the pipeline itself refuses a run above the cap
+    before any job starts: a condition step, and a fail step with the reason."""
+    refuse = FailStep(name=INSTANCE_COUNT_FAIL_STEP_NAME, error_message=Join(on="", values=[
+        "InstanceCount=", instance_count, f" is above this pipeline's cap of {config.max_instance_count} instances "
+        f"(team limit); start with InstanceCount <= {config.max_instance_count}"]))
+    return ConditionStep(name=INSTANCE_COUNT_CHECK_STEP_NAME,
+                         conditions=[ConditionLessThanOrEqualTo(left=instance_count, right=config.max_instance_count)],
+                         if_steps=[step], else_steps=[refuse])
+
+
 def training_step(definition: Mapping[str, Any]) -> dict[str, Any]:
-    return next(s for s in definition["Steps"] if s["Name"] == TRAINING_STEP_NAME)
+    return next(s for s in all_steps(definition) if s["Name"] == TRAINING_STEP_NAME)
 
 
 def _point_code_at_asset(definition: dict[str, Any], placeholders: Placeholders) -> None:

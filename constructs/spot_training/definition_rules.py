@@ -63,6 +63,17 @@ def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
     return walk(definition)
 
 
+def all_steps(definition: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every step, including those nested in condition steps' branches."""
+    found = []
+    for step in definition["Steps"]:
+        found.append(step)
+        if step["Type"] == "Condition":
+            branches = step["Arguments"]
+            found += all_steps({"Steps": branches.get("IfSteps", []) + branches.get("ElseSteps", [])})
+    return found
+
+
 def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation]:
     """Every violation in `definition` (unresolved, as generated); empty when it is deployable."""
     violations = []
@@ -71,7 +82,7 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
         violations.append(Violation("PipelineDefinition", f"{size} characters; CreatePipeline accepts at "
                                     f"most {MAX_DEFINITION_CHARACTERS}"))
     resolved = resolve(definition)
-    training_steps = [s for s in resolved.get("Steps", []) if s.get("Type") == "Training"]
+    training_steps = [s for s in all_steps(resolved) if s.get("Type") == "Training"]
     if not training_steps:
         violations.append(Violation("Steps", "no Training step"))
     for step in training_steps:

@@ -7,6 +7,7 @@ PREFIXES = {
     "code": "code/",
     "checkpoints": "checkpoints/",
     "outputs": "outputs/",
+    "mlflow": "mlflow/",
 }
 # SageMaker syncs this folder with CheckpointConfig.S3Uri; the trainer saves and resumes here.
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"

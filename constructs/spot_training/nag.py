@@ -24,6 +24,21 @@ def arn_finding(scope: IConstruct, service: str, resource: str) -> str:
     return f"arn:<AWS::Partition>:{service}:{region}:{account}:{resource}"
 
 
+def bucket_arn_and_finding(scope: IConstruct, bucket) -> tuple[str, str]:
+    """The bucket's ARN to use in `scope`'s policies, and how cdk-nag will spell it in a finding id.
+    A bucket of another stack is exported under an explicit name, so the finding id is predictable."""
+    cfn_bucket = bucket.node.default_child
+    if not isinstance(cfn_bucket, cdk.CfnElement):
+        return bucket.bucket_arn, bucket.bucket_arn
+    owner = cdk.Stack.of(bucket)
+    if owner is cdk.Stack.of(scope):
+        return bucket.bucket_arn, f"<{owner.get_logical_id(cfn_bucket)}.Arn>"
+    name = f"{owner.stack_name}-{owner.get_logical_id(cfn_bucket)}-Arn"
+    if owner.node.try_find_child(f"Export{name}") is None:  # one export, however many policies use it
+        owner.export_value(bucket.bucket_arn, name=name)
+    return cdk.Fn.import_value(name), name
+
+
 def nag_packs(app: cdk.App) -> list[cdk_nag.NagPack]:
     return [cdk_nag.AwsSolutionsChecks(app), cdk_nag.NIST80053R5Checks(app), cdk_nag.HIPAASecurityChecks(app)]
 

@@ -24,6 +24,8 @@ INTERFACE_ENDPOINTS: dict[str, ec2.InterfaceVpcEndpointAwsService] = {
     "EcrApi": ec2.InterfaceVpcEndpointAwsService.ECR,
     "EcrDocker": ec2.InterfaceVpcEndpointAwsService.ECR_DOCKER,
 }
+# SageMaker managed MLflow tracking servers are reached through `aws.sagemaker.<region>.experiments`.
+MLFLOW_ENDPOINT = {"MlflowExperiments": ec2.InterfaceVpcEndpointAwsService.SAGEMAKER_EXPERIMENTS}
 HTTPS = ec2.Port.tcp(443)
 # CDK's placeholder for "no egress" (ICMP type 252 code 86 to 255.255.255.255/32 matches no packet).
 MATCH_NO_TRAFFIC = {"CidrIp": "255.255.255.255/32", "Description": "Disallow all traffic", "IpProtocol": "icmp",
@@ -61,11 +63,12 @@ class TrainingNetwork(Construct):
     endpoints with private DNS, the training security group, and KMS-encrypted VPC flow logs."""
 
     def __init__(self, scope: Construct, id: str, *, az_count: int = 2, cidr: str = "10.80.0.0/16",
-                 flow_log_retention_days: int = 365) -> None:
+                 flow_log_retention_days: int = 365, mlflow_endpoint: bool = False) -> None:
         """
         :param az_count: availability zones, one isolated subnet each (@default 2).
         :param cidr: the VPC's CIDR block (@default 10.80.0.0/16).
         :param flow_log_retention_days: retention of the flow log group, a CloudWatch Logs value (@default 365).
+        :param mlflow_endpoint: add the interface endpoint of SageMaker managed MLflow (@default False).
         """
         super().__init__(scope, id)
         self.vpc = ec2.Vpc(
@@ -89,7 +92,7 @@ class TrainingNetwork(Construct):
             name: self.vpc.add_interface_endpoint(
                 name, service=service, private_dns_enabled=True, open=False, subnets=self.subnets,
                 security_groups=[self.endpoint_security_group])
-            for name, service in INTERFACE_ENDPOINTS.items()}
+            for name, service in {**INTERFACE_ENDPOINTS, **(MLFLOW_ENDPOINT if mlflow_endpoint else {})}.items()}
         self.flow_log_key = kms.Key(self, "FlowLogKey", enable_key_rotation=True,
                                     description="Encrypts the training VPC's flow log group")
         self.flow_log_key.grant_encrypt_decrypt(

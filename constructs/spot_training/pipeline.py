@@ -21,10 +21,17 @@ from spot_training import definition as sdk
 from spot_training.alarms import PipelineAlarms
 from spot_training.config import TrainingConfig
 from spot_training.definition_rules import Expectations
+from spot_training.layout import PREFIXES
+from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
 from spot_training.network import TrainingSecurityGroup
 from spot_training.roles import TrainingRoles
 from spot_training.storage import ArtifactStore
 from spot_training.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
+
+
+START_ACTIONS = ["sagemaker:StartPipelineExecution", "sagemaker:RetryPipelineExecution",
+                 "sagemaker:DescribePipelineExecution", "sagemaker:ListPipelineExecutionSteps",
+                 "sagemaker:StopPipelineExecution"]
 
 
 class TrainingPipeline(Construct):
@@ -52,9 +59,10 @@ class TrainingPipeline(Construct):
         :param bucket: artifact bucket for data, models, checkpoints and outputs, with `key`
             (@default - a new `ArtifactStore`: KMS key, versioned bucket, access logs).
         :param key: the KMS key of `bucket`, also used for outputs and volumes (give both or neither).
-        :param training_role: the training jobs' execution role, with `pipeline_role`
-            (@default - new least-privilege `TrainingRoles`).
-        :param pipeline_role: the role the pipeline runs as (give both roles or neither).
+        :param training_role: the training jobs' execution role
+            (@default - a new least-privilege role, see `TrainingRoles`).
+        :param pipeline_role: the role the pipeline runs as; needs `training_role`
+            (@default - a new role limited to this config's instance types, runtime, subnets and keys).
         :param trainer_source_dir: the trainer code folder, entry point `train.py`
             (@default - the trainer shipped with this package).
         :param metric_definitions: SageMaker metric definitions
@@ -66,7 +74,8 @@ class TrainingPipeline(Construct):
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
-        _require_pair("training_role", training_role, "pipeline_role", pipeline_role)
+        if pipeline_role is not None and training_role is None:
+            raise ValueError("pipeline_role: needs training_role too (the role the pipeline passes to its jobs)")
         self.config = config
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = list(subnets or vpc.isolated_subnets)
@@ -79,10 +88,11 @@ class TrainingPipeline(Construct):
                                   abort_incomplete_upload_days=config.abort_incomplete_upload_days)
             bucket, key = store.bucket, store.key
         self.bucket, self.key = bucket, key
-        if training_role is None:
-            roles = self._create_roles()
+        if pipeline_role is None:
+            roles = self._create_roles(training_role)
             training_role, pipeline_role = roles.training_role, roles.pipeline_role
         self.training_role, self.pipeline_role = training_role, pipeline_role
+        self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
         source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
         self.code_asset = self._package_trainer(source_dir)
         self.definition = sdk.generate(
@@ -105,16 +115,53 @@ class TrainingPipeline(Construct):
         self.alarm_topic = self.alarms.topic if self.alarms else None
 
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
-        """Let `grantee` start runs of this pipeline and follow them (start, describe, list steps, stop)."""
-        return iam.Grant.add_to_principal(
-            grantee=grantee,
-            actions=["sagemaker:StartPipelineExecution", "sagemaker:DescribePipelineExecution",
-                     "sagemaker:ListPipelineExecutionSteps", "sagemaker:StopPipelineExecution"],
-            resource_arns=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])
+        """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop)."""
+        return iam.Grant.add_to_principal(grantee=grantee, actions=START_ACTIONS,
+                                          resource_arns=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])
 
-    def _create_roles(self) -> TrainingRoles:
+    def start_execution_policy(self, id: str, roles: Sequence[iam.IRole]) -> iam.ManagedPolicy:
+        """The same rights as `grant_start_execution`, as a managed policy attached to `roles` (for roles this
+        app does not own: no inline policy is written onto them)."""
+        policy = iam.ManagedPolicy(self, id, roles=list(roles), statements=[iam.PolicyStatement(
+            actions=START_ACTIONS, resources=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])])
+        acknowledge(policy, {
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'pipeline/{self.pipeline_name.lower()}')}"
+            "/execution/*]": "Execution ids are created at start; the wildcard covers executions of this one "
+            "pipeline only.",
+        })
+        return policy
+
+    def _create_mlflow_tracking_server(self) -> sagemaker.CfnMlflowTrackingServer:
+        """A SageMaker managed MLflow tracking server storing artifacts under `mlflow/`; the training role may
+        log to this server only."""
+        role = iam.Role(self, "MlflowRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+                        description="SageMaker managed MLflow tracking server of the training pipeline")
+        bucket_arn, bucket_ref = bucket_arn_and_finding(self, self.bucket)
+        artifacts = iam.ManagedPolicy(self, "MlflowArtifacts", roles=[role], statements=[
+            iam.PolicyStatement(actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                                resources=[f"{bucket_arn}/{PREFIXES['mlflow']}*"]),
+            iam.PolicyStatement(actions=["s3:ListBucket", "s3:GetBucketLocation"], resources=[self.bucket.bucket_arn]),
+            iam.PolicyStatement(actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[self.key.key_arn])])
+        server = sagemaker.CfnMlflowTrackingServer(
+            self, "MlflowTrackingServer", tracking_server_name=f"{self.config.pipeline_name}-tracking",
+            artifact_store_uri=f"s3://{self.bucket.bucket_name}/{PREFIXES['mlflow']}", role_arn=role.role_arn,
+            tracking_server_size="Small", automatic_model_registration=False)
+        log_to_it = iam.ManagedPolicy(self, "LogToMlflow", roles=[self.training_role], statements=[
+            iam.PolicyStatement(actions=["sagemaker-mlflow:*"], resources=[server.attr_tracking_server_arn])])
+        acknowledge(log_to_it, {
+            "AwsSolutions-IAM5[Action::sagemaker-mlflow:*]": "The MLflow client needs the whole sagemaker-mlflow "
+            "action set (runs, metrics, params, artifacts) and it is bound to this one tracking server.",
+        })
+        acknowledge(artifacts, {
+            f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES['mlflow']}*]": "MLflow writes run artifacts "
+            "under keys it creates; the server may touch only the mlflow/ prefix.",
+        })
+        return server
+
+    def _create_roles(self, training_role: iam.IRole | None) -> TrainingRoles:
         config = self.config
         return TrainingRoles(self, "Roles", bucket=self.bucket, key=self.key, image_uri=self.image_uri,
+                             training_role=training_role,
                              subnets=self.subnets, security_groups=[self.security_group],
                              allowed_instance_types=config.instance_type_allow_list,
                              max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,
@@ -140,6 +187,8 @@ class TrainingPipeline(Construct):
             placeholders.code_object_key: self.code_asset.s3_object_key,
             **{p: s.subnet_id for p, s in zip(placeholders.subnet_ids, self.subnets)},
             placeholders.security_group_ids[0]: self.security_group.security_group_id,
+            **({placeholders.mlflow_tracking_server_arn: self.mlflow_tracking_server.attr_tracking_server_arn}
+               if self.mlflow_tracking_server else {}),
         }
         body = json.dumps(self.definition, separators=(",", ":"))
         for placeholder, token in substitutions.items():

@@ -13,7 +13,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from spot_training.layout import PREFIXES
-from spot_training.nag import acknowledge, arn_finding
+from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
 
 SAGEMAKER = iam.ServicePrincipal("sagemaker.amazonaws.com")
 # Pipelines name the training jobs they create `pipelines-<id>-<step>-<hash>`.
@@ -43,7 +43,8 @@ class TrainingRoles(Construct):
     def __init__(self, scope: Construct, id: str, *, bucket: s3.IBucket, key: kms.IKey, image_uri: str,
                  subnets: Sequence[ec2.ISubnet], security_groups: Sequence[ec2.ISecurityGroup],
                  allowed_instance_types: Sequence[str], max_run_seconds: int, network_isolation: bool = True,
-                 inter_container_encryption: bool = True, volume_encryption: bool = False) -> None:
+                 inter_container_encryption: bool = True, volume_encryption: bool = False,
+                 training_role: iam.IRole | None = None) -> None:
         """
         :param image_uri: the training image; the execution role may pull from its repository only.
         :param subnets: the only subnets a training job may use.
@@ -51,15 +52,20 @@ class TrainingRoles(Construct):
         :param allowed_instance_types: the instance types a training job may request.
         :param max_run_seconds: the highest MaxRuntimeInSeconds a training job may request.
         :param volume_encryption: whether jobs pass VolumeKmsKeyId (@default False: local-NVMe types).
+        :param training_role: an existing execution role to pass (@default - a new one with its policy).
         """
         super().__init__(scope, id)
         stack = cdk.Stack.of(self)
-        self.training_role = iam.Role(self, "TrainingRole", assumed_by=SAGEMAKER,
-                                      description="Execution role of the distributed training jobs")
-        self.training_policy = iam.ManagedPolicy(
-            self, "TrainingPolicy", roles=[self.training_role],
-            statements=self._training_statements(stack, bucket, key, image_uri, subnets, security_groups))
-        self._acknowledge_training_policy(bucket)
+        self.training_policy = None
+        bucket_arn, bucket_ref = bucket_arn_and_finding(self, bucket)
+        if training_role is None:
+            training_role = iam.Role(self, "TrainingRole", assumed_by=SAGEMAKER,
+                                     description="Execution role of the distributed training jobs")
+            self.training_policy = iam.ManagedPolicy(
+                self, "TrainingPolicy", roles=[training_role],
+                statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups))
+            self._acknowledge_training_policy(bucket_ref)
+        self.training_role = training_role
         self.pipeline_role = iam.Role(self, "PipelineRole", assumed_by=SAGEMAKER,
                                       description="Role of the SageMaker pipeline: starts the training jobs")
         job_arn = stack.format_arn(service="sagemaker", resource="training-job", resource_name=PIPELINE_JOB_PATTERN)
@@ -100,18 +106,18 @@ class TrainingRoles(Construct):
             "runtime conditions.",
         })
 
-    def _training_statements(self, stack: cdk.Stack, bucket: s3.IBucket, key: kms.IKey, image_uri: str,
+    def _training_statements(self, stack: cdk.Stack, bucket_arn: str, key: kms.IKey, image_uri: str,
                              subnets: Sequence[ec2.ISubnet],
                              security_groups: Sequence[ec2.ISecurityGroup]) -> list[iam.PolicyStatement]:
         def objects(kind: str) -> str:
-            return bucket.arn_for_objects(PREFIXES[kind] + "*")
+            return f"{bucket_arn}/{PREFIXES[kind]}*"
 
         log_group = stack.format_arn(service="logs", resource="log-group", resource_name="/aws/sagemaker/TrainingJobs",
                                      arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
         eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
         statements = [
             iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"], resources=[objects("data"), objects("models")]),
-            iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+            iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket_arn],
                                 conditions={"StringLike": {"s3:prefix": [p + "*" for p in PREFIXES.values()]}}),
             iam.PolicyStatement(sid="SyncCheckpoints", actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                                                                 "s3:AbortMultipartUpload"],
@@ -146,11 +152,8 @@ class TrainingRoles(Construct):
         ]
         return statements
 
-    def _acknowledge_training_policy(self, bucket: s3.IBucket) -> None:
+    def _acknowledge_training_policy(self, bucket_ref: str) -> None:
         """Acknowledge the execution role's scoped wildcards, each by its exact finding id."""
-        cfn_bucket = bucket.node.default_child
-        bucket_ref = (f"<{cdk.Stack.of(bucket).get_logical_id(cfn_bucket)}.Arn>"
-                      if isinstance(cfn_bucket, cdk.CfnElement) else bucket.bucket_arn)
         s3_reason = ("Object keys under this prefix are written at run time (dataset shards, checkpoint "
                      "step folders, model files); access is limited to the one prefix this role needs.")
         acknowledge(self.training_policy, {

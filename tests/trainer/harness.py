@@ -54,7 +54,10 @@ class Run:
                                 text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
     def run(self, nproc: int = 2, timeout: float = 240, **overrides) -> str:
-        process = self.start(nproc, **overrides)
+        return self.run_with_env({}, nproc, timeout, **overrides)
+
+    def run_with_env(self, env: dict[str, str], nproc: int = 2, timeout: float = 240, **overrides) -> str:
+        process = self.start(nproc, env=env, **overrides)
         out, _ = process.communicate(timeout=timeout)
         self.logs.append(out)
         assert process.returncode == 0, out[-4000:]
