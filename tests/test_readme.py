@@ -16,7 +16,7 @@ def test_configuration_reference_lists_every_field_with_its_default():
     rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
             for line in README.splitlines() if line.startswith("| `")}
     for name, default, _ in TrainingConfig.field_docs():
-        shown = {True: "true", False: "false"}.get(default, default)
+        shown = str(default).lower() if isinstance(default, bool) else default
         assert name in rows, f"README misses training.{name}"
         assert rows[name] == ("(empty)" if shown in ("", ()) else str(shown)), name
 
