@@ -27,16 +27,16 @@ def local_run(out, *args, env=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return local_run(tmp_path_factory.mktemp("reference"), "--steps", "10")
+    return local_run(tmp_path_factory.mktemp("reference"), "--steps", "8")
 
 
 def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
-    job, definition = build_job(load_config(ROOT / "cdk.json"), 10, default_trainer_dir())
+    job, definition = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
     assert job.entry_point == "train.py" and job.instance_count == 2
     assert job.checkpoint_s3_uri == "s3://local-artifact-bucket/checkpoints/local-execution/"
     assert set(job.channels) == {"train", "model", "code"}
     assert job.environment["HF_HUB_OFFLINE"] == "1"
-    assert job.hyperparameters["max_steps"] == "10"
+    assert job.hyperparameters["max_steps"] == "8"
     assert job.hyperparameters["sequence_length"] == str(CPU_PARAMETERS["SequenceLength"])
     assert job.hyperparameters["strategy"] == "ddp"
     assert not any(name.startswith("sagemaker_") for name in job.hyperparameters)
@@ -47,21 +47,21 @@ def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
 def test_uninterrupted_run_reports_its_run(uninterrupted):
     report, stdout = uninterrupted
     assert report["interruptions"] == 0 and report["resumed_from_steps"] == [] and report["lost_steps"] == 0
-    assert report["final_step"] == 10 and report["wall_seconds"] > 0
+    assert report["final_step"] == 8 and report["wall_seconds"] > 0
     assert "local run: 2 instances, 0 interruption(s)" in stdout
 
 
 def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_ends(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     slow = {"PYTHONPATH": str(SLOW_IO), "SLOW_CHECKPOINT_FLAG": str(tmp_path / "writing"),
-            "SLOW_CHECKPOINT_SECONDS": "0.3"}
-    report, stdout = local_run(tmp_path / "run", "--steps", "10", "--interrupt-at-step", "3",
-                               "--interrupt-at-step", "7", env=slow)
+            "SLOW_CHECKPOINT_SECONDS": "0.2"}
+    report, stdout = local_run(tmp_path / "run", "--steps", "8", "--interrupt-at-step", "3",
+                               "--interrupt-at-step", "6", env=slow)
     assert report["interruptions"] == 2
     assert any(report["interrupted_during_save"])
     assert len(report["resumed_from_steps"]) == 2 and all(s is not None for s in report["resumed_from_steps"])
     assert report["lost_steps"] >= 0
-    assert report["final_step"] == 10
+    assert report["final_step"] == 8
     assert report["final_loss"] == reference["final_loss"]
     assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
     assert "resumed from steps" in stdout
