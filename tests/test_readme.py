@@ -34,3 +34,14 @@ def test_runbook_covers_every_scenario_with_the_five_parts():
         assert scenario in section.splitlines()[0]
         for part in ("**Symptoms.**", "**Confirm.**", "**Mitigate.**", "**Prevent.**", "**Simulate.**"):
             assert part in section, f"{scenario}: missing {part}"
+
+
+def test_the_construct_example_synthesizes_with_all_checks(tmp_path):
+    """The README's "use the construct in your own CDK app" block, run as written (output to tmp)."""
+    start = README.index("```python\nimport aws_cdk as cdk")
+    code = README[start + len("```python\n"):README.index("```", start + 10)]
+    assert "app = cdk.App()" in code
+    code = code.replace("app = cdk.App()", f"app = cdk.App(outdir={str(tmp_path)!r})")
+    exec(compile(code, "README.md", "exec"), {})
+    template = (tmp_path / "TeamTraining.template.json").read_text()
+    assert "AWS::SageMaker::Pipeline" in template and "ml-scientists" in template

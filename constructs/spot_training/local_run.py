@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -214,8 +215,6 @@ class LocalRun:
                 destination.mkdir(parents=True)
                 shutil.copyfile(source, destination / source.name)
             paths[f"channel_{channel}"] = destination
-        import tarfile
-
         with tarfile.open(self.s3.path(self.job.channels["code"])) as archive:
             archive.extractall(paths["code"], filter="data")
         if self.checkpoint_prefix.exists():

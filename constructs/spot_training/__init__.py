@@ -1,0 +1,34 @@
+"""SageMaker spot training platform: the L3 CDK construct, its building blocks and the operating CLI.
+
+    from spot_training import TrainingPipeline, TrainingConfig, add_checks
+
+Exports are resolved on first use, so the command-line tool does not start the CDK's JavaScript runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TrainingPipeline": "spot_training.pipeline",
+    "TrainingConfig": "spot_training.config",
+    "TeamConfig": "spot_training.config",
+    "ConfigError": "spot_training.config",
+    "TrainingNetwork": "spot_training.network",
+    "TrainingSecurityGroup": "spot_training.network",
+    "ArtifactStore": "spot_training.storage",
+    "TrainingRoles": "spot_training.roles",
+    "PipelineAlarms": "spot_training.alarms",
+    "DefinitionValidationPlugin": "spot_training.validation",
+    "add_checks": "spot_training.nag",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spot_training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
