@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import unittest.mock
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,7 +50,10 @@ def _no_instance_metadata() -> Iterator[None]:
 
 with _no_instance_metadata(), warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import sagemaker  # noqa: F401
+    import sagemaker
+    import sagemaker.config
+    import sagemaker.session
+    import sagemaker.utils
 import boto3  # noqa: E402
 from sagemaker import image_uris  # noqa: E402
 from sagemaker.inputs import TrainingInput  # noqa: E402
@@ -139,10 +143,20 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[Pipeli
     ]
 
 
+@contextlib.contextmanager
+def _config_validated_once() -> Iterator[None]:
+    """The SDK re-validates its config against a JSON schema on every lookup (23 times, ~2 s per
+    definition). Ours is a constant: validate it once, then skip the repeats while generating."""
+    sagemaker.config.validate_sagemaker_config(_SDK_CONFIG)
+    with unittest.mock.patch.object(sagemaker.utils, "validate_sagemaker_config", lambda config=None: None), \
+            unittest.mock.patch.object(sagemaker.session, "validate_sagemaker_config", lambda config=None: None):
+        yield
+
+
 def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
              placeholders: Placeholders, image_uri: str | None = None) -> dict[str, Any]:
     """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go."""
-    with _no_instance_metadata():
+    with _no_instance_metadata(), _config_validated_once():
         return _generate(config, metric_definitions, placeholders, image_uri)
 
 
