@@ -12,6 +12,7 @@ import sys
 import aws_cdk as cdk
 
 from spot_training.config import ConfigError, TrainingConfig
+from spot_training.definition import check_default_image
 from spot_training.nag import add_checks
 
 
@@ -44,6 +45,7 @@ def main() -> None:
     app = cdk.App()
     try:
         config = TrainingConfig.from_context(app.node.get_all_context())
+        check_default_image(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

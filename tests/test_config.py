@@ -64,6 +64,8 @@ def test_config_is_frozen():
                                           "digits and hyphens, starting with a letter"),
     ({"alarm_email": "nope"}, "training.alarm_email=nope: must be an e-mail address, or empty"),
     ({"guardrails": "maybe"}, "training.guardrails=maybe: must be one of warn, refuse, off"),
+    ({"image_uri": "my-image:latest"}, "training.image_uri=my-image:latest: must be an ECR image URI "
+                                       "<account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>, or empty"),
 ])
 def test_bad_values_are_refused_with_one_line_naming_field_value_and_rule(overrides, message):
     with pytest.raises(ConfigError) as caught:
@@ -131,3 +133,15 @@ def test_guardrails_warn_annotates_the_pipeline_stack(tmp_path_factory):
     stacks = build_app(app, TrainingConfig.from_context(context))
     messages = [m for m in stacks["pipeline"].node.metadata if m.type == "aws:cdk:warning"]
     assert any("retry_attempts=5" in str(m.data) for m in messages)
+
+
+@pytest.mark.parametrize("override", ["training.transformers_version=4.99.0", "training.region=xx-foo-9"])
+def test_a_default_image_the_sdk_does_not_know_stops_synth_in_one_line(override):
+    name, value = override.split("=")
+    context = {**cdk_json_context(), name: value}
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: training.transformers_version=") and "no AWS Hugging Face training image" in line
+    assert f"{name.split('.')[1]}={value}" in line

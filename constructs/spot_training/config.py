@@ -116,7 +116,7 @@ class TrainingConfig:
     max_instance_count: int = _field(0, "Cap on InstanceCount a run may request, enforced by the pipeline "
                                      "(a condition step) since IAM has no such key; 0: no cap.", min=0, max=64)
     require_gpu: bool = _field(True, "Refuse instance types without NVIDIA GPUs. Set false for a CPU "
-                               "smoke run (the trainer then uses gloo).")
+                               "smoke run (the trainer then uses gloo; set image_uri too: the default DLC is GPU-only).")
     use_spot: bool = _field(True, "Run on managed spot capacity (checkpointing is always on).")
     max_run_seconds: int = _field(43200, "MaxRuntimeInSeconds: cap on training time, all spot attempts "
                                   "together.", min=60, max=MAX_RUNTIME_LIMIT_SECONDS)
@@ -145,7 +145,10 @@ class TrainingConfig:
     log_retention_days: int = _field(365, "Retention of the VPC flow log group (a CloudWatch value).",
                                      choices=LOG_RETENTION_DAYS)
     image_uri: str = _field("", "Training image. Empty: the AWS Hugging Face PyTorch training DLC for "
-                            "framework_version/transformers_version in this region.")
+                            "framework_version/transformers_version in this region.",
+                            pattern=r"|\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+[:@][\w.:-]+",
+                            allowed="an ECR image URI <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>, "
+                                    "or empty")
     framework_version: str = _field("2.8.0", "PyTorch version of the default image (exact).",
                                     pattern=r"\d+\.\d+\.\d+",
         allowed="an exact version such as 2.8.0")

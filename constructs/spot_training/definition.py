@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from spot_training.config import TrainingConfig
+from spot_training.config import CONTEXT_KEY, ConfigError, TrainingConfig
 from spot_training.definition_rules import all_steps
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
 from spot_training.trainer_code import ENTRY_POINT
@@ -124,6 +124,21 @@ def default_image_uri(config: TrainingConfig) -> str:
                                base_framework_version=f"pytorch{config.framework_version}",
                                py_version=config.py_version, instance_type=config.instance_type,
                                image_scope="training")
+
+
+def check_default_image(config: TrainingConfig) -> None:
+    """Refuse, in one line, a region/version combination the SDK's image table has no image for."""
+    if config.image_uri:
+        return
+    try:
+        default_image_uri(config)
+    except ValueError as error:
+        reason = " ".join(str(error).split())[:160]
+        raise ConfigError(
+            f"{CONTEXT_KEY}.transformers_version={config.transformers_version}, framework_version="
+            f"{config.framework_version}, py_version={config.py_version}, region={config.region}: no AWS Hugging "
+            f"Face training image in the SageMaker SDK's table ({reason}); set {CONTEXT_KEY}.image_uri or pick "
+            "listed versions") from None
 
 
 def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[PipelineParameter]:
