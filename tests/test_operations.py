@@ -236,3 +236,11 @@ def test_monte_carlo_completion_grows_with_interruptions_and_is_deterministic():
 def test_size_refuses_a_bad_value_naming_its_flag(capsys):
     assert cli.main(["size", "--run-hours", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --run-hours=0.0: must be above 0"
+
+
+def test_aws_errors_are_one_line_not_a_traceback(aws, monkeypatch, capsys):
+    sagemaker = boto3.client("sagemaker", region_name=REGION)
+    monkeypatch.setattr(cli, "aws_client", lambda service, region: sagemaker)
+    assert cli.main(["start", "--pipeline-name", "no-such-pipeline", "--region", REGION]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: AWS DescribePipeline: ")

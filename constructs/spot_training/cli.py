@@ -40,6 +40,12 @@ def _positive(text: str) -> int:
 
 
 def cmd_local_run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CliError(f"local-run needs the trainer's packages ({', '.join(missing)} missing): "
+                       "pip install -r trainer/requirements.txt, or run `make local`")
     from spot_training.local_run import LocalRunError, local_run, summary_text
     from spot_training.trainer_code import default_trainer_dir
 
@@ -255,6 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ConfigError, OperationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # AWS errors: one line with the service's own message, no traceback
+        import botocore.exceptions
+
+        if isinstance(error, botocore.exceptions.ClientError):
+            print(f"error: AWS {error.operation_name}: {error.response['Error'].get('Message', error)}", file=sys.stderr)
+            return 1
+        if isinstance(error, botocore.exceptions.BotoCoreError):
+            print(f"error: AWS: {error}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
