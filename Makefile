@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
-.PHONY: setup synth test local deploy destroy clean
+.PHONY: setup synth test local bootstrap deploy destroy clean
 
 $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ local: setup $(VENV)/.trainer
 	$(VENV)/bin/spot-training local-run --steps 12 --out $(LOCAL_OUT)/reference
 	$(VENV)/bin/spot-training local-run --steps 12 --interrupt-at-step 5 --out $(LOCAL_OUT)/interrupted
 	$(VENV)/bin/spot-training compare-runs $(LOCAL_OUT)/reference $(LOCAL_OUT)/interrupted
+
+bootstrap: setup
+	cdk bootstrap
 
 deploy: synth
 	cdk deploy --all --require-approval broadening --outputs-file outputs.json
