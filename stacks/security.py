@@ -16,9 +16,7 @@ class SecurityStack(cdk.Stack):
     def __init__(self, scope: Construct, id: str, *, config: TrainingConfig, subnets: list[ec2.ISubnet],
                  security_group: ec2.ISecurityGroup, **kwargs) -> None:
         super().__init__(scope, id, **kwargs)
-        self.store = ArtifactStore(self, "Store", checkpoint_expiration_days=config.checkpoint_expiration_days,
-                                   noncurrent_version_expiration_days=config.noncurrent_version_expiration_days,
-                                   abort_incomplete_upload_days=config.abort_incomplete_upload_days)
+        self.store = ArtifactStore.for_config(self, "Store", config)
         self.roles = TrainingRoles(
             self, "Roles", bucket=self.store.bucket, key=self.store.key, image_uri=default_image_uri(config),
             subnets=subnets, security_groups=[security_group],

@@ -83,9 +83,7 @@ class TrainingPipeline(Construct):
             raise ValueError(f"subnets: {len(self.subnets)} given; a training job takes 1 to 16 subnets")
         self.security_group = security_group or TrainingSecurityGroup(self, "SecurityGroup", vpc=vpc).security_group
         if bucket is None:
-            store = ArtifactStore(self, "Store", checkpoint_expiration_days=config.checkpoint_expiration_days,
-                                  noncurrent_version_expiration_days=config.noncurrent_version_expiration_days,
-                                  abort_incomplete_upload_days=config.abort_incomplete_upload_days)
+            store = ArtifactStore.for_config(self, "Store", config)
             bucket, key = store.bucket, store.key
         self.bucket, self.key = bucket, key
         if pipeline_role is None:
@@ -95,9 +93,9 @@ class TrainingPipeline(Construct):
         self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
         source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
         self.code_asset = self._package_trainer(source_dir)
-        self.definition = sdk.generate(
-            config, placeholders=sdk.Placeholders.for_counts(len(self.subnets), 1), image_uri=self.image_uri,
-            metric_definitions=metric_definitions or load_metric_definitions(source_dir))
+        self.placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
+        self.definition = sdk.generate(config, placeholders=self.placeholders, image_uri=self.image_uri,
+                                       metric_definitions=metric_definitions or load_metric_definitions(source_dir))
         self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
                                          inter_container_encryption=config.inter_container_encryption,
                                          volume_encryption=config.volume_encryption_allowed)
@@ -178,7 +176,7 @@ class TrainingPipeline(Construct):
 
     def _definition_body(self) -> str:
         """The generated definition as JSON, each placeholder swapped for its deploy-time token."""
-        placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
+        placeholders = self.placeholders
         substitutions = {
             placeholders.role_arn: self.training_role.role_arn,
             placeholders.bucket_name: self.bucket.bucket_name,

@@ -7,6 +7,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from spot_training.config import TrainingConfig
 from spot_training.layout import PREFIXES
 from spot_training.nag import acknowledge
 
@@ -74,6 +75,9 @@ class ArtifactStore(Construct):
             "of multi-GB checkpoints.",
         })
 
-    def uri(self, kind: str, path: str = "") -> str:
-        """`s3://<bucket>/<prefix of kind><path>`, e.g. `uri("data", "train/")`."""
-        return f"s3://{self.bucket.bucket_name}/{PREFIXES[kind]}{path}"
+    @classmethod
+    def for_config(cls, scope: Construct, id: str, config: TrainingConfig) -> ArtifactStore:
+        """An ArtifactStore with the lifecycle days of `config`."""
+        return cls(scope, id, checkpoint_expiration_days=config.checkpoint_expiration_days,
+                   noncurrent_version_expiration_days=config.noncurrent_version_expiration_days,
+                   abort_incomplete_upload_days=config.abort_incomplete_upload_days)
