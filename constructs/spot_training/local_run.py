@@ -260,7 +260,7 @@ class LocalRun:
 
     def _run_attempt(self, attempt: Attempt, interrupt_at: int | None) -> bool:
         instances = [self._fresh_instance(i) for i in range(self.job.instance_count)]
-        port = _free_port()
+        port = free_port()
         logs = [(self.logs / f"attempt-{attempt.number}-algo-{i + 1}.log").open("w") for i in range(len(instances))]
         processes = [subprocess.Popen(self._command(i, p, port), env=self._environment(i, p), stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
@@ -365,7 +365,7 @@ def parameters_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from spot_training.local_run import free_port
 from spot_training.processes import signal_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,12 +24,6 @@ SLOW_IO = Path(__file__).resolve().parent / "slow_io"
 TINY_RUN = {"max_steps": 16, "warmup_ratio": 0.125, "per_device_batch_size": 4, "gradient_accumulation_steps": 4,
             "sequence_length": 32, "learning_rate": 1e-3, "checkpoint_every_steps": 4,
             "checkpoint_interval_minutes": 0, "keep_checkpoints": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Run:
