@@ -63,17 +63,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def problem_with(path: Path, *, verify_files: Callable[[dict[str, Any]], str | None]) -> str | None:
-    """Why `path` is not a usable checkpoint, or None when it is complete and intact."""
+def examine(path: Path, *, verify_files: Callable[[dict[str, Any]], str | None]
+            ) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) when `path` is complete and intact, else (manifest or None, why not)."""
     marker = path / MARKER
     if not marker.is_file():
-        return "no completion marker (interrupted while saving)"
+        return None, "no completion marker (interrupted while saving)"
     try:
         manifest = json.loads(marker.read_text())
         manifest["files"], manifest["step"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        return f"unreadable completion marker ({error})"
-    return verify_files(manifest)
+        return None, f"unreadable completion marker ({error})"
+    return manifest, verify_files(manifest)
 
 
 def keep_after_pruning(steps_complete: list[int], steps_present: list[int], keep: int) -> set[int]:
@@ -253,12 +254,11 @@ class Checkpointer:
         """Load the newest complete, intact checkpoint into `state_for(manifest)` and `apply` it.
         Returns its manifest, or None when there is nothing to resume from."""
         for step, path in step_dirs(self.folder):
-            reason = problem_with(path, verify_files=lambda m, p=path: self._verify_share(p, m))
+            manifest, reason = examine(path, verify_files=lambda m, p=path: self._verify_share(p, m))
             reasons: list[str | None] = [None] * self.topology.world_size
             dist.all_gather_object(reasons, reason, group=self.group)
             reason = next((r for r in reasons if r), None)
             if reason is None:
-                manifest = json.loads((path / MARKER).read_text())
                 state = state_for(manifest)
                 try:
                     dcp.load(state, checkpoint_id=str(path), process_group=self.group)

@@ -186,9 +186,8 @@ class Trainer:
             first = self.samples_seen + micro * micro_samples + t.rank * s.per_device_batch_size
             batch = self.data.batch(first, s.per_device_batch_size).to(self.device, non_blocking=True)
             last = micro == s.gradient_accumulation_steps - 1
-            with self._gradient_sync(last), self.autocast:
-                logits = self.model(input_ids=batch[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            with self._gradient_sync(last):
+                loss = self._loss(batch)
             (loss / s.gradient_accumulation_steps).backward()
             total += loss.detach()
         if s.max_grad_norm > 0:
@@ -201,6 +200,12 @@ class Trainer:
         self.step += 1
         self.samples_seen += micro_samples * s.gradient_accumulation_steps
         return total / s.gradient_accumulation_steps
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of a batch of `sequence_length + 1` token blocks."""
+        with self.autocast:
+            logits = self.model(input_ids=batch[:, :-1]).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
     def _gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
@@ -238,9 +243,7 @@ class Trainer:
         for index in range(s.eval_batches):
             first = (index * t.world_size + t.rank) * s.per_device_batch_size
             batch = self.validation.batch(first, s.per_device_batch_size).to(self.device)
-            with self.autocast:
-                logits = self.model(input_ids=batch[:, :-1]).logits
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            total += self._loss(batch)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         value = total.item() / (s.eval_batches * t.world_size)
         if t.is_main:

@@ -22,6 +22,7 @@ from constructs import Construct
 
 from spot_training.nag import acknowledge, arn_finding
 from spot_training.network import https_between, keep_default_egress_closed
+from spot_training.roles import network_interface_arns
 
 # EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
 EXECUTION_STATUS_EVENT = "SageMaker Model Building Pipeline Execution Status Change"
@@ -109,9 +110,7 @@ class PipelineAlarms(Construct):
                                  encryption_master_key=self.key, enforce_ssl=True,
                                  retention_period=cdk.Duration.days(14))
         stack = cdk.Stack.of(self)
-        eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
-        group_arn = stack.format_arn(service="ec2", resource="security-group", resource_name=group.security_group_id)
-        subnet_arns = [stack.format_arn(service="ec2", resource="subnet", resource_name=s.subnet_id) for s in subnets]
+        eni, create_eni_resources = network_interface_arns(stack, subnets, [group])
         policy = iam.ManagedPolicy(self, "MonitorPolicy", roles=[role], statements=[
             iam.PolicyStatement(sid="ListThisPipelinesExecutions", actions=["sagemaker:ListPipelineExecutions"],
                                 resources=[pipeline_arn]),
@@ -120,7 +119,7 @@ class PipelineAlarms(Construct):
             iam.PolicyStatement(sid="WriteOwnLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents"],
                                 resources=[log_group.log_group_arn]),
             iam.PolicyStatement(sid="CreateVpcNetworkInterfaces", actions=["ec2:CreateNetworkInterface"],
-                                resources=[eni, group_arn, *subnet_arns]),
+                                resources=create_eni_resources),
             iam.PolicyStatement(sid="ManageVpcNetworkInterfaces",
                                 actions=["ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
                                          "ec2:UnassignPrivateIpAddresses"], resources=[eni]),

@@ -32,6 +32,13 @@ def _field(default: Any, doc: str, **rules: Any) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc, **rules})
 
 
+def _expand_instance_types(entry: str) -> list[str]:
+    """`ml.g5.*` -> every training type of that family; an exact type -> itself."""
+    if entry.endswith(".*"):
+        return [t for t in instance_types.training_instance_types() if t.startswith(entry[:-1])]
+    return [entry]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TeamConfig:
     """One team's guardrails: what its runs may request, enforced by its own pipeline and pipeline role."""
@@ -49,11 +56,9 @@ class TeamConfig:
 
     def allowed_instance_types(self) -> tuple[str, ...]:
         """Exact types, with families such as `ml.g5.*` expanded from botocore's list."""
-        offered = instance_types.training_instance_types()
         expanded: list[str] = []
         for entry in self.instance_types:
-            matches = [t for t in offered if t.startswith(entry[:-1])] if entry.endswith(".*") else [entry]
-            expanded += [t for t in matches if t not in expanded]
+            expanded += [t for t in _expand_instance_types(entry) if t not in expanded]
         return tuple(expanded)
 
     @staticmethod
@@ -88,8 +93,7 @@ class TeamConfig:
                           instance_type=raw.get("instance_type", ""), instance_count=raw.get("instance_count", 0))
         offered = instance_types.training_instance_types()
         for entry in types:
-            family_members = [t for t in offered if entry.endswith(".*") and t.startswith(entry[:-1])]
-            if entry not in offered and not family_members:
+            if not set(_expand_instance_types(entry)) & set(offered):
                 raise ConfigError(f"{where}.instance_types: {entry} is neither a SageMaker training instance type "
                                   "nor a family such as ml.g5.*")
         return team

@@ -48,7 +48,6 @@ GRACE_SECONDS = 2.0  # SageMaker allows 120 s after StopTrainingJob; spot reclai
 CPU_PARAMETERS = {"InstanceType": "ml.m5.xlarge", "PerDeviceBatchSize": 4, "GradientAccumulationSteps": 4,
                   "SequenceLength": 32, "LearningRate": 1e-3, "CheckpointIntervalMinutes": 60.0,
                   "CheckpointEverySteps": 2}
-_STEP = re.compile(r"\[train\] step=(\d+) ")
 _RESUMED = re.compile(r"\[start\] resuming at step (\d+)")
 
 
@@ -176,6 +175,8 @@ class LocalRun:
         self.checkpoint_prefix = self.s3.path(job.checkpoint_s3_uri)
         self.attempts: list[Attempt] = []
         self.logs = out / "logs"
+        # Progress comes from the same regex the pipeline's `train:step` metric definition uses.
+        self.step_regex = next(m["Regex"] for m in job.metric_definitions if m["Name"] == "train:step")
 
     # ---- setup ------------------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
@@ -294,7 +295,7 @@ class LocalRun:
 
     def _read_progress(self, attempt: Attempt, log: Path) -> None:
         text = log.read_text() if log.exists() else ""
-        steps = [int(m) for m in _STEP.findall(text)]
+        steps = [int(m) for m in re.findall(self.step_regex, text)]
         attempt.last_step = max(steps, default=attempt.last_step)
         resumed = _RESUMED.search(text)
         if resumed:

@@ -30,6 +30,16 @@ def ecr_repository_arn(image_uri: str) -> str:
     return f"arn:{cdk.Aws.PARTITION}:ecr:{region}:{account}:repository/{repository}"
 
 
+def network_interface_arns(stack: cdk.Stack, subnets: Sequence[ec2.ISubnet],
+                           security_groups: Sequence[ec2.ISecurityGroup]) -> tuple[str, list[str]]:
+    """For a role whose service creates ENIs in our VPC: the network-interface ARN pattern, and what
+    `ec2:CreateNetworkInterface` may touch (that pattern, the subnets, the security groups)."""
+    eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
+    return eni, [eni, *[stack.format_arn(service="ec2", resource="subnet", resource_name=s.subnet_id) for s in subnets],
+                 *[stack.format_arn(service="ec2", resource="security-group", resource_name=g.security_group_id)
+                   for g in security_groups]]
+
+
 class TrainingRoles(Construct):
     """The training job's execution role and the SageMaker pipeline's role, each with one managed policy.
 
@@ -114,7 +124,7 @@ class TrainingRoles(Construct):
 
         log_group = stack.format_arn(service="logs", resource="log-group", resource_name="/aws/sagemaker/TrainingJobs",
                                      arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
-        eni = stack.format_arn(service="ec2", resource="network-interface", resource_name="*")
+        eni, create_eni_resources = network_interface_arns(stack, subnets, security_groups)
         statements = [
             iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"], resources=[objects("data"), objects("models")]),
             iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket_arn],
@@ -137,12 +147,7 @@ class TrainingRoles(Construct):
             iam.PolicyStatement(sid="PublishTrainingMetrics", actions=["cloudwatch:PutMetricData"], resources=["*"],
                                 conditions={"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}),
             iam.PolicyStatement(sid="VpcModeNetworkInterfaces",
-                                actions=["ec2:CreateNetworkInterface"],
-                                resources=[eni, *[stack.format_arn(service="ec2", resource="subnet",
-                                                                   resource_name=s.subnet_id) for s in subnets],
-                                           *[stack.format_arn(service="ec2", resource="security-group",
-                                                              resource_name=g.security_group_id)
-                                             for g in security_groups]]),
+                                actions=["ec2:CreateNetworkInterface"], resources=create_eni_resources),
             iam.PolicyStatement(sid="VpcModeNetworkInterfacePermissions",
                                 actions=["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
                                          "ec2:DeleteNetworkInterfacePermission"], resources=[eni]),
