@@ -1,7 +1,11 @@
 # make synth: set up everything, then synthesize with cdk-nag, the definition rules and cfn validation.
 # make test:  set up everything, then run the whole test suite.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The training image runs Python 3.12 (requirements-image.txt): use a 3.12 interpreter when this machine has
+# one (on PATH or installed by pyenv), else python3.
+IMAGE_PYTHON := $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+PYTHON ?= $(or $(IMAGE_PYTHON),python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
@@ -15,8 +19,9 @@ $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.trainer: $(VENV)/.app trainer/requirements.txt
-	$(PY) -m pip install -q -r trainer/requirements.txt
+# The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
+$(VENV)/.trainer: $(VENV)/.app requirements-image.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-image.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt

@@ -56,6 +56,11 @@ def test_config_is_frozen():
     ({"allowed_instance_types": "ml.p4d.24xlarge,ml.t3.nano"},
      "training.allowed_instance_types[1]=ml.t3.nano: not an instance type SageMaker offers for training"),
     ({"strategy": "zero3"}, "training.strategy=zero3: must be one of ddp, fsdp"),
+    ({"learning_rate": "nan"}, "training.learning_rate=nan: must be a finite number above 0.0 to 1.0"),
+    ({"learning_rate": float("nan")}, "training.learning_rate=nan: must be a finite number above 0.0 to 1.0"),
+    ({"slo_hours": "inf"}, "training.slo_hours=inf: must be a finite number above 0.0 to 8760.0"),
+    ({"checkpoint_save_seconds": "-inf"},
+     "training.checkpoint_save_seconds=-inf: must be a finite number from 0.0 to 3600.0"),
     ({"log_retention_days": 42}, "training.log_retention_days=42: must be one of 1, 3, 5, 7, 14, 30, 60"),
     ({"region": "Mars"}, "training.region=Mars: must be an AWS region such as us-east-1"),
     ({"learning_rate": 0}, "training.learning_rate=0.0: must be above 0.0 to 1.0"),
@@ -145,3 +150,8 @@ def test_a_default_image_the_sdk_does_not_know_stops_synth_in_one_line(override)
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: training.transformers_version=") and "no AWS Hugging Face training image" in line
     assert f"{name.split('.')[1]}={value}" in line
+
+
+def test_non_finite_numbers_are_refused_when_the_config_is_built_in_python_too():
+    with pytest.raises(ConfigError, match=r"^training.learning_rate=nan: must be a finite number"):
+        TrainingConfig(learning_rate=float("nan"))

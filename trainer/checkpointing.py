@@ -26,8 +26,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+try:  # torch >= 2.9 stages the state in the background too (DefaultStager, AsyncSaveResponse).
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+except ImportError:  # torch 2.8 (the default image): async_save copies the state before it returns
+    DefaultStager = StagingOptions = AsyncSaveResponse = None
 
 import log_format
 from environment import Topology
@@ -108,11 +112,12 @@ class Checkpointer:
         self.folder, self.topology = Path(folder), topology
         self.keep, self.interval_s, self.every_steps = keep, interval_minutes * 60, every_steps
         self.async_save, self.device = async_save, device
-        # Staging (the copy of the state that training may then overwrite) runs in the background too; the
-        # trainer waits for it only before the next optimizer step changes the weights.
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
-                                                   use_async_staging=True,
-                                                   use_non_blocking_copy=device.type == "cuda"))
+        # Staging (the copy of the state that training may then overwrite) runs in the background too where
+        # torch has DefaultStager; the trainer waits for it only before the next optimizer step changes the
+        # weights. Without it, async_save stages before returning and only the write runs in the background.
+        self.stager = None if DefaultStager is None else DefaultStager(StagingOptions(
+            use_pinned_memory=device.type == "cuda", use_shared_memory=False, use_async_staging=True,
+            use_non_blocking_copy=device.type == "cuda"))
         # Checkpoint I/O runs on its own gloo group: an async save's collectives must never interleave
         # with the training collectives (NCCL on GPU) of the main thread.
         self.group = dist.new_group(backend="gloo")
@@ -155,9 +160,12 @@ class Checkpointer:
         pending = _PendingSave(step=step, path=path, started=started)
         writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
         if self.async_save:
-            response = dcp.async_save(state(), storage_writer=writer, process_group=self.group,
-                                      async_stager=self.stager)
-            if isinstance(response, AsyncSaveResponse):
+            if self.stager is None:
+                response = dcp.async_save(state(), storage_writer=writer, process_group=self.group)
+            else:
+                response = dcp.async_save(state(), storage_writer=writer, process_group=self.group,
+                                          async_stager=self.stager)
+            if AsyncSaveResponse is not None and isinstance(response, AsyncSaveResponse):
                 pending.staging, pending.future = response.staging_completion, response.upload_completion
             else:
                 pending.future = response

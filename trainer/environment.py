@@ -11,19 +11,26 @@ from __future__ import annotations
 import dataclasses
 import os
 
-CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# SageMaker mounts everything under /opt/ml; the toolkit reads SAGEMAKER_BASE_DIR instead when it is set
+# (sagemaker-training environment.py), which is how `spot-training local-run` places each emulated instance.
+BASE_DIR_VARIABLE, BASE_DIR = "SAGEMAKER_BASE_DIR", "/opt/ml"
+# setting -> (toolkit variable that names it, or None; fallback under /opt/ml, or "" for none).
 DEFAULT_PATHS = {
-    "train_dir": ("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train"),
+    "train_dir": ("SM_CHANNEL_TRAIN", "input/data/train"),
     "validation_dir": ("SM_CHANNEL_VALIDATION", ""),
-    "model_dir": ("SM_CHANNEL_MODEL", "/opt/ml/input/data/model"),
-    "output_model_dir": ("SM_MODEL_DIR", "/opt/ml/model"),
-    "output_data_dir": ("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
+    "model_dir": ("SM_CHANNEL_MODEL", "input/data/model"),
+    "output_model_dir": ("SM_MODEL_DIR", "model"),
+    "output_data_dir": ("SM_OUTPUT_DATA_DIR", "output/data"),
+    # CheckpointConfig.LocalPath, which the pipeline sets to /opt/ml/checkpoints (spot_training.layout).
+    "checkpoint_dir": (None, "checkpoints"),
 }
 
 
 def default_path(name: str) -> str:
     variable, fallback = DEFAULT_PATHS[name]
-    return os.environ.get(variable, fallback)
+    if variable and variable in os.environ:
+        return os.environ[variable]
+    return os.path.join(os.environ.get(BASE_DIR_VARIABLE, BASE_DIR), fallback) if fallback else ""
 
 
 @dataclasses.dataclass(frozen=True)

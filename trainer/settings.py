@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 
-from environment import CHECKPOINT_DIR, default_path
+from environment import DEFAULT_PATHS, default_path
 
 
 class SettingsError(ValueError):
@@ -35,7 +36,7 @@ class TrainSettings:
         "Where rank 0 writes the fine-tuned model (safetensors); SageMaker uploads it as model.tar.gz."))
     output_data_dir: str = dataclasses.field(default="", metadata=_doc(
         "Where rank 0 writes metrics.jsonl (one line per step)."))
-    checkpoint_dir: str = dataclasses.field(default=CHECKPOINT_DIR, metadata=_doc(
+    checkpoint_dir: str = dataclasses.field(default="/opt/ml/checkpoints", metadata=_doc(
         "Checkpoint folder, synced to S3 by SageMaker; never the model dir."))
     # Optimisation.
     max_steps: int = dataclasses.field(default=1000, metadata=_doc("Optimizer steps to run.", min=1))
@@ -81,6 +82,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value, rules = getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{f.name}={value}: must be a finite number")
             if "choices" in rules and value not in rules["choices"]:
                 raise SettingsError(f"{f.name}={value}: must be one of {', '.join(rules['choices'])}")
             if "min" in rules and (value < rules["min"] or (rules.get("open") and value == rules["min"])):
@@ -112,7 +115,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> TrainSettings:
     converters = {"int": int, "float": float, "bool": _parse_bool, "str": str}
     for f in dataclasses.fields(TrainSettings):
         default = f.default
-        if f.name in ("train_dir", "validation_dir", "model_dir", "output_model_dir", "output_data_dir"):
+        if f.name in DEFAULT_PATHS:
             default = default_path(f.name)
         parser.add_argument(f"--{f.name}", type=converters[f.type], default=default, help=f.metadata["doc"])
     args = parser.parse_args(argv)

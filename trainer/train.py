@@ -21,7 +21,7 @@ def check_imports() -> None:
     missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         print(f"error: the training image lacks {', '.join(missing)}; it must provide "
-              f"{', '.join(REQUIRED_MODULES)} (see trainer/requirements.txt)", file=sys.stderr)
+              f"{', '.join(REQUIRED_MODULES)} (see requirements-image.txt)", file=sys.stderr)
         sys.exit(2)
 
 

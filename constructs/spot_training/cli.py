@@ -42,16 +42,22 @@ def _positive(text: str) -> int:
 def cmd_local_run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "transformers", "safetensors", "sagemaker_training", "sagemaker_pytorch_container")
+               if importlib.util.find_spec(m) is None]
     if missing:
-        raise CliError(f"local-run needs the trainer's packages ({', '.join(missing)} missing): "
-                       "pip install -r trainer/requirements.txt, or run `make local`")
-    from spot_training.local_run import LocalRunError, local_run, summary_text
+        raise CliError(f"local-run needs the training image's packages ({', '.join(missing)} missing): "
+                       "pip install -r requirements-image.txt, or run `make local`")
+    from spot_training.local_run import LocalRunError, LocalRunStopped, local_run, summary_text
     from spot_training.trainer_code import default_trainer_dir
 
     try:
         report = local_run(load_config(), steps=args.steps, interrupt_at=args.interrupt_at_step or [],
-                           out=Path(args.out), trainer_dir=default_trainer_dir())
+                           out=Path(args.out), trainer_dir=default_trainer_dir(),
+                           processes_per_host=args.processes_per_host, restart=args.restart,
+                           on_resume=lambda message: print(message, flush=True))
+    except LocalRunStopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 130
     except LocalRunError as error:
         raise CliError(str(error)) from None
     print(summary_text(report))
@@ -244,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--steps", type=_positive, required=True, help="optimizer steps (pipeline parameter MaxSteps)")
     local.add_argument("--interrupt-at-step", type=_positive, action="append", metavar="K",
                        help="interrupt every instance once step K is reached; repeatable; none: no interruption")
-    local.add_argument("--out", required=True, help="folder for instances, local S3, logs and report.json")
+    local.add_argument("--out", required=True, help="folder for instances, local S3, logs and report.json; an "
+                       "unfinished run there (local-run was stopped) is resumed from its checkpoints")
+    local.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
+    local.add_argument("--processes-per-host", type=_positive, default=1, metavar="N",
+                       help="training processes per emulated instance (default 1: the toolkit starts one per GPU, "
+                       "and one on a CPU instance; N is passed as its sagemaker_mpi_num_of_processes_per_host "
+                       "hyperparameter)")
     local.set_defaults(handler=cmd_local_run)
 
     compare = commands.add_parser("compare-runs", help="compare two local-run reports (final loss, parameters)")

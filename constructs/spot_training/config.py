@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -379,6 +380,8 @@ def _range_text(f: dataclasses.Field) -> str:
 def _check_rules(f: dataclasses.Field, value: Any) -> None:
     rules = f.metadata
     where = f"{CONTEXT_KEY}.{f.name}={_show(value)}"
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{where}: must be a finite number{_range_text(f)}")
     if "choices" in rules and value not in rules["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(map(str, rules['choices']))}")
     if "pattern" in rules and not re.fullmatch(rules["pattern"], value):

@@ -1,26 +1,36 @@
-"""Runs the pipeline's training step on this machine, emulating SageMaker and its spot interruptions.
+"""Runs the pipeline's training step on this machine through the training image's own launcher, emulating
+SageMaker around it: instances, channels, checkpoint sync and spot interruptions.
 
-What is emulated, and how (each piece mirrors a documented SageMaker behaviour):
+What SageMaker does, and what stands in for it here:
 - the training step is the one `cdk synth` deploys: the definition comes from `definition.generate` with
   the same config (cdk.json), then is resolved like one execution with CPU-sized parameter overrides;
-- each instance gets a `/opt/ml`-like tree under `DIR/instances/algo-<i>/` (input/data/<channel>, model,
-  output/data, checkpoints, code) and the `SM_*` variables of the sagemaker-training toolkit;
-- `instance_count` torchrun agents join one static rendezvous on 127.0.0.1, one worker each (the nearest
-  honest equivalent of N instances on one CPU machine), started like the toolkit's torch_distributed
-  launcher: `torchrun --nnodes N --node_rank i ... train.py --<hyperparameter> <value> ...`;
-- "S3" is the folder `DIR/s3/<bucket>/`; every instance's checkpoint folder is copied there continuously
-  (new and changed files, never deletions, partial files included, as an upload in progress would be);
-- an interruption sends SIGTERM to every instance, waits a grace period, uploads once more, then SIGKILLs
-  every process; fresh instances get the whole checkpoint prefix restored into their checkpoint folder
-  and the job starts again.
+- each instance gets the `/opt/ml` tree SageMaker mounts, under `DIR/instances/algo-<i>/opt/ml/`:
+  `input/config/{hyperparameters,inputdataconfig,resourceconfig}.json` written from the step's arguments,
+  every channel downloaded to `input/data/<channel>/` (the code archive under its object name), `model/`,
+  `output/data/` and the checkpoint folder restored from the checkpoint prefix;
+- on each instance the image's entry point runs: the sagemaker-training toolkit's `train` command with
+  `SAGEMAKER_TRAINING_MODULE` set as the image sets it and `SAGEMAKER_BASE_DIR` pointing at that instance's
+  `/opt/ml`. The toolkit does the rest as in the container: extracts `sagemaker_submit_directory`, runs its
+  pip step when the code holds a requirements.txt, exports the `SM_*` variables and builds the torchrun
+  command (`torchrun --nnodes N --nproc_per_node P --master_addr <first host> --master_port 7777 ...`);
+- the instances are named 127.0.0.1, 127.0.0.2, ... (SageMaker's algo-1, algo-2, ...): names the toolkit's
+  DNS wait and torchrun resolve to this machine without any /etc/hosts entry. The toolkit's fixed port 7777
+  means one local run at a time on a machine;
+- "S3" is the folder `DIR/s3/<bucket>/`. Each instance's checkpoint folder is synced to the checkpoint
+  prefix continuously, as SageMaker does: new and changed files are copied (partial files included, as an
+  upload in progress would be) and files deleted in the container are deleted from the prefix;
+- an interruption sends SIGTERM to every process of every instance, waits a grace period, syncs once more,
+  then SIGKILLs everything; fresh instances get the checkpoint prefix restored and the job starts again.
 What it does not prove: real S3 consistency and throughput, real spot reclaim timing and notice, EFA/NCCL
-networking, GPU memory behaviour. See the README's "Local run" section.
+networking, GPU memory behaviour, network isolation. See the README's "Local run" section.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -29,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -41,32 +50,62 @@ from spot_training.layout import CHECKPOINT_LOCAL_PATH
 from spot_training.processes import signal_tree
 
 LOCAL_BUCKET = "local-artifact-bucket"
+LOCAL_ASSET_BUCKET, LOCAL_CODE_KEY = "local-cdk-assets", "trainer.tar.gz"  # CDK asset keys have no "/"
 EXECUTION_ID = "local-execution"
 GRACE_SECONDS = 2.0  # SageMaker allows 120 s after StopTrainingJob; spot reclaim timing is not documented
+OPT_ML = "/opt/ml"
+# What the training image sets for its launcher (aws/deep-learning-containers
+# pytorch/training/docker/2.8/py3/cu129/Dockerfile.gpu: the `ENV` lines of the common and sagemaker stages).
+IMAGE_ENVIRONMENT = {"SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
+                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "UTF-8",
+                     "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+LAUNCHER_PACKAGES = ("sagemaker-training", "sagemaker-pytorch-training", "torch", "transformers")
+# The toolkit starts one process per GPU, and one on a CPU instance; `--processes-per-host` overrides that
+# through the toolkit's own hyperparameter (sagemaker-training params.py MPI_PROCESSES_PER_HOST), written
+# into the local hyperparameters.json only.
+PROCESSES_PER_HOST_HYPERPARAMETER = "sagemaker_mpi_num_of_processes_per_host"
 # The deployed defaults size a multi-GPU job (2048-token sequences); locally the same parameters are
 # overridden the way `start-pipeline-execution --pipeline-parameters` would, to fit a 2-core CPU.
 CPU_PARAMETERS = {"InstanceType": "ml.m5.xlarge", "PerDeviceBatchSize": 4, "GradientAccumulationSteps": 4,
                   "SequenceLength": 32, "LearningRate": 1e-3, "CheckpointIntervalMinutes": 60.0,
                   "CheckpointEverySteps": 2}
 _RESUMED = re.compile(r"\[start\] resuming at step (\d+)")
+_LAUNCH = re.compile(r"^torchrun .*$", re.MULTILINE)
 
 
 class LocalRunError(RuntimeError):
-    """The local job failed; the message says where its logs are."""
+    """The local job failed or cannot start; the message says why in one line."""
+
+
+class LocalRunStopped(LocalRunError):
+    """local-run was asked to stop (Ctrl-C or SIGTERM) and has ended every process it started."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingJob:
     """What one execution's TrainingStep asks SageMaker to run, resolved to concrete values."""
 
-    entry_point: str
-    hyperparameters: dict[str, str]
-    channels: dict[str, str]
+    hyperparameters: dict[str, str]  # as CreateTrainingJob carries them: JSON-encoded strings
+    input_data_config: list[dict[str, Any]]
+    instance_type: str
+    instance_count: int
     environment: dict[str, str]
     checkpoint_s3_uri: str
     checkpoint_local_path: str
-    instance_count: int
     metric_definitions: list[dict[str, str]]
+
+    @property
+    def entry_point(self) -> str:
+        return json.loads(self.hyperparameters["sagemaker_program"])
+
+    @property
+    def channels(self) -> dict[str, str]:
+        return {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in self.input_data_config}
+
+    @property
+    def user_hyperparameters(self) -> dict[str, Any]:
+        """What the trainer receives as `--name value` (the toolkit leaves `sagemaker_*` out)."""
+        return {k: _decoded(v) for k, v in sorted(self.hyperparameters.items()) if not k.startswith("sagemaker_")}
 
     @staticmethod
     def from_definition(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainingJob:
@@ -78,25 +117,22 @@ class TrainingJob:
             if parameter["Name"] in overrides:
                 parameter["DefaultValue"] = overrides[parameter["Name"]]
         args = sdk.training_step(resolve(with_overrides))["Arguments"]
-        hyper = {k: json.loads(v) if _is_json(v) else v for k, v in args["HyperParameters"].items()}
         return TrainingJob(
-            entry_point=hyper["sagemaker_program"],
-            # The toolkit passes every non-`sagemaker_` hyperparameter as `--name value`.
-            hyperparameters={k: str(v) for k, v in sorted(hyper.items()) if not k.startswith("sagemaker_")},
-            channels={c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in args["InputDataConfig"]},
+            hyperparameters={k: str(v) for k, v in args["HyperParameters"].items()},
+            input_data_config=args["InputDataConfig"],
+            instance_type=args["ResourceConfig"]["InstanceType"],
+            instance_count=int(args["ResourceConfig"]["InstanceCount"]),
             environment=dict(args.get("Environment", {})),
             checkpoint_s3_uri=args["CheckpointConfig"]["S3Uri"].replace(EXECUTION_ID_STAND_IN, EXECUTION_ID),
             checkpoint_local_path=args["CheckpointConfig"].get("LocalPath", CHECKPOINT_LOCAL_PATH),
-            instance_count=int(args["ResourceConfig"]["InstanceCount"]),
             metric_definitions=args["AlgorithmSpecification"]["MetricDefinitions"])
 
 
-def _is_json(text: str) -> bool:
+def _decoded(text: str) -> Any:
     try:
-        json.loads(text)
+        return json.loads(text)
     except (TypeError, json.JSONDecodeError):
-        return False
-    return True
+        return text
 
 
 def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[TrainingJob, dict[str, Any]]:
@@ -105,7 +141,7 @@ def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[Tr
     from spot_training.trainer_code import load_metric_definitions
 
     placeholders = dataclasses.replace(sdk.Placeholders.for_counts(1, 1), bucket_name=LOCAL_BUCKET,
-                                       code_bucket_name=LOCAL_BUCKET, code_object_key="code/trainer.tar.gz")
+                                       code_bucket_name=LOCAL_ASSET_BUCKET, code_object_key=LOCAL_CODE_KEY)
     definition = sdk.generate(config, metric_definitions=load_metric_definitions(trainer_dir),
                               placeholders=placeholders)
     return TrainingJob.from_definition(definition, {**CPU_PARAMETERS, "MaxSteps": steps}), definition
@@ -123,38 +159,79 @@ class LocalS3:
 
 
 class CheckpointSync:
-    """Copies new and changed files from instance checkpoint folders to the "S3" prefix, continuously."""
+    """SageMaker's checkpoint sync between instances' checkpoint folders and the S3 prefix, emulated: new and
+    changed files are copied up, and a file deleted in the container is deleted from the prefix too (SageMaker
+    developer guide, "Use checkpoints in Amazon SageMaker AI"). Folders may vanish while a pass looks at them
+    (the trainer prunes old checkpoints): a pass skips what is gone and the next one sees the new state."""
 
     def __init__(self, sources: Sequence[Path], target: Path, period: float = 0.05) -> None:
-        self.sources, self.target, self.period = sources, target, period
+        self.sources, self.target, self.period = list(sources), target, period
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._seen: dict[Path, tuple[int, int]] = {}
+        self._uploaded: dict[Path, dict[str, tuple[int, int]]] = {source: {} for source in self.sources}
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period):
             self.sync_once()
 
     def sync_once(self) -> None:
-        for source in self.sources:
-            for file in source.rglob("*"):
-                try:
-                    stat = file.stat()
-                    if not file.is_file() or self._seen.get(file) == (stat.st_size, stat.st_mtime_ns):
-                        continue
-                    destination = self.target / file.relative_to(source)
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, destination)
-                    self._seen[file] = (stat.st_size, stat.st_mtime_ns)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # pruned or renamed while we looked: the next pass sees the new state
+        with self._lock:
+            for source in self.sources:
+                self._sync(source)
+
+    def _sync(self, source: Path) -> None:
+        present = _files_with_signatures(source)
+        uploaded = self._uploaded[source]
+        for name, signature in present.items():
+            if uploaded.get(name) == signature:
+                continue
+            destination = self.target / name
+            try:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, destination)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # deleted between the listing and the copy
+            uploaded[name] = signature
+        for name in [n for n in uploaded if n not in present]:
+            del uploaded[name]
+            _delete_object(self.target, name)
+
+
+def _files_with_signatures(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` as relative name -> (size, mtime_ns); whatever vanishes meanwhile is left out."""
+    found: dict[str, tuple[int, int]] = {}
+    for folder, _, names in os.walk(root):  # os.walk skips folders that disappear under it
+        for name in names:
+            path = Path(folder) / name
+            try:
+                stat = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            found[path.relative_to(root).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _delete_object(root: Path, name: str) -> None:
+    """Delete `root/name` and the folders it leaves empty: S3 has keys, not folders, so an emptied
+    `step-N/` must not come back as an empty folder on restore."""
+    path = root / name
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != root:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty, or already gone
+        folder = folder.parent
 
 
 @dataclasses.dataclass
@@ -164,24 +241,32 @@ class Attempt:
     last_step: int = 0
     interrupted: bool = False
     interrupted_during_save: bool = False
+    stopped: bool = False  # local-run itself was stopped (Ctrl-C, SIGTERM, SIGKILL) during this attempt
     returncodes: list[int] = dataclasses.field(default_factory=list)
 
 
 class LocalRun:
-    def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int]) -> None:
+    def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int], *,
+                 processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = ()) -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
         self.interrupt_at = sorted(interrupt_at)
+        self.processes_per_host = processes_per_host
         self.s3 = LocalS3(out / "s3")
         self.checkpoint_prefix = self.s3.path(job.checkpoint_s3_uri)
-        self.attempts: list[Attempt] = []
+        self.attempts: list[Attempt] = list(previous_attempts)
         self.logs = out / "logs"
+        self.hosts = [f"127.0.0.{i + 1}" for i in range(job.instance_count)]
+        self.processes: list[subprocess.Popen] = []
         # Progress comes from the same regex the pipeline's `train:step` metric definition uses.
         self.step_regex = next(m["Regex"] for m in job.metric_definitions if m["Name"] == "train:step")
+        self.launcher = _launcher_command()
 
     # ---- setup ------------------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
-        """Make a tiny model and dataset at the channels' "S3" locations unless something is there."""
+        """Make a tiny model and dataset at the channels' "S3" locations unless something is there, and put
+        the code archive that synth uploads as the CDK asset where the code channel points."""
         from spot_training.tiny import corpus, make_model_dir, make_text_channel
+        from spot_training.trainer_code import deterministic_tarball
 
         model, train = self.s3.path(self.job.channels["model"]), self.s3.path(self.job.channels["train"])
         texts = corpus(400)
@@ -190,160 +275,210 @@ class LocalRun:
         if not (train.exists() and any(train.iterdir())):
             make_text_channel(train, texts)
         code = self.s3.path(self.job.channels["code"])
-        from spot_training.trainer_code import deterministic_tarball
-
         code.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(deterministic_tarball(self.trainer_dir), code)  # the archive synth uploads as the asset
+        shutil.copyfile(deterministic_tarball(self.trainer_dir), code)
 
-    def _instance_root(self, index: int) -> Path:
-        return self.out / "instances" / f"algo-{index + 1}"
+    def _opt_ml(self, index: int) -> Path:
+        return self.out / "instances" / f"algo-{index + 1}" / "opt" / "ml"
 
-    def _fresh_instance(self, index: int) -> dict[str, Path]:
-        """A new instance: empty /opt/ml, channels downloaded, checkpoints restored from "S3"."""
-        root = self._instance_root(index)
-        shutil.rmtree(root, ignore_errors=True)
-        opt_ml = root / "opt" / "ml"
-        paths = {"model": opt_ml / "model", "output_data": opt_ml / "output" / "data", "code": opt_ml / "code",
-                 "checkpoints": root / self.job.checkpoint_local_path.lstrip("/")}
-        for path in paths.values():
-            path.mkdir(parents=True, exist_ok=True)
-        for channel, uri in self.job.channels.items():
-            destination = opt_ml / "input" / "data" / channel
-            source = self.s3.path(uri)
+    def _in_instance(self, base: Path, container_path: str) -> Path:
+        """A container path under /opt/ml, inside this instance's folder."""
+        return base / Path(container_path).relative_to(OPT_ML)
+
+    def _fresh_instance(self, index: int) -> Path:
+        """A new instance: SageMaker's /opt/ml with its config files, channels and restored checkpoints."""
+        base = self._opt_ml(index)
+        shutil.rmtree(base.parent.parent, ignore_errors=True)
+        for folder in ("input/config", "model", "output/data"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        for channel in self.job.input_data_config:
+            name, uri = channel["ChannelName"], channel["DataSource"]["S3DataSource"]["S3Uri"]
+            destination, source = base / "input" / "data" / name, self.s3.path(uri)
             if source.is_dir():
                 shutil.copytree(source, destination)
-            else:
+            else:  # a single object: SageMaker puts it in the channel folder under its own name
                 destination.mkdir(parents=True)
                 shutil.copyfile(source, destination / source.name)
-            paths[f"channel_{channel}"] = destination
-        with tarfile.open(self.s3.path(self.job.channels["code"])) as archive:
-            archive.extractall(paths["code"], filter="data")
+        config = base / "input" / "config"
+        hyperparameters = dict(self.job.hyperparameters)
+        # The one /opt/ml path in the arguments; the toolkit reads it as is, so it moves with the instance.
+        submit = json.loads(hyperparameters["sagemaker_submit_directory"])
+        hyperparameters["sagemaker_submit_directory"] = json.dumps(str(self._in_instance(base, submit)))
+        if self.processes_per_host != 1:
+            hyperparameters[PROCESSES_PER_HOST_HYPERPARAMETER] = str(self.processes_per_host)
+        _write_json(config / "hyperparameters.json", hyperparameters)
+        _write_json(config / "inputdataconfig.json", {
+            c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", "File"), "RecordWrapperType": "None",
+                               "S3DistributionType": c["DataSource"]["S3DataSource"]["S3DataDistributionType"]}
+            for c in self.job.input_data_config})
+        group = {"instance_group_name": "homogeneousCluster", "instance_type": self.job.instance_type,
+                 "hosts": self.hosts}
+        _write_json(config / "resourceconfig.json", {
+            "current_host": self.hosts[index], "current_instance_type": self.job.instance_type,
+            "current_group_name": "homogeneousCluster", "hosts": self.hosts, "instance_groups": [group],
+            "network_interface_name": "eth0"})
+        checkpoints = self._in_instance(base, self.job.checkpoint_local_path)
+        checkpoints.mkdir(parents=True, exist_ok=True)
         if self.checkpoint_prefix.exists():
-            shutil.copytree(self.checkpoint_prefix, paths["checkpoints"], dirs_exist_ok=True)
-        return paths
+            shutil.copytree(self.checkpoint_prefix, checkpoints, dirs_exist_ok=True)
+        return base
 
-    def _environment(self, index: int, paths: Mapping[str, Path]) -> dict[str, str]:
-        hosts = [f"algo-{i + 1}" for i in range(self.job.instance_count)]
-        channels = [c for c in self.job.channels if c != "code"]
-        sm = {
-            "SM_HOSTS": json.dumps(hosts), "SM_CURRENT_HOST": hosts[index], "SM_NUM_GPUS": "0",
-            "SM_NUM_CPUS": str(os.cpu_count() or 1), "SM_MODEL_DIR": str(paths["model"]),
-            "SM_OUTPUT_DATA_DIR": str(paths["output_data"]), "SM_CHANNELS": json.dumps(channels),
-            "SM_HPS": json.dumps(self.job.hyperparameters), "SM_MODULE_DIR": str(paths["code"]),
-            "SM_USER_ENTRY_POINT": self.job.entry_point,
-            **{f"SM_CHANNEL_{c.upper()}": str(paths[f"channel_{c}"]) for c in channels},
-        }
-        return {**os.environ, **self.job.environment, **sm, "OMP_NUM_THREADS": "1"}
-
-    def _command(self, index: int, paths: Mapping[str, Path], port: int) -> list[str]:
-        args = [part for name, value in self.job.hyperparameters.items() for part in (f"--{name}", value)]
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.job.instance_count}",
-                "--nproc_per_node=1", f"--node_rank={index}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                "--max-restarts=0", str(paths["code"] / self.job.entry_point),
-                "--checkpoint_dir", str(paths["checkpoints"]), *args]
+    def _environment(self, base: Path) -> dict[str, str]:
+        """The container's environment: the image's variables, the step's Environment, this instance's
+        /opt/ml, and none of this machine's pip settings (the container has no local package sources)."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "SM_", "SAGEMAKER_"))}
+        bin_dir = str(Path(sys.executable).parent)
+        return {**inherited, **IMAGE_ENVIRONMENT, **self.job.environment, "SAGEMAKER_BASE_DIR": str(base),
+                "TRAINING_JOB_NAME": f"pipelines-{EXECUTION_ID}", "PIP_CONFIG_FILE": os.devnull,
+                "PATH": f"{bin_dir}{os.pathsep}{inherited.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
-        shutil.rmtree(self.out / "instances", ignore_errors=True)
-        shutil.rmtree(self.checkpoint_prefix, ignore_errors=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.prepare_inputs()
-        pending = list(self.interrupt_at)
+        if not self.attempts:
+            self.prepare_inputs()
+        reached = max((a.last_step for a in self.attempts), default=0)
+        pending = [step for step in self.interrupt_at if step > reached]
         while True:
             attempt = Attempt(number=len(self.attempts) + 1)
             self.attempts.append(attempt)
+            self._save_state(finished=False)
             finished = self._run_attempt(attempt, pending[0] if pending else None)
+            self._save_state(finished=False)
             if finished:
                 break
             pending.pop(0)
+        self._save_state(finished=True)
         return self.report(time.monotonic() - started)
 
     def _run_attempt(self, attempt: Attempt, interrupt_at: int | None) -> bool:
         instances = [self._fresh_instance(i) for i in range(self.job.instance_count)]
-        port = free_port()
         logs = [(self.logs / f"attempt-{attempt.number}-algo-{i + 1}.log").open("w") for i in range(len(instances))]
-        processes = [subprocess.Popen(self._command(i, p, port), env=self._environment(i, p), stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-                     for i, (p, log) in enumerate(zip(instances, logs))]
-        sync = CheckpointSync([p["checkpoints"] for p in instances], self.checkpoint_prefix)
-        sync.start()
-        main_log = self.logs / f"attempt-{attempt.number}-algo-1.log"
+        sync = CheckpointSync([self._in_instance(b, self.job.checkpoint_local_path) for b in instances],
+                              self.checkpoint_prefix)
+        self.processes = []
         try:
-            while any(p.poll() is None for p in processes):
+            for base, log in zip(instances, logs):
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "spot_training.supervisor", "--", *self.launcher],
+                    env=self._environment(base), cwd=base, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True))
+            sync.start()
+            main_log = self.logs / f"attempt-{attempt.number}-algo-1.log"
+            while any(p.poll() is None for p in self.processes):
                 self._read_progress(attempt, main_log)
                 if interrupt_at is not None and attempt.last_step >= interrupt_at:
-                    self._interrupt(attempt, processes, instances[0]["checkpoints"], sync)
+                    self._interrupt(attempt, instances[0], sync)
                     return False
-                if any(p.poll() not in (None, 0) for p in processes):
+                if any(p.poll() not in (None, 0) for p in self.processes):
                     break
                 time.sleep(0.01)
+        except BaseException:
+            attempt.stopped = True
+            self.stop(sync)
+            self._read_progress(attempt, self.logs / f"attempt-{attempt.number}-algo-1.log")
+            raise
         finally:
             sync.stop()
             for log in logs:
                 log.close()
-        for process in processes:
+        for process in self.processes:
             if process.poll() is None:
                 signal_tree(process.pid, signal.SIGKILL)
             attempt.returncodes.append(process.wait())
         self._read_progress(attempt, main_log)
         sync.sync_once()
         if any(attempt.returncodes):
-            raise LocalRunError(f"the training job failed (exit codes {attempt.returncodes}); logs: {self.logs}")
+            raise LocalRunError(self._failure(instances, attempt))
         self._upload_outputs(instances[0])
         return True
 
+    def _failure(self, instances: Sequence[Path], attempt: Attempt) -> str:
+        """Like a training job's FailureReason: the toolkit's `output/failure` of the first failed host."""
+        for host, base, code in zip(self.hosts, instances, attempt.returncodes):
+            reason = base / "output" / "failure"
+            if code and reason.is_file():
+                lines = [line.strip() for line in reason.read_text().splitlines() if line.strip()]
+                detail = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+                return f"the training job failed on {host}: {detail[:300]}; logs: {self.logs}"
+        return f"the training job failed (exit codes {attempt.returncodes}); logs: {self.logs}"
+
+    def stop(self, sync: CheckpointSync | None = None) -> None:
+        """End every process of every instance: SIGTERM, a grace period, then SIGKILL."""
+        for process in self.processes:
+            signal_tree(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.processes):
+            time.sleep(0.02)
+        if sync is not None:
+            sync.stop()
+            sync.sync_once()
+        for process in self.processes:
+            signal_tree(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+
     def _read_progress(self, attempt: Attempt, log: Path) -> None:
-        text = log.read_text() if log.exists() else ""
+        text = log.read_text(errors="replace") if log.exists() else ""
         steps = [int(m) for m in re.findall(self.step_regex, text)]
         attempt.last_step = max(steps, default=attempt.last_step)
         resumed = _RESUMED.search(text)
         if resumed:
             attempt.resumed_from = int(resumed.group(1))
 
-    def _interrupt(self, attempt: Attempt, processes, checkpoints: Path, sync: CheckpointSync) -> None:
-        """Spot reclaim: SIGTERM everywhere, a grace period, one last upload, then SIGKILL everything."""
+    def _interrupt(self, attempt: Attempt, main_instance: Path, sync: CheckpointSync) -> None:
+        """Spot reclaim: SIGTERM everywhere, a grace period, one last sync, then SIGKILL everything."""
         attempt.interrupted = True
+        checkpoints = self._in_instance(main_instance, self.job.checkpoint_local_path)
         attempt.interrupted_during_save = any(not (d / "COMPLETE.json").exists() for d in checkpoints.glob("step-*"))
-        for process in processes:
-            signal_tree(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
-            time.sleep(0.02)
-        sync.stop()
-        sync.sync_once()
-        for process in processes:
-            signal_tree(process.pid, signal.SIGKILL)
-            attempt.returncodes.append(process.wait())
+        self.stop(sync)
+        attempt.returncodes = [p.returncode for p in self.processes]
         self._read_progress(attempt, self.logs / f"attempt-{attempt.number}-algo-1.log")
 
-    def _upload_outputs(self, main_instance: Mapping[str, Path]) -> None:
+    def _upload_outputs(self, main_instance: Path) -> None:
         """SageMaker uploads SM_MODEL_DIR and SM_OUTPUT_DATA_DIR of the first host at the end."""
-        target = self.s3.path(f"s3://{LOCAL_BUCKET}/outputs/{EXECUTION_ID}/output/")
+        target = self.outputs_path()
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(main_instance["model"], target / "model")
-        shutil.copytree(main_instance["output_data"], target / "data")
+        shutil.copytree(main_instance / "model", target / "model")
+        shutil.copytree(main_instance / "output" / "data", target / "data")
+
+    def outputs_path(self) -> Path:
+        return self.s3.path(f"s3://{LOCAL_BUCKET}/outputs/{EXECUTION_ID}/output/")
+
+    def _save_state(self, *, finished: bool) -> None:
+        _write_json(self.out / STATE_FILE, {"job": job_fingerprint(self.job), "finished": finished,
+                                            "attempts": [dataclasses.asdict(a) for a in self.attempts]})
 
     # ---- report -----------------------------------------------------------------------------------
     def report(self, wall_seconds: float) -> dict[str, Any]:
-        outputs = self.s3.path(f"s3://{LOCAL_BUCKET}/outputs/{EXECUTION_ID}/output/")
+        outputs = self.outputs_path()
         summary = json.loads((outputs / "data" / "summary.json").read_text())
-        all_logs = "\n".join(p.read_text() for p in sorted(self.logs.glob("attempt-*-algo-1.log")))
+        main_logs = sorted(self.logs.glob("attempt-*-algo-1.log"), key=lambda p: int(p.name.split("-")[1]))
+        all_logs = "\n".join(p.read_text(errors="replace") for p in main_logs)
         matches = {m["Name"]: len(re.findall(m["Regex"], all_logs)) for m in self.job.metric_definitions}
         resumed = [a.resumed_from for a in self.attempts[1:]]
-        lost = sum(a.last_step - (b.resumed_from or 0) for a, b in zip(self.attempts, self.attempts[1:]))
+        lost = sum(max(0, a.last_step - (b.resumed_from or 0)) for a, b in zip(self.attempts, self.attempts[1:]))
+        launch = _LAUNCH.findall(main_logs[-1].read_text(errors="replace")) if main_logs else []
         return {
             "interruptions": sum(a.interrupted for a in self.attempts),
             "interrupted_at_steps": [a.last_step for a in self.attempts if a.interrupted],
             "interrupted_during_save": [a.interrupted_during_save for a in self.attempts if a.interrupted],
+            "stops": sum(a.stopped for a in self.attempts),
             "resumed_from_steps": resumed,
             "final_step": summary["final_step"],
             "final_loss": summary["final_loss"],
             "lost_steps": lost,
             "wall_seconds": round(wall_seconds, 2),
             "instance_count": self.job.instance_count,
+            "hosts": self.hosts,
+            "processes_per_host": self.processes_per_host,
+            "launcher": {"entry_point": self.launcher[-1], **IMAGE_ENVIRONMENT,
+                         **{name: _version(name) for name in LAUNCHER_PACKAGES},
+                         "python": ".".join(map(str, sys.version_info[:3]))},
+            "launch_command": launch[0] if launch else None,
             "entry_point": self.job.entry_point,
-            "hyperparameters": self.job.hyperparameters,
+            "hyperparameters": self.job.user_hyperparameters,
             "checkpoint_s3_uri": self.job.checkpoint_s3_uri,
             "checkpoints_in_s3": sorted((p.name for p in self.checkpoint_prefix.glob("step-*")),
                                         key=lambda n: int(n.split("-")[1])),
@@ -352,6 +487,39 @@ class LocalRun:
             "metric_definitions_matched": matches,
             "metric_definitions_ok": all(matches.values()),
         }
+
+
+STATE_FILE = "run.json"
+LOCK_FILE = ".local-run.lock"
+
+
+def job_fingerprint(job: TrainingJob) -> dict[str, Any]:
+    """What must match for a run in the same --out to be resumed rather than refused."""
+    return {"hyperparameters": job.user_hyperparameters, "instance_count": job.instance_count,
+            "instance_type": job.instance_type}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _launcher_command() -> list[str]:
+    """The image's container command: the sagemaker-training toolkit's `train` console script."""
+    script = Path(sys.executable).parent / "train"
+    if _version("sagemaker-training") is None or _version("sagemaker-pytorch-training") is None \
+            or not script.is_file():
+        raise LocalRunError("the training image's launcher is not installed here (sagemaker-training and "
+                            "sagemaker-pytorch-training): pip install -r requirements-image.txt, or run `make local`")
+    return [str(script)]
 
 
 def parameters_digest(path: Path) -> str:
@@ -373,9 +541,15 @@ def free_port() -> int:
 
 
 def summary_text(report: Mapping[str, Any]) -> str:
+    launcher = report["launcher"]
     lines = [
-        f"local run: {report['instance_count']} instances, {report['interruptions']} interruption(s) "
-        f"at steps {report['interrupted_at_steps']} (during a checkpoint write: {report['interrupted_during_save']})",
+        f"local run: {report['instance_count']} instances ({', '.join(report['hosts'])}), "
+        f"{report['interruptions']} interruption(s) at steps {report['interrupted_at_steps']} "
+        f"(during a checkpoint write: {report['interrupted_during_save']}), {report['stops']} stop(s) of local-run",
+        f"  launcher: sagemaker-training {launcher['sagemaker-training']}, sagemaker-pytorch-training "
+        f"{launcher['sagemaker-pytorch-training']} ({launcher['SAGEMAKER_TRAINING_MODULE']}), torch "
+        f"{launcher['torch']}, transformers {launcher['transformers']}, Python {launcher['python']}",
+        f"  the toolkit ran: {report['launch_command']}",
         f"  resumed from steps {report['resumed_from_steps']}; steps redone: {report['lost_steps']}",
         f"  final step {report['final_step']}, final loss {report['final_loss']:.6f}, "
         f"wall time {report['wall_seconds']:.1f} s",
@@ -387,12 +561,69 @@ def summary_text(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _raise_stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int], out: Path,
-              trainer_dir: Path) -> dict[str, Any]:
+              trainer_dir: Path, processes_per_host: int = 1, restart: bool = False,
+              on_resume=lambda message: None) -> dict[str, Any]:
+    """Run (or resume) the training step locally in `out`; returns the report, also written to report.json.
+
+    `out` holds one run at a time: a run in progress there (another local-run) is refused; an unfinished run
+    (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
+    finished one is replaced."""
     job, _ = build_job(config, steps, trainer_dir)
     for step in interrupt_at:
         if not 0 < step < steps:
             raise LocalRunError(f"--interrupt-at-step {step}: must be between 1 and --steps - 1 ({steps - 1})")
-    report = LocalRun(job, out, trainer_dir, interrupt_at).run()
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOCK_FILE).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however we end
+        except BlockingIOError:
+            raise LocalRunError(f"--out {out}: another local-run is using this folder; wait for it to end or "
+                                "choose another --out") from None
+        previous = _previous_attempts(out, job, restart, on_resume)
+        if not previous:
+            for leftover in ("instances", "s3", "logs", "report.json", STATE_FILE):
+                path = out / leftover
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
+                       previous_attempts=previous)
+        handler = signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            report = run.run()
+        except KeyboardInterrupt:
+            run._save_state(finished=False)
+            raise LocalRunStopped(
+                f"stopped: ended {len(run.processes)} instance(s) and every process they started; run again "
+                f"with --out {out} to resume from the newest checkpoint") from None
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        _write_json(out / "report.json", report)
     return report
+
+
+def _previous_attempts(out: Path, job: TrainingJob, restart: bool, on_resume) -> list[Attempt]:
+    """The attempts of an unfinished run of the same job in `out`, to resume; [] to start afresh."""
+    state_path = out / STATE_FILE
+    if restart or not state_path.is_file():
+        return []
+    try:
+        state = json.loads(state_path.read_text())
+        attempts = [Attempt(**a) for a in state["attempts"]]
+        finished, fingerprint = state["finished"], state["job"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise LocalRunError(f"--out {out}: unreadable {STATE_FILE} ({error}); pass --restart to discard "
+                            "that run") from None
+    if finished or not attempts:
+        return []
+    if fingerprint != job_fingerprint(job):
+        raise LocalRunError(f"--out {out}: holds an unfinished run of a different job (other steps or "
+                            "settings); pass --restart to discard it, or choose another --out")
+    if not attempts[-1].interrupted:
+        attempts[-1].stopped = True  # it ended with local-run, not with an emulated interruption
+    on_resume(f"resuming the unfinished run in {out} (stopped after step {attempts[-1].last_step}) from its "
+              "checkpoints; pass --restart to start over")
+    return attempts

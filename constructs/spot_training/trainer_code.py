@@ -15,6 +15,24 @@ from pathlib import Path
 
 ENTRY_POINT = "train.py"
 _EXCLUDED = {"__pycache__", ".pytest_cache", ".mypy_cache"}
+# Files that make the image's launcher run pip when the job starts (sagemaker-training `entry_point.install`
+# and `modules.py`): requirements.txt -> `pip install -r requirements.txt`, setup.py -> `pip install .`. The
+# job's subnets have no route to a package index and network isolation removes the network altogether, so
+# either one fails the job on every instance before step 1.
+TOOLKIT_INSTALL_TRIGGERS = ("requirements.txt", "setup.py")
+
+
+def check_trainer_dir(source_dir: Path) -> None:
+    """Refuse, in one line, a trainer folder the image's launcher could not start offline."""
+    if not source_dir.is_dir():
+        raise ValueError(f"trainer_source_dir={source_dir}: not a folder")
+    if not (source_dir / ENTRY_POINT).is_file():
+        raise ValueError(f"trainer_source_dir={source_dir}: has no {ENTRY_POINT} (the entry point the pipeline runs)")
+    for name in TOOLKIT_INSTALL_TRIGGERS:
+        if (source_dir / name).exists():
+            raise ValueError(f"trainer_source_dir={source_dir}: holds {name}, which the training image's launcher "
+                             "pip-installs at job start; the job has no network to install from, so every package "
+                             "must already be in the image (remove the file, or build an image_uri with them)")
 
 
 def default_trainer_dir() -> Path:
@@ -42,6 +60,7 @@ def load_metric_definitions(source_dir: Path) -> list[dict[str, str]]:
 def deterministic_tarball(source_dir: Path) -> Path:
     """`source_dir` as a `.tar.gz` whose bytes depend only on file names and contents (sorted entries,
     zero mtimes and owners), so the asset hash changes only when the code does."""
+    check_trainer_dir(source_dir)
     files = sorted(p for p in source_dir.rglob("*")
                    if p.is_file() and not _EXCLUDED.intersection(p.relative_to(source_dir).parts)
                    and p.suffix != ".pyc")

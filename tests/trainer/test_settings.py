@@ -22,6 +22,9 @@ from settings import SettingsError, parse_settings  # noqa: E402
     (["--strategy", "zero3"], "strategy=zero3: must be one of ddp, fsdp"),
     (["--warmup_ratio", "0.9"], "warmup_ratio=0.9: must be <= 0.5"),
     (["--min_learning_rate_ratio", "2"], "min_learning_rate_ratio=2.0: must be <= 1.0"),
+    (["--learning_rate", "nan"], "learning_rate=nan: must be a finite number"),
+    (["--max_grad_norm", "inf"], "max_grad_norm=inf: must be a finite number"),
+    (["--checkpoint_interval_minutes", "-inf"], "checkpoint_interval_minutes=-inf: must be a finite number"),
 ])
 def test_bad_hyperparameters_are_refused_naming_the_field(argv, message):
     with pytest.raises(SettingsError) as caught:
@@ -57,7 +60,7 @@ def test_missing_image_dependency_fails_with_one_clear_line(capsys, monkeypatch)
         train.check_imports()
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: the training image lacks surely_not_installed_module; it must "
-                                               "provide torch, surely_not_installed_module (see trainer/requirements.txt)")
+                                               "provide torch, surely_not_installed_module (see requirements-image.txt)")
 
 
 @pytest.mark.parametrize(("complete", "present", "keep", "kept"), [
