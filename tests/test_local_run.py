@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +21,6 @@ from tests.trainer.harness import SLOW_IO
 
 
 def local_run(out, *args, env=None):
-    import os
-
     done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -36,19 +38,56 @@ def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
     assert job.checkpoint_s3_uri == "s3://local-artifact-bucket/checkpoints/local-execution/"
     assert set(job.channels) == {"train", "model", "code"}
     assert job.environment["HF_HUB_OFFLINE"] == "1"
-    assert job.hyperparameters["max_steps"] == "8"
-    assert job.hyperparameters["sequence_length"] == str(CPU_PARAMETERS["SequenceLength"])
-    assert job.hyperparameters["strategy"] == "ddp"
-    assert not any(name.startswith("sagemaker_") for name in job.hyperparameters)
+    assert job.user_hyperparameters["max_steps"] == 8
+    assert job.user_hyperparameters["sequence_length"] == CPU_PARAMETERS["SequenceLength"]
+    assert job.user_hyperparameters["strategy"] == "ddp"
+    assert not any(name.startswith("sagemaker_") for name in job.user_hyperparameters)
     step = next(s for s in definition["Steps"] if s["Type"] == "Training")
+    assert set(job.hyperparameters) == set(step["Arguments"]["HyperParameters"])
+    assert job.hyperparameters["sagemaker_torch_distributed_enabled"] == "true"
     assert job.metric_definitions == step["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"]
+
+
+def test_each_instance_gets_the_opt_ml_tree_sagemaker_writes_and_the_toolkit_reads(uninterrupted):
+    report, _ = uninterrupted
+    out = Path(report["model_s3_path"]).parents[5]
+    job, _ = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
+    for index, host in enumerate(["127.0.0.1", "127.0.0.2"]):
+        opt_ml = out / "instances" / f"algo-{index + 1}" / "opt" / "ml"
+        config = opt_ml / "input" / "config"
+        hyperparameters = json.loads((config / "hyperparameters.json").read_text())
+        assert set(hyperparameters) == set(job.hyperparameters)
+        assert json.loads(hyperparameters["sagemaker_submit_directory"]) == str(
+            opt_ml / "input" / "data" / "code" / "trainer.tar.gz")
+        resources = json.loads((config / "resourceconfig.json").read_text())
+        assert resources["current_host"] == host and resources["hosts"] == ["127.0.0.1", "127.0.0.2"]
+        assert resources["current_instance_type"] == CPU_PARAMETERS["InstanceType"]
+        channels = json.loads((config / "inputdataconfig.json").read_text())
+        assert set(channels) == {"train", "model", "code"}
+        assert (opt_ml / "code" / "train.py").is_file(), "the toolkit extracted sagemaker_submit_directory"
+        assert (opt_ml / "output" / "success").is_file(), "the toolkit reported success"
+
+
+def test_the_toolkit_built_the_torchrun_command_and_the_report_names_its_versions(uninterrupted):
+    from tests.test_image_environment import image_pins
+
+    report, stdout = uninterrupted
+    launcher = report["launcher"]
+    assert launcher["sagemaker-training"] == image_pins()["sagemaker-training"]
+    assert launcher["sagemaker-pytorch-training"] == image_pins()["sagemaker-pytorch-training"]
+    assert launcher["torch"] == image_pins()["torch"]
+    assert launcher["SAGEMAKER_TRAINING_MODULE"] == "sagemaker_pytorch_container.training:main"
+    assert report["launch_command"].startswith(
+        "torchrun --nnodes 2 --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 7777 --node_rank 0 train.py ")
+    assert "--max_steps 8" in report["launch_command"] and "sagemaker_" not in report["launch_command"]
+    assert f"sagemaker-training {launcher['sagemaker-training']}" in stdout
 
 
 def test_uninterrupted_run_reports_its_run(uninterrupted):
     report, stdout = uninterrupted
     assert report["interruptions"] == 0 and report["resumed_from_steps"] == [] and report["lost_steps"] == 0
     assert report["final_step"] == 8 and report["wall_seconds"] > 0
-    assert "local run: 2 instances, 0 interruption(s)" in stdout
+    assert "local run: 2 instances (127.0.0.1, 127.0.0.2), 0 interruption(s)" in stdout
 
 
 def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_ends(uninterrupted, tmp_path):
@@ -85,10 +124,96 @@ def test_interrupt_step_outside_the_run_is_refused_in_one_line(tmp_path):
 
 
 def test_compare_runs_says_identical_for_the_same_report(uninterrupted, tmp_path):
-    from pathlib import Path
-
     folder = Path(uninterrupted[0]["model_s3_path"]).parents[5]
     done = subprocess.run([sys.executable, "-m", "spot_training.cli", "compare-runs", str(folder), str(folder)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "bit-identical" in done.stdout
     assert re.search(r"final loss: reference [\d.]+ \(0 interruptions\)", done.stdout)
+
+
+def processes_working_in(folder: Path) -> list[str]:
+    """Live processes whose working directory is inside `folder` (every emulated instance's processes are)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(proc.joinpath("cwd").resolve()).startswith(str(folder.resolve())):
+                found.append(proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except OSError:
+            continue
+    return found
+
+
+def start_local_run(out: Path, steps: int) -> subprocess.Popen:
+    # Ctrl-C reaches a foreground program as SIGINT with the default handler; a test's child may inherit
+    # SIGINT ignored, so it is restored first.
+    return subprocess.Popen([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", str(steps),
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_step(out: Path, attempt: int, step: int, process: subprocess.Popen) -> None:
+    log = out / "logs" / f"attempt-{attempt}-algo-1.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and f"step={step} " in log.read_text(errors="replace")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the step was never reached"
+        time.sleep(0.05)
+
+
+def wait_until_no_process_works_in(out: Path, seconds: float) -> float:
+    started = time.monotonic()
+    while processes_working_in(out):
+        assert time.monotonic() - started < seconds, processes_working_in(out)
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_ctrl_c_and_sigkill_end_every_process_and_the_next_run_resumes_bit_identically(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    out = tmp_path / "stopped"
+    first = start_local_run(out, 8)
+    wait_for_step(out, 1, 2, first)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=30)
+    assert first.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped: ended 2 instance(s) and every process they started")
+    assert processes_working_in(out) == []
+
+    killed = start_local_run(out, 8)
+    wait_for_step(out, 2, 5, killed)
+    killed.kill()  # SIGKILL: local-run cannot clean up; its instances must still go
+    killed.communicate()
+    assert wait_until_no_process_works_in(out, 10) < 10
+
+    report, stdout = local_run(out, "--steps", "8")
+    assert "resuming the unfinished run" in stdout
+    assert report["stops"] == 2 and report["interruptions"] == 0
+    assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
+    assert report["final_loss"] == reference["final_loss"]
+
+
+def test_a_folder_another_local_run_is_using_is_refused_in_one_line(tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with (out / ".local-run.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running local-run holds
+        done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "5", "--out",
+                               str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: --out {out}: another local-run is using this folder; wait for it to end "
+                                   "or choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == [".local-run.lock"], "nothing else touched"
+
+
+def test_an_unfinished_run_of_another_job_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"job": {"hyperparameters": {}}, "finished": False,
+                                              "attempts": [{"number": 1, "last_step": 3}]}))
+    done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "5", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: --out {out}: holds an unfinished run of a different job (other steps or "
+                                   "settings); pass --restart to discard it, or choose another --out")

@@ -199,7 +199,8 @@ class CheckpointSync:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, destination)
             except (FileNotFoundError, NotADirectoryError):
-                continue  # deleted between the listing and the copy
+                _remove_empty_folders(self.target, destination.parent)  # deleted between listing and copy
+                continue
             uploaded[name] = signature
         for name in [n for n in uploaded if n not in present]:
             del uploaded[name]
@@ -225,8 +226,11 @@ def _delete_object(root: Path, name: str) -> None:
     `step-N/` must not come back as an empty folder on restore."""
     path = root / name
     path.unlink(missing_ok=True)
-    folder = path.parent
-    while folder != root:
+    _remove_empty_folders(root, path.parent)
+
+
+def _remove_empty_folders(root: Path, folder: Path) -> None:
+    while folder != root and root in folder.parents:
         try:
             folder.rmdir()
         except OSError:
@@ -584,13 +588,18 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
         except BlockingIOError:
             raise LocalRunError(f"--out {out}: another local-run is using this folder; wait for it to end or "
                                 "choose another --out") from None
-        previous = _previous_attempts(out, job, restart, on_resume)
+        previous = _previous_attempts(out, job, restart)
         if not previous:
             for leftover in ("instances", "s3", "logs", "report.json", STATE_FILE):
                 path = out / leftover
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
                        previous_attempts=previous)
+        if previous:
+            last = previous[-1]
+            run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
+            on_resume(f"resuming the unfinished run in {out} (stopped after step {last.last_step}) from its "
+                      "checkpoints; pass --restart to start over")
         handler = signal.signal(signal.SIGTERM, _raise_stop)
         try:
             report = run.run()
@@ -605,7 +614,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     return report
 
 
-def _previous_attempts(out: Path, job: TrainingJob, restart: bool, on_resume) -> list[Attempt]:
+def _previous_attempts(out: Path, job: TrainingJob, restart: bool) -> list[Attempt]:
     """The attempts of an unfinished run of the same job in `out`, to resume; [] to start afresh."""
     state_path = out / STATE_FILE
     if restart or not state_path.is_file():
@@ -624,6 +633,4 @@ def _previous_attempts(out: Path, job: TrainingJob, restart: bool, on_resume) ->
                             "settings); pass --restart to discard it, or choose another --out")
     if not attempts[-1].interrupted:
         attempts[-1].stopped = True  # it ended with local-run, not with an emulated interruption
-    on_resume(f"resuming the unfinished run in {out} (stopped after step {attempts[-1].last_step}) from its "
-              "checkpoints; pass --restart to start over")
     return attempts

@@ -20,7 +20,7 @@ from spot_training.processes import descendants
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = 2.0
 
 
 def _prctl(option: int, value: int) -> None:

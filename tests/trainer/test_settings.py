@@ -24,7 +24,7 @@ from settings import SettingsError, parse_settings  # noqa: E402
     (["--min_learning_rate_ratio", "2"], "min_learning_rate_ratio=2.0: must be <= 1.0"),
     (["--learning_rate", "nan"], "learning_rate=nan: must be a finite number"),
     (["--max_grad_norm", "inf"], "max_grad_norm=inf: must be a finite number"),
-    (["--checkpoint_interval_minutes", "-inf"], "checkpoint_interval_minutes=-inf: must be a finite number"),
+    (["--checkpoint_interval_minutes=-inf"], "checkpoint_interval_minutes=-inf: must be a finite number"),
 ])
 def test_bad_hyperparameters_are_refused_naming_the_field(argv, message):
     with pytest.raises(SettingsError) as caught:
