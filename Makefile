@@ -19,6 +19,13 @@ $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The construct package is installed as other teams install it (a wheel, not an editable link), so synth and
+# the tests run what ships; any change to its sources or the trainer reinstalls it.
+PACKAGE_SOURCES := $(shell find constructs/spot_training/ trainer/ -type f -not -path '*/__pycache__/*' 2>/dev/null)
+$(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
+	$(PY) -m pip install -q --no-deps --force-reinstall ./constructs
+	touch $@
+
 # The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
 $(VENV)/.trainer: $(VENV)/.app requirements-image.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-image.txt
@@ -37,7 +44,7 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(VENV)/.app node_modules/.installed
+setup: $(VENV)/.app $(VENV)/.package node_modules/.installed
 
 synth: setup
 	cdk synth --quiet
