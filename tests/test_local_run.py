@@ -98,7 +98,9 @@ def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_end
                                "--interrupt-at-step", "6", env=slow)
     assert report["interruptions"] == 2
     assert any(report["interrupted_during_save"])
-    assert len(report["resumed_from_steps"]) == 2 and all(s is not None for s in report["resumed_from_steps"])
+    # An interruption that lands before the first checkpoint completes restarts from step 0 (None); the
+    # later one always finds a complete checkpoint.
+    assert len(report["resumed_from_steps"]) == 2 and report["resumed_from_steps"][-1] is not None
     assert report["lost_steps"] >= 0
     assert report["final_step"] == 8
     assert report["final_loss"] == reference["final_loss"]
