@@ -27,9 +27,10 @@ os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WOR
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 
-from checkpointing import Checkpointer  # noqa: E402
+from checkpointing import Checkpointer, DefaultStager  # noqa: E402
 from environment import Topology, ensure_rendezvous_defaults  # noqa: E402
 from loop import Trainer  # noqa: E402
 from settings import TrainSettings  # noqa: E402
@@ -122,6 +123,8 @@ def main() -> None:
     trainer = Trainer(settings, Topology.from_environment())
     parameters = sum(p.numel() for p in trainer.raw_model.parameters())
     print(f"model: {parameters / 1e6:.1f}M parameters, CPU threads {torch.get_num_threads()}, scratch {scratch}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__} (the image's: requirements-image.txt); "
+          f"async staging: {'background (DefaultStager)' if DefaultStager else 'before async_save returns (torch < 2.9)'}")
 
     trainer._run_step()  # creates the optimizer state, so checkpoints hold it
     step_trainer = trainer_step_seconds(trainer, args.steps)

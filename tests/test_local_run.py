@@ -29,7 +29,12 @@ def local_run(out, *args, env=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return local_run(tmp_path_factory.mktemp("reference"), "--steps", "8")
+    """Run with a relative --out, as `make local` passes it: the instances run in folders of their own."""
+    out = tmp_path_factory.mktemp("reference")
+    done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--out", os.path.relpath(out, ROOT),
+                           "--steps", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), done.stdout
 
 
 def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():

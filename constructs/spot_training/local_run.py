@@ -395,6 +395,10 @@ class LocalRun:
         sync.sync_once()
         if any(attempt.returncodes):
             raise LocalRunError(self._failure(instances, attempt))
+        silent = [host for host, base in zip(self.hosts, instances) if not (base / "output" / "success").is_file()]
+        if silent:  # the toolkit writes output/success when the job succeeded (sagemaker-training files.py)
+            raise LocalRunError(f"the launcher on {', '.join(silent)} exited 0 without reporting success "
+                                f"(no /opt/ml/output/success); logs: {self.logs}")
         self._upload_outputs(instances[0])
         return True
 
@@ -578,6 +582,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
     finished one is replaced."""
     job, _ = build_job(config, steps, trainer_dir)
+    given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
         if not 0 < step < steps:
             raise LocalRunError(f"--interrupt-at-step {step}: must be between 1 and --steps - 1 ({steps - 1})")
@@ -586,9 +591,9 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however we end
         except BlockingIOError:
-            raise LocalRunError(f"--out {out}: another local-run is using this folder; wait for it to end or "
+            raise LocalRunError(f"--out {given}: another local-run is using this folder; wait for it to end or "
                                 "choose another --out") from None
-        previous = _previous_attempts(out, job, restart)
+        previous = _previous_attempts(out, given, job, restart)
         if not previous:
             for leftover in ("instances", "s3", "logs", "report.json", STATE_FILE):
                 path = out / leftover
@@ -598,7 +603,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
         if previous:
             last = previous[-1]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
-            on_resume(f"resuming the unfinished run in {out} (stopped after step {last.last_step}) from its "
+            on_resume(f"resuming the unfinished run in {given} (stopped after step {last.last_step}) from its "
                       "checkpoints; pass --restart to start over")
         handler = signal.signal(signal.SIGTERM, _raise_stop)
         try:
@@ -607,14 +612,14 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
             run._save_state(finished=False)
             raise LocalRunStopped(
                 f"stopped: ended {len(run.processes)} instance(s) and every process they started; run again "
-                f"with --out {out} to resume from the newest checkpoint") from None
+                f"with --out {given} to resume from the newest checkpoint") from None
         finally:
             signal.signal(signal.SIGTERM, handler)
         _write_json(out / "report.json", report)
     return report
 
 
-def _previous_attempts(out: Path, job: TrainingJob, restart: bool) -> list[Attempt]:
+def _previous_attempts(out: Path, given: Path, job: TrainingJob, restart: bool) -> list[Attempt]:
     """The attempts of an unfinished run of the same job in `out`, to resume; [] to start afresh."""
     state_path = out / STATE_FILE
     if restart or not state_path.is_file():
@@ -624,12 +629,12 @@ def _previous_attempts(out: Path, job: TrainingJob, restart: bool) -> list[Attem
         attempts = [Attempt(**a) for a in state["attempts"]]
         finished, fingerprint = state["finished"], state["job"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise LocalRunError(f"--out {out}: unreadable {STATE_FILE} ({error}); pass --restart to discard "
+        raise LocalRunError(f"--out {given}: unreadable {STATE_FILE} ({error}); pass --restart to discard "
                             "that run") from None
     if finished or not attempts:
         return []
     if fingerprint != job_fingerprint(job):
-        raise LocalRunError(f"--out {out}: holds an unfinished run of a different job (other steps or "
+        raise LocalRunError(f"--out {given}: holds an unfinished run of a different job (other steps or "
                             "settings); pass --restart to discard it, or choose another --out")
     if not attempts[-1].interrupted:
         attempts[-1].stopped = True  # it ended with local-run, not with an emulated interruption
