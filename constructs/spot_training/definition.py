@@ -244,8 +244,11 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         step = TrainingStep(name=TRAINING_STEP_NAME, step_args=estimator.fit(inputs),
                             retry_policies=retry_policies)
         steps = [_instance_count_gate(config, params["InstanceCount"], step)] if config.max_instance_count else [step]
+        # No PipelineExperimentConfig (the SDK's default would have Pipelines create a SageMaker experiment and
+        # trial per run, which the pipeline role would then need sagemaker:CreateExperiment/CreateTrial/
+        # AssociateTrialComponent for); runs are tracked through the metric definitions and, optionally, MLflow.
         pipeline = Pipeline(name=config.pipeline_name, parameters=list(params.values()), steps=steps,
-                            sagemaker_session=session)
+                            sagemaker_session=session, pipeline_experiment_config=None)
         definition = json.loads(pipeline.definition())
     _point_code_at_asset(definition, placeholders)
     return definition

@@ -170,8 +170,12 @@ class TrainingPipeline(Construct):
         archive = deterministic_tarball(source_dir)
         asset = s3_assets.Asset(self, "TrainerCode", path=str(archive))
         # A managed policy in this stack, attached to the role: no inline policy, no cross-stack cycle.
-        iam.ManagedPolicy(self, "ReadTrainerCode", roles=[self.training_role], statements=[iam.PolicyStatement(
-            actions=["s3:GetObject"], resources=[asset.bucket.arn_for_objects(asset.s3_object_key)])])
+        # SageMaker lists each input channel's S3 prefix before it downloads (SageMaker developer guide, "How to
+        # use SageMaker AI execution roles": s3:ListBucket scoped to the InputDataConfig S3Uri).
+        iam.ManagedPolicy(self, "ReadTrainerCode", roles=[self.training_role], statements=[
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[asset.bucket.arn_for_objects(asset.s3_object_key)]),
+            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[asset.bucket.bucket_arn],
+                                conditions={"StringEquals": {"s3:prefix": asset.s3_object_key}})])
         return asset
 
     def _definition_body(self) -> str:

@@ -81,16 +81,26 @@ class TrainingRoles(Construct):
         job_arn = stack.format_arn(service="sagemaker", resource="training-job", resource_name=PIPELINE_JOB_PATTERN)
         subnet_ids = [s.subnet_id for s in subnets]
         group_ids = [g.security_group_id for g in security_groups]
+        # Condition keys of CreateTrainingJob (Service Authorization Reference for SageMaker AI). SageMaker sets
+        # each key from the request's own fields, and the SDK leaves false flags out of the request, so:
+        # - ForAllValues is vacuously true for a missing key: Null=false makes the keys required;
+        # - Bool "true" requires isolation/encryption; when the config turns one off nothing is required (a
+        #   `Bool false` condition on a key the request lacks would never match);
+        # - the key ARNs: the output key is always set; the volume key only where no allowed type has local
+        #   NVMe storage (SageMaker rejects VolumeKmsKeyId there), else it is checked only when present.
+        required_flags = {key: "true" for key, on in (("sagemaker:NetworkIsolation", network_isolation),
+                                                      ("sagemaker:InterContainerTrafficEncryption",
+                                                       inter_container_encryption)) if on}
         create_conditions = {
-            "Null": {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false"},
+            "Null": {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false",
+                     "sagemaker:InstanceTypes": "false"},
             "ForAllValues:StringEquals": {"sagemaker:VpcSubnets": subnet_ids,
                                           "sagemaker:VpcSecurityGroupIds": group_ids,
                                           "sagemaker:InstanceTypes": list(allowed_instance_types)},
-            "Bool": {"sagemaker:NetworkIsolation": str(network_isolation).lower(),
-                     "sagemaker:InterContainerTrafficEncryption": str(inter_container_encryption).lower()},
-            "ArnEquals": {"sagemaker:OutputKmsKey": key.key_arn},
-            # Types with local NVMe storage refuse a volume key, so the key is only checked when present.
-            "ArnEqualsIfExists": {"sagemaker:VolumeKmsKey": key.key_arn},
+            **({"Bool": required_flags} if required_flags else {}),
+            "ArnEquals": {"sagemaker:OutputKmsKeyArn": key.key_arn,
+                          **({"sagemaker:VolumeKmsKeyArn": key.key_arn} if volume_encryption else {})},
+            **({} if volume_encryption else {"ArnEqualsIfExists": {"sagemaker:VolumeKmsKeyArn": key.key_arn}}),
             "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": max_run_seconds},
         }
         statements = [

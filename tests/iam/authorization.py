@@ -1,0 +1,257 @@
+"""Who may do what once the templates are deployed, and every request a training run makes, derived from the
+deployed pipeline definition, checked by an independent IAM simulator on AWS's current authorization data.
+
+Sources for the requests (each is what the named AWS service does on the named principal's behalf):
+- CreateTrainingJob and its condition keys: Service Authorization Reference, "Actions, resources, and
+  condition keys for Amazon SageMaker AI" (CreateTrainingJob: sagemaker:InstanceTypes, VpcSubnets,
+  VpcSecurityGroupIds, NetworkIsolation, InterContainerTrafficEncryption, OutputKmsKeyArn, VolumeKmsKeyArn,
+  MaxRuntimeInSeconds); the SDK leaves false flags out of the request, so a key is set only when the argument is.
+- iam:PassRole with iam:PassedToService: IAM user guide, "Granting a user permissions to pass a role".
+- The execution role's calls during a job: SageMaker developer guide, "How to use SageMaker AI execution
+  roles" (s3:ListBucket on each input channel's S3Uri prefix, s3:GetObject, s3:PutObject for output and
+  checkpoints, ECR pull, CloudWatch Logs under /aws/sagemaker/TrainingJobs, cloudwatch:PutMetricData) and
+  "Give SageMaker AI Training Jobs Access to Resources in Your Amazon VPC" (the ec2 ENI and Describe calls);
+  checkpoint deletions: "Use checkpoints in Amazon SageMaker AI" (a file deleted locally is deleted in S3).
+- KMS through S3 (kms:ViaService = s3.<region>.amazonaws.com): AWS KMS developer guide, "kms:ViaService".
+- A VPC Lambda's ENI calls: Lambda developer guide, "Giving Lambda functions access to resources in an Amazon
+  VPC" (the rights of AWSLambdaVPCAccessExecutionRole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from spot_training.definition_rules import EXECUTION_ID_STAND_IN, resolve
+from tests.iam.cloudformation import ACCOUNT, PARTITION, Deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = ROOT / "node_modules" / ".bin" / "node"
+SIMULATOR = Path(__file__).resolve().parent / "simulator.mjs"
+AWS_MANAGED_PREFIX = f"arn:{PARTITION}:iam::aws:policy/"
+SECURE = {"aws:SecureTransport": "true"}
+
+
+def run_simulator(payload: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run([str(NODE), str(SIMULATOR)], input=json.dumps(payload), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"iam simulator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+@dataclasses.dataclass
+class Request:
+    """One authorization request: `principal` (a role ARN) calls `action` on `resource`."""
+
+    id: str
+    principal: str
+    action: str
+    resource: str
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resource_policy: dict[str, Any] | None = None
+
+
+class Authorization:
+    """The deployed IAM: each role's identity policies (inline, customer managed, AWS managed) and the
+    resource policies of buckets and keys."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment, self.region = deployment, deployment.region
+        self.roles: dict[str, list[dict[str, Any]]] = {}  # role name -> identity policies
+        self.role_arns: dict[str, str] = {}
+        managed: dict[str, list[str]] = {}  # role name -> managed policy ARNs
+        for stack, logical, props in deployment.resources("AWS::IAM::Role"):
+            name = deployment.ref(stack, logical)
+            self.role_arns[name] = deployment.get_att(stack, logical, "Arn")
+            self.roles[name] = [{"name": f"{name}/{p['PolicyName']}", "policy": p["PolicyDocument"]}
+                                for p in props.get("Policies", [])]
+            managed[name] = list(props.get("ManagedPolicyArns", []))
+        customer_managed = {}
+        for stack, logical, props in deployment.resources("AWS::IAM::ManagedPolicy"):
+            arn = deployment.ref(stack, logical)
+            customer_managed[arn] = props["PolicyDocument"]
+            for role in props.get("Roles", []):
+                managed.setdefault(role, []).append(arn)
+        for stack, logical, props in deployment.resources("AWS::IAM::Policy"):
+            for role in props.get("Roles", []):
+                self.roles.setdefault(role, []).append({"name": deployment.ref(stack, logical),
+                                                        "policy": props["PolicyDocument"]})
+        aws_managed = sorted({arn.removeprefix(AWS_MANAGED_PREFIX).rsplit("/", 1)[-1]
+                              for arns in managed.values() for arn in arns if arn.startswith(AWS_MANAGED_PREFIX)})
+        documents = run_simulator({"managedPolicies": aws_managed})["managedPolicies"] if aws_managed else {}
+        for role, arns in managed.items():
+            for arn in arns:
+                if arn.startswith(AWS_MANAGED_PREFIX):
+                    document = documents[arn.rsplit("/", 1)[-1]]
+                else:
+                    document = customer_managed[arn]
+                self.roles.setdefault(role, []).append({"name": arn, "policy": document})
+        self.bucket_policies = {props["Bucket"]: props["PolicyDocument"]
+                                for _, _, props in deployment.resources("AWS::S3::BucketPolicy")}
+        self.key_policies = {deployment.get_att(stack, logical, "Arn"): props["KeyPolicy"]
+                             for stack, logical, props in deployment.resources("AWS::KMS::Key")}
+        self.bucket_keys = {}
+        for stack, logical, props in deployment.resources("AWS::S3::Bucket"):
+            for rule in props.get("BucketEncryption", {}).get("ServerSideEncryptionConfiguration", []):
+                key = rule["ServerSideEncryptionByDefault"].get("KMSMasterKeyID")
+                if key:
+                    self.bucket_keys[deployment.ref(stack, logical)] = key
+
+    def role_name(self, role_arn: str) -> str:
+        return role_arn.rsplit("/", 1)[-1]
+
+    def simulation(self, request: Request) -> dict[str, Any]:
+        return {"id": request.id, "principal": request.principal, "action": request.action,
+                "resource": request.resource, "accountId": ACCOUNT, "context": request.context,
+                "identityPolicies": self.roles.get(self.role_name(request.principal), []),
+                "resourcePolicy": request.resource_policy}
+
+    def evaluate(self, requests: list[Request]) -> dict[str, str]:
+        """Request id -> the simulator's verdict (Allowed, ImplicitlyDenied, ExplicitlyDenied, Error)."""
+        output = run_simulator({"simulations": [self.simulation(r) for r in requests]})
+        return {s["id"]: s["result"] if s["result"] != "Error" else f"Error: {s['errors']}"
+                for s in output["simulations"]}
+
+    # ---- resources as the requests name them ------------------------------------------------------
+    def s3_requests(self, principal: str, prefix: str, uri: str, actions: list[str], example: str) -> list[Request]:
+        """`actions` on an object under `uri` (an S3 prefix or object), plus the KMS calls S3 makes for a
+        bucket encrypted with a customer key, plus ListBucket on the prefix when asked."""
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        policy = self.bucket_policies.get(bucket)
+        out = []
+        for action in actions:
+            if action == "s3:ListBucket":
+                out.append(Request(f"{prefix} s3:ListBucket {bucket} prefix={key}", principal, action,
+                                   f"arn:{PARTITION}:s3:::{bucket}", {**SECURE, "s3:prefix": key}, policy))
+            else:
+                target = key + example if key.endswith("/") or not key else key
+                out.append(Request(f"{prefix} {action} s3://{bucket}/{target}", principal, action,
+                                   f"arn:{PARTITION}:s3:::{bucket}/{target}", dict(SECURE), policy))
+        key_arn = self.bucket_keys.get(bucket)
+        if key_arn:
+            via = {"kms:ViaService": f"s3.{self.region}.amazonaws.com", "kms:CallerAccount": ACCOUNT}
+            kms_actions = {"kms:Decrypt"} if set(actions) <= {"s3:GetObject", "s3:ListBucket"} else \
+                {"kms:Decrypt", "kms:GenerateDataKey"}
+            out += [Request(f"{prefix} {a} through S3 on {bucket}", principal, a, key_arn, via,
+                            self.key_policies.get(key_arn)) for a in sorted(kms_actions)]
+        return out
+
+
+def pipelines(deployment: Deployment) -> list[dict[str, Any]]:
+    """Each deployed pipeline: its name, role and resolved definition (one execution, default parameters)."""
+    found = []
+    for _, _, props in deployment.resources("AWS::SageMaker::Pipeline"):
+        body = props["PipelineDefinition"]["PipelineDefinitionBody"]
+        found.append({"name": props["PipelineName"], "role_arn": props["RoleArn"],
+                      "definition": json.loads(body), "resolved": resolve(json.loads(body))})
+    return found
+
+
+def training_arguments(pipeline: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    step = next(s for s in _steps(pipeline["resolved"]["Steps"]) if s["Type"] == "Training")
+    return step["Name"], step["Arguments"]
+
+
+def _steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for step in steps:
+        out.append(step)
+        for branch in ("IfSteps", "ElseSteps"):
+            out += _steps(step.get("Arguments", {}).get(branch, []))
+    return out
+
+
+def job_arn(region: str, step_name: str) -> str:
+    # Pipelines name the jobs pipelines-<execution id>-<step name>-<random>; training job ARNs are lower case.
+    return f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:training-job/pipelines-{EXECUTION_ID_STAND_IN}-{step_name}-a1b2c3d4e5".lower()
+
+
+def create_training_job_context(args: dict[str, Any]) -> dict[str, Any]:
+    """The condition keys SageMaker sets on CreateTrainingJob from the request's own fields."""
+    context: dict[str, Any] = {"sagemaker:InstanceTypes": [args["ResourceConfig"]["InstanceType"]],
+                               "sagemaker:MaxRuntimeInSeconds": str(args["StoppingCondition"]["MaxRuntimeInSeconds"])}
+    if "VpcConfig" in args:
+        context["sagemaker:VpcSubnets"] = list(args["VpcConfig"]["Subnets"])
+        context["sagemaker:VpcSecurityGroupIds"] = list(args["VpcConfig"]["SecurityGroupIds"])
+    for field, key in (("EnableNetworkIsolation", "sagemaker:NetworkIsolation"),
+                       ("EnableInterContainerTrafficEncryption", "sagemaker:InterContainerTrafficEncryption")):
+        if field in args:
+            context[key] = str(bool(args[field])).lower()
+    if args.get("OutputDataConfig", {}).get("KmsKeyId"):
+        context["sagemaker:OutputKmsKeyArn"] = args["OutputDataConfig"]["KmsKeyId"]
+    if args["ResourceConfig"].get("VolumeKmsKeyId"):
+        context["sagemaker:VolumeKmsKeyArn"] = args["ResourceConfig"]["VolumeKmsKeyId"]
+    return context
+
+
+def pipeline_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:
+    step_name, args = training_arguments(pipeline)
+    role, job = pipeline["role_arn"], job_arn(auth.region, step_name)
+    name = pipeline["name"]
+    out = [Request(f"{name}: pipeline role sagemaker:CreateTrainingJob", role, "sagemaker:CreateTrainingJob", job,
+                   create_training_job_context(args))]
+    out += [Request(f"{name}: pipeline role {a}", role, a, job)
+            for a in ("sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags")]
+    out.append(Request(f"{name}: pipeline role iam:PassRole", role, "iam:PassRole", args["RoleArn"],
+                       {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+    volume_key = args["ResourceConfig"].get("VolumeKmsKeyId")
+    if volume_key:
+        out += [Request(f"{name}: pipeline role {a} for volumes", role, a, volume_key,
+                        {"kms:GrantIsForAWSResource": "true"} if a == "kms:CreateGrant" else {},
+                        auth.key_policies.get(volume_key)) for a in ("kms:CreateGrant", "kms:DescribeKey")]
+    return out
+
+
+def execution_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:
+    step_name, args = training_arguments(pipeline)
+    role, name, region = args["RoleArn"], pipeline["name"], auth.region
+    job_name = job_arn(region, step_name).rsplit("/", 1)[-1]
+    out = []
+    for channel in args["InputDataConfig"]:
+        uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+        out += auth.s3_requests(role, f"{name}: execution role channel {channel['ChannelName']}", uri,
+                                ["s3:ListBucket", "s3:GetObject"], "part-000.jsonl")
+    checkpoints = args["CheckpointConfig"]["S3Uri"]
+    out += auth.s3_requests(role, f"{name}: execution role checkpoints", checkpoints,
+                            ["s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "step-4/__0_0.distcp")
+    output = args["OutputDataConfig"]["S3OutputPath"].rstrip("/") + f"/{job_name}/output/"
+    out += auth.s3_requests(role, f"{name}: execution role model upload", output, ["s3:PutObject"], "model.tar.gz")
+    image = args["AlgorithmSpecification"]["TrainingImage"]
+    registry, repository = image.split("/", 1)
+    image_account, image_region = registry.split(".")[0], registry.split(".")[3]
+    repository_arn = f"arn:{PARTITION}:ecr:{image_region}:{image_account}:repository/{repository.split(':')[0].split('@')[0]}"
+    out += [Request(f"{name}: execution role {a}", role, a, repository_arn)
+            for a in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability")]
+    out.append(Request(f"{name}: execution role ecr:GetAuthorizationToken", role, "ecr:GetAuthorizationToken", "*"))
+    log_group = f"arn:{PARTITION}:logs:{region}:{ACCOUNT}:log-group:/aws/sagemaker/TrainingJobs"
+    stream = f"{log_group}:log-stream:{job_name}/algo-1-1700000000"
+    out += [Request(f"{name}: execution role logs:CreateLogGroup", role, "logs:CreateLogGroup", log_group),
+            Request(f"{name}: execution role logs:DescribeLogStreams", role, "logs:DescribeLogStreams", log_group),
+            Request(f"{name}: execution role logs:CreateLogStream", role, "logs:CreateLogStream", stream),
+            Request(f"{name}: execution role logs:PutLogEvents", role, "logs:PutLogEvents", stream),
+            Request(f"{name}: execution role cloudwatch:PutMetricData", role, "cloudwatch:PutMetricData", "*",
+                    {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"})]
+    if "VpcConfig" in args:
+        out += eni_requests(f"{name}: execution role", role, region, args["VpcConfig"]["Subnets"],
+                            args["VpcConfig"]["SecurityGroupIds"],
+                            ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                             "ec2:DeleteNetworkInterfacePermission"],
+                            ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                             "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"])
+    return out
+
+
+def eni_requests(prefix: str, role: str, region: str, subnets: list[str], groups: list[str],
+                 on_interface: list[str], describe: list[str]) -> list[Request]:
+    """CreateNetworkInterface is authorized on the new interface, its subnet and its security groups."""
+    ec2 = f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}"
+    out = [Request(f"{prefix} ec2:CreateNetworkInterface on {r}", role, "ec2:CreateNetworkInterface", f"{ec2}:{r}")
+           for r in ["network-interface/eni-0123456789abcdef0", *[f"subnet/{s}" for s in subnets],
+                     *[f"security-group/{g}" for g in groups]]]
+    out += [Request(f"{prefix} {a}", role, a, f"{ec2}:network-interface/eni-0123456789abcdef0") for a in on_interface]
+    out += [Request(f"{prefix} {a}", role, a, "*") for a in describe]
+    return out
