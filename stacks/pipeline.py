@@ -22,6 +22,7 @@ class PipelineStack(cdk.Stack):
         self.training = TrainingPipeline(self, "Training", config=config, vpc=vpc, subnets=subnets,
                                          security_group=security_group, bucket=bucket, key=key,
                                          training_role=training_role, pipeline_role=pipeline_role,
+                                         grant_roles=False,  # the security stack's TrainingRoles granted them
                                          endpoint_security_group=endpoint_security_group)
         self.teams = {team.name: self._team_pipeline(team, config, vpc, subnets, security_group, bucket, key,
                                                      training_role, endpoint_security_group)
@@ -44,7 +45,8 @@ class PipelineStack(cdk.Stack):
         name = "".join(part.capitalize() for part in team.name.split("-"))
         pipeline = TrainingPipeline(self, f"Team{name}", config=config.for_team(team), vpc=vpc, subnets=subnets,
                                     security_group=security_group, bucket=bucket, key=key,
-                                    training_role=training_role, endpoint_security_group=endpoint_security_group)
+                                    training_role=training_role, grant_roles=False,
+                                    endpoint_security_group=endpoint_security_group)
         if team.principals:
             roles = [iam.Role.from_role_arn(self, f"Team{name}Principal{i}", arn, mutable=False)
                      for i, arn in enumerate(team.principals)]

@@ -152,11 +152,15 @@ def test_grant_start_execution_allows_starting_and_following_this_pipeline_only(
     assert ":pipeline/distributed-training" in resources and ":pipeline/distributed-training/execution/*" in resources
 
 
-def test_construct_refuses_half_of_a_bring_your_own_pair():
+def test_a_bring_your_own_pipeline_role_alone_is_granted_and_an_execution_role_is_created():
     app = cdk.App()
     stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
     vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
         ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
     role = iam.Role(stack, "R", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
-    with pytest.raises(ValueError, match="pipeline_role: needs training_role too"):
-        TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, pipeline_role=role)
+    pipeline = TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, pipeline_role=role)
+    assert pipeline.pipeline_role is role and pipeline.training_role is not role
+    template = app.synth().get_stack_by_name("S").template
+    attached = [json.dumps(r["Properties"]) for r in template["Resources"].values()
+                if r["Type"] == "AWS::IAM::ManagedPolicy" and "sagemaker:CreateTrainingJob" in json.dumps(r)]
+    assert len(attached) == 1 and stack.get_logical_id(role.node.default_child) in attached[0]

@@ -38,9 +38,13 @@ class PipelineAlarms(Construct):
 
     def __init__(self, scope: Construct, id: str, *, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
                  subnets: Sequence[ec2.ISubnet], alarm_after_hours: float, email: str | None = None,
-                 endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
+                 endpoint_security_group: ec2.ISecurityGroup | None = None,
+                 monitor_reserved_concurrency: int | None = None) -> None:
         """
         :param alarm_after_hours: alarm when an execution is still running after this long.
+        :param monitor_reserved_concurrency: reserve this many concurrent executions for the monitor
+            (@default - none: an account at the default concurrency quota of 10 rejects any reservation, since
+            the unreserved pool must stay at 10 or more, and the stack would roll back).
         :param email: subscribe this address to the topic (@default - no subscription).
         :param endpoint_security_group: the VPC interface endpoints' group; the monitor function reaches
             SageMaker and CloudWatch through it (@default - HTTPS to the VPC's CIDR block).
@@ -72,7 +76,8 @@ class PipelineAlarms(Construct):
             threshold=1, evaluation_periods=1, treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD)
         self.failed_alarm.add_alarm_action(action)
-        self.monitor = self._monitor_function(pipeline_name, pipeline_arn, vpc, subnets, endpoint_security_group)
+        self.monitor = self._monitor_function(pipeline_name, pipeline_arn, vpc, subnets, endpoint_security_group,
+                                              monitor_reserved_concurrency)
         self.age_alarm = cloudwatch.Alarm(
             self, "ExecutionRunningTooLong",
             alarm_description=f"A {pipeline_name} execution has run for more than {alarm_after_hours:g} h",
@@ -91,8 +96,8 @@ class PipelineAlarms(Construct):
         self.monitor_errors_alarm.add_alarm_action(action)
 
     def _monitor_function(self, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
-                          subnets: Sequence[ec2.ISubnet],
-                          endpoint_security_group: ec2.ISecurityGroup | None) -> lambda_.Function:
+                          subnets: Sequence[ec2.ISubnet], endpoint_security_group: ec2.ISecurityGroup | None,
+                          monitor_reserved_concurrency: int | None) -> lambda_.Function:
         group = ec2.SecurityGroup(self, "MonitorSecurityGroup", vpc=vpc, allow_all_outbound=False,
                                   description="Execution-age monitor: HTTPS to the VPC interface endpoints only")
         if endpoint_security_group is not None:
@@ -123,8 +128,10 @@ class PipelineAlarms(Construct):
             iam.PolicyStatement(sid="ManageVpcNetworkInterfaces",
                                 actions=["ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
                                          "ec2:UnassignPrivateIpAddresses"], resources=[eni]),
-            iam.PolicyStatement(sid="DescribeVpcNetworkInterfaces", actions=["ec2:DescribeNetworkInterfaces"],
-                                resources=["*"]),
+            # The EC2 rights of AWSLambdaVPCAccessExecutionRole (v3), which a VPC function needs (Lambda developer
+            # guide, "Giving Lambda functions access to resources in an Amazon VPC"); Describe* take no resource.
+            iam.PolicyStatement(sid="DescribeVpcNetworkInterfaces",
+                                actions=["ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets"], resources=["*"]),
             iam.PolicyStatement(sid="DeadLetters", actions=["sqs:SendMessage"], resources=[dead_letters.queue_arn]),
             iam.PolicyStatement(sid="EncryptDeadLettersAndLogs", actions=["kms:GenerateDataKey", "kms:Decrypt"],
                                 resources=[self.key.key_arn]),
@@ -133,8 +140,8 @@ class PipelineAlarms(Construct):
             self, "Monitor", runtime=lambda_.Runtime.PYTHON_3_14, handler="execution_age.handler",
             code=lambda_.Code.from_asset(str(MONITOR_CODE), exclude=["__pycache__"]),
             role=role.without_policy_updates(), timeout=cdk.Duration.seconds(60), memory_size=256,
-            reserved_concurrent_executions=1, dead_letter_queue=dead_letters, log_group=log_group,
-            environment_encryption=self.key,
+            dead_letter_queue=dead_letters, log_group=log_group,
+            reserved_concurrent_executions=monitor_reserved_concurrency, environment_encryption=self.key,
             vpc=vpc, vpc_subnets=ec2.SubnetSelection(subnets=list(subnets)), security_groups=[group],
             environment={"PIPELINE_NAME": pipeline_name, "METRIC_NAMESPACE": AGE_METRICS_NAMESPACE},
             description=f"Publishes the age of the oldest running {pipeline_name} execution")
@@ -143,11 +150,16 @@ class PipelineAlarms(Construct):
                     targets=[targets.LambdaFunction(function, retry_attempts=2, dead_letter_queue=dead_letters)])
         acknowledge(policy, {
             "AwsSolutions-IAM5[Resource::*]": "cloudwatch:PutMetricData (bound to one namespace by condition) and "
-            "ec2:DescribeNetworkInterfaces support no resource-level permissions.",
+            "ec2:DescribeNetworkInterfaces and ec2:DescribeSubnets support no resource-level permissions.",
             f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "Lambda creates the "
             "function's VPC network interfaces at run time, so their ids are unknown; creation is tied to this "
             "function's subnets and security group.",
         })
+        if monitor_reserved_concurrency is None:
+            reason = ("No reserved concurrency by default: accounts at the default Lambda concurrency quota of 10 "
+                      "reject any reservation (the unreserved pool must stay >= 10) and the stack would roll back. "
+                      "The monitor runs every 5 minutes for seconds; pass monitor_reserved_concurrency to reserve.")
+            acknowledge(function, {"NIST.800.53.R5-LambdaConcurrency": reason, "HIPAA.Security-LambdaConcurrency": reason})
         acknowledge(dead_letters, {
             "AwsSolutions-SQS3": "This queue is itself the dead-letter queue of the monitor function and its "
             "schedule; a dead-letter queue for it would only move the same messages again.",

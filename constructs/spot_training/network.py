@@ -108,9 +108,15 @@ class TrainingNetwork(Construct):
     def _flow_log_role(self) -> iam.IRole:
         # A managed policy instead of the inline default policy CDK would attach (NIST/HIPAA: no inline).
         role = iam.Role(self, "FlowLogRole", assumed_by=iam.ServicePrincipal("vpc-flow-logs.amazonaws.com"))
-        iam.ManagedPolicy(self, "FlowLogPolicy", roles=[role], statements=[iam.PolicyStatement(
-            actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            resources=[self.flow_log_group.log_group_arn])])
+        # Streams are authorized on `log-group:<name>:log-stream:<stream>`, DescribeLogStreams on the log group
+        # itself, `log-group:<name>` (Service Authorization Reference for CloudWatch Logs); the group's Arn
+        # attribute ends in `:*` and covers only the former.
+        group = self.flow_log_group.log_group_arn
+        iam.ManagedPolicy(self, "FlowLogPolicy", roles=[role], statements=[
+            iam.PolicyStatement(actions=["logs:CreateLogStream", "logs:PutLogEvents"], resources=[group]),
+            iam.PolicyStatement(actions=["logs:DescribeLogStreams"], resources=[cdk.Stack.of(self).format_arn(
+                service="logs", resource="log-group", resource_name=self.flow_log_group.log_group_name,
+                arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)])])
         # Immutable: CDK's flow log would otherwise add the same grant again as an inline policy.
         return role.without_policy_updates()
 

@@ -47,7 +47,7 @@ class TrainingPipeline(Construct):
                  security_group: ec2.ISecurityGroup | None = None,
                  bucket: s3.IBucket | None = None, key: kms.IKey | None = None,
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
-                 trainer_source_dir: str | Path | None = None,
+                 grant_roles: bool = True, trainer_source_dir: str | Path | None = None,
                  metric_definitions: Sequence[Mapping[str, str]] | None = None,
                  alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
         """
@@ -61,8 +61,13 @@ class TrainingPipeline(Construct):
         :param key: the KMS key of `bucket`, also used for outputs and volumes (give both or neither).
         :param training_role: the training jobs' execution role
             (@default - a new least-privilege role, see `TrainingRoles`).
-        :param pipeline_role: the role the pipeline runs as; needs `training_role`
+        :param pipeline_role: the role the pipeline runs as
             (@default - a new role limited to this config's instance types, runtime, subnets and keys).
+        :param grant_roles: attach to `training_role` and `pipeline_role` the managed policies each needs (the
+            statements of `TrainingRoles`: S3 prefixes, KMS through S3, logs, ECR pull, VPC-mode ENIs for the
+            execution role; guarded CreateTrainingJob, Describe/Stop/AddTags and PassRole for the pipeline
+            role). Set False when the given roles already carry them (roles from `TrainingRoles`)
+            (@default True). Roles this construct creates always get them.
         :param trainer_source_dir: the trainer code folder, entry point `train.py`
             (@default - the trainer shipped with this package).
         :param metric_definitions: SageMaker metric definitions
@@ -74,8 +79,6 @@ class TrainingPipeline(Construct):
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
-        if pipeline_role is not None and training_role is None:
-            raise ValueError("pipeline_role: needs training_role too (the role the pipeline passes to its jobs)")
         self.config = config
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = list(subnets or vpc.isolated_subnets)
@@ -86,10 +89,8 @@ class TrainingPipeline(Construct):
             store = ArtifactStore.for_config(self, "Store", config)
             bucket, key = store.bucket, store.key
         self.bucket, self.key = bucket, key
-        if pipeline_role is None:
-            roles = self._create_roles(training_role)
-            training_role, pipeline_role = roles.training_role, roles.pipeline_role
-        self.training_role, self.pipeline_role = training_role, pipeline_role
+        self.roles = self._roles(training_role, pipeline_role, grant_roles)
+        self.training_role, self.pipeline_role = self.roles.training_role, self.roles.pipeline_role
         self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
         source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
         self.code_asset = self._package_trainer(source_dir)
@@ -156,10 +157,12 @@ class TrainingPipeline(Construct):
         })
         return server
 
-    def _create_roles(self, training_role: iam.IRole | None) -> TrainingRoles:
+    def _roles(self, training_role: iam.IRole | None, pipeline_role: iam.IRole | None,
+               grant_roles: bool) -> TrainingRoles:
         config = self.config
         return TrainingRoles(self, "Roles", bucket=self.bucket, key=self.key, image_uri=self.image_uri,
-                             training_role=training_role,
+                             training_role=training_role, pipeline_role=pipeline_role,
+                             grant_training_role=grant_roles, grant_pipeline_role=grant_roles,
                              subnets=self.subnets, security_groups=[self.security_group],
                              allowed_instance_types=config.instance_type_allow_list,
                              max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,

