@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spot_training.network import INTERFACE_ENDPOINTS
+from spot_training.endpoints import INTERFACE_ENDPOINTS
 
 
 def _one(resources):
@@ -46,13 +46,15 @@ def test_s3_gateway_endpoint_serves_every_subnet_route_table(default_app):
     assert len(gateways[0]["Properties"]["RouteTableIds"]) == 2
 
 
-def test_interface_endpoints_cover_what_training_calls_with_private_dns(default_app):
+def test_interface_endpoints_are_only_those_a_caller_inside_the_vpc_needs_with_private_dns(default_app):
+    # A training job needs the S3 gateway endpoint only; the alarm monitor calls SageMaker and CloudWatch.
     endpoints = default_app.resources("networking", "AWS::EC2::VPCEndpoint")
     interfaces = [e["Properties"] for e in endpoints.values()
                   if e["Properties"].get("VpcEndpointType") == "Interface"]
     names = sorted(str(p["ServiceName"]).split(".", 3)[-1] for p in interfaces)
-    assert names == sorted(["sts", "logs", "monitoring", "sagemaker.api", "kms", "ecr.api", "ecr.dkr"])
+    assert names == ["monitoring", "sagemaker.api"]
     assert len(interfaces) == len(INTERFACE_ENDPOINTS)
+    assert all(reason for _, _, reason in INTERFACE_ENDPOINTS.values())
     assert all(p["PrivateDnsEnabled"] is True for p in interfaces)
     endpoint_sg = _id(default_app, "AWS::EC2::SecurityGroup", "EndpointSecurityGroup")
     assert all(p["SecurityGroupIds"] == [{"Fn::GetAtt": [endpoint_sg, "GroupId"]}] for p in interfaces)

@@ -244,3 +244,24 @@ def test_aws_errors_are_one_line_not_a_traceback(aws, monkeypatch, capsys):
     assert cli.main(["start", "--pipeline-name", "no-such-pipeline", "--region", REGION]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: AWS DescribePipeline: ")
+
+
+def test_size_prints_the_platforms_fixed_monthly_cost(capsys):
+    assert cli.main(["size", "--price-per-hour", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "platform fixed cost per month (whether or not it trains): $32.80" in text
+    assert "  2 interface endpoints x 2 AZs: $29.20" in text and "  3 KMS keys: $3.00" in text
+    assert "plus VPC flow log ingestion at $0.50 per GB" in text
+
+
+def test_the_fixed_cost_model_counts_what_the_templates_create(default_app):
+    from spot_training.endpoints import interface_endpoints
+
+    def count(resource_type):
+        return sum(len(default_app.resources(stack, resource_type)) for stack in default_app.templates)
+
+    endpoints = [e for e in default_app.resources("networking", "AWS::EC2::VPCEndpoint").values()
+                 if e["Properties"].get("VpcEndpointType") == "Interface"]
+    assert len(endpoints) == len(interface_endpoints(False))
+    assert count("AWS::KMS::Key") == 2 + 1
+    assert count("AWS::CloudWatch::Alarm") == sizing.ALARMS_PER_PIPELINE

@@ -142,7 +142,8 @@ def cmd_size(args: argparse.Namespace) -> int:
     from spot_training import sizing
     from spot_training.operations import load_prices
 
-    base = load_config().workload()
+    config = load_config()
+    base = config.workload()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(sizing.Workload)
                  if getattr(args, f.name, None) is not None}
     if "on_demand_price_per_instance_hour" not in overrides:
@@ -153,7 +154,24 @@ def cmd_size(args: argparse.Namespace) -> int:
         name, _, rest = str(error).partition("=")
         raise CliError(f"{args.flag_names.get(name, name)}={rest}") from None
     print(sizing_text(workload, args.instance_type))
+    print(platform_cost_text(config))
     return 0
+
+
+def platform_cost_text(config: TrainingConfig) -> str:
+    """The deployment's fixed monthly cost (what it costs before any run), from the same endpoint list the
+    networking construct builds."""
+    from spot_training import sizing
+    from spot_training.endpoints import interface_endpoints
+
+    rows = sizing.platform_monthly_cost(az_count=config.az_count,
+                                        interface_endpoints=len(interface_endpoints(config.mlflow)),
+                                        pipelines=1 + len(config.teams))
+    lines = [f"platform fixed cost per month (whether or not it trains): ${sum(usd for _, usd in rows):,.2f}"]
+    lines += [f"  {item}: ${usd:,.2f}" for item, usd in rows]
+    lines.append(f"  plus VPC flow log ingestion at ${sizing.FLOW_LOG_USD_PER_GB:.2f} per GB"
+                 + (" and the MLflow tracking server's hours" if config.mlflow else ""))
+    return "\n".join(lines)
 
 
 def sizing_text(w, instance_type: str) -> str:

@@ -21,7 +21,9 @@ def arn_finding(scope: IConstruct, service: str, resource: str) -> str:
     stack = cdk.Stack.of(scope)
     region = "<AWS::Region>" if cdk.Token.is_unresolved(stack.region) else stack.region
     account = "<AWS::AccountId>" if cdk.Token.is_unresolved(stack.account) else stack.account
-    return f"arn:<AWS::Partition>:{service}:{region}:{account}:{resource}"
+    # With a concrete region, CDK writes the partition literally (feature flags of cdk init 2.27x).
+    partition = "<AWS::Partition>" if cdk.Token.is_unresolved(stack.partition) else stack.partition
+    return f"arn:{partition}:{service}:{region}:{account}:{resource}"
 
 
 def bucket_arn_and_finding(scope: IConstruct, bucket) -> tuple[str, str]:

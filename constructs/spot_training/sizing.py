@@ -156,3 +156,26 @@ def guardrail_findings(w: Workload, *, use_spot: bool, max_run_seconds: int, max
     elif w.run_hours * 3600 > max_run_seconds:
         findings.append(f"max_run_seconds={max_run_seconds} is below expected_run_hours={w.run_hours:g}")
     return findings
+
+
+# Fixed monthly prices, us-east-1, 2026 (approximate; each from the service's public pricing page):
+KMS_KEY_USD_MONTH = 1.00            # AWS KMS pricing: each customer managed key, per month
+ALARM_USD_MONTH = 0.10              # Amazon CloudWatch pricing: standard-resolution alarm metric, per month
+CUSTOM_METRIC_USD_MONTH = 0.30      # Amazon CloudWatch pricing: custom metric, first 10,000, per month
+FLOW_LOG_USD_PER_GB = 0.50          # Amazon CloudWatch pricing: vended logs (VPC flow logs) ingestion, first 10 TB
+ALARMS_PER_PIPELINE = 3             # spot_training.alarms: execution failed, running too long, monitor errors
+
+
+def platform_monthly_cost(*, az_count: int, interface_endpoints: int, pipelines: int) -> list[tuple[str, float]]:
+    """What the deployed platform costs per month whether or not it trains: (item, USD) rows. Keys: the
+    artifact key, the flow log key and one alarm key per pipeline; alarms and the monitor's custom metric
+    per pipeline; interface endpoints per AZ. Flow log ingestion depends on traffic and is not included."""
+    from spot_training.endpoints import ENDPOINT_USD_PER_AZ_MONTH
+
+    keys = 2 + pipelines
+    return [
+        (f"{interface_endpoints} interface endpoints x {az_count} AZs", interface_endpoints * az_count * ENDPOINT_USD_PER_AZ_MONTH),
+        (f"{keys} KMS keys", keys * KMS_KEY_USD_MONTH),
+        (f"{ALARMS_PER_PIPELINE * pipelines} CloudWatch alarms", ALARMS_PER_PIPELINE * pipelines * ALARM_USD_MONTH),
+        (f"{pipelines} custom metric(s) of the alarm monitor", pipelines * CUSTOM_METRIC_USD_MONTH),
+    ]
