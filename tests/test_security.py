@@ -73,7 +73,8 @@ def test_pipeline_role_creates_jobs_only_inside_the_guardrails(default_app):
     assert statement["Action"] == "sagemaker:CreateTrainingJob"
     assert statement["Resource"]["Fn::Join"][1][-1] == ":training-job/pipelines-*"
     condition = statement["Condition"]
-    assert condition["Null"] == {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false"}
+    assert condition["Null"] == {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false",
+                                 "sagemaker:InstanceTypes": "false"}
     equals = condition["ForAllValues:StringEquals"]
     assert equals["sagemaker:InstanceTypes"] == ["ml.p4d.24xlarge"]
     assert len(equals["sagemaker:VpcSubnets"]) == 2
@@ -81,8 +82,8 @@ def test_pipeline_role_creates_jobs_only_inside_the_guardrails(default_app):
     assert "TrainingSecurityGroup" in equals["sagemaker:VpcSecurityGroupIds"][0]["Fn::ImportValue"]
     assert condition["Bool"] == {"sagemaker:NetworkIsolation": "true",
                                  "sagemaker:InterContainerTrafficEncryption": "true"}
-    assert "sagemaker:OutputKmsKey" in condition["ArnEquals"]
-    assert "sagemaker:VolumeKmsKey" in condition["ArnEqualsIfExists"]
+    assert "sagemaker:OutputKmsKeyArn" in condition["ArnEquals"]
+    assert "sagemaker:VolumeKmsKeyArn" in condition["ArnEqualsIfExists"]  # p4d has local NVMe: no volume key
     assert condition["NumericLessThanEquals"] == {"sagemaker:MaxRuntimeInSeconds": 43200}
 
 
