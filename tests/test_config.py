@@ -152,6 +152,23 @@ def test_a_default_image_the_sdk_does_not_know_stops_synth_in_one_line(override)
     assert f"{name.split('.')[1]}={value}" in line
 
 
-def test_non_finite_numbers_are_refused_when_the_config_is_built_in_python_too():
-    with pytest.raises(ConfigError, match=r"^training.learning_rate=nan: must be a finite number"):
-        TrainingConfig(learning_rate=float("nan"))
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"instance_count": "4"}, "TrainingConfig.instance_count='4': must be an integer from 1 to 64"),
+    ({"use_spot": "false"}, "TrainingConfig.use_spot='false': must be True or False"),
+    ({"max_run_seconds": 3600.5}, "TrainingConfig.max_run_seconds=3600.5: must be an integer from 60 to 2419200"),
+    ({"learning_rate": float("nan")}, "TrainingConfig.learning_rate=nan: must be a finite number above 0.0 to 1.0"),
+    ({"instance_count": 0}, "TrainingConfig.instance_count=0: must be from 1 to 64"),
+    ({"allowed_instance_types": "ml.p4d.24xlarge"},
+     "TrainingConfig.allowed_instance_types='ml.p4d.24xlarge': must be a tuple of strings"),
+    ({"region": 1}, "TrainingConfig.region=1: must be a string"),
+])
+def test_a_config_built_in_python_is_validated_on_construction_naming_the_python_field(kwargs, message):
+    with pytest.raises(ConfigError) as caught:
+        TrainingConfig(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_python_numbers_and_lists_are_normalized_to_the_field_types():
+    config = TrainingConfig(learning_rate=1, allowed_instance_types=["ml.p4d.24xlarge"])
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.allowed_instance_types == ("ml.p4d.24xlarge",)

@@ -7,6 +7,7 @@ whose message is one line naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -27,6 +28,11 @@ LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 
 
 class ConfigError(ValueError):
     """A setting the platform cannot run with; the message is meant for the user, as is."""
+
+
+# How messages name a field: `training.<field>` for a config read from the CDK context (cdk.json, -c), and
+# `TrainingConfig.<field>` for one built in Python. `from_mapping` sets it while it constructs.
+_PREFIX = contextvars.ContextVar("spot_training_config_prefix", default="TrainingConfig")
 
 
 def _field(default: Any, doc: str, **rules: Any) -> Any:
@@ -202,46 +208,48 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_rules(f, getattr(self, f.name))
+            value = _check_type(f, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            _check_rules(f, value)
         self._check_instance_type("instance_type", self.instance_type)
         for i, allowed in enumerate(self.allowed_instance_types):
             self._check_instance_type(f"allowed_instance_types[{i}]", allowed)
         if self.allowed_instance_types and self.instance_type not in self.allowed_instance_types:
             raise ConfigError(
-                f"{CONTEXT_KEY}.allowed_instance_types={','.join(self.allowed_instance_types)}: must "
-                f"include {CONTEXT_KEY}.instance_type ({self.instance_type})")
+                f"{_PREFIX.get()}.allowed_instance_types={','.join(self.allowed_instance_types)}: must "
+                f"include {_PREFIX.get()}.instance_type ({self.instance_type})")
         if self.max_instance_count and self.instance_count > self.max_instance_count:
-            raise ConfigError(f"{CONTEXT_KEY}.instance_count={self.instance_count}: above "
-                              f"{CONTEXT_KEY}.max_instance_count ({self.max_instance_count})")
+            raise ConfigError(f"{_PREFIX.get()}.instance_count={self.instance_count}: above "
+                              f"{_PREFIX.get()}.max_instance_count ({self.max_instance_count})")
         if self.mlflow and self.network_isolation:
-            raise ConfigError(f"{CONTEXT_KEY}.mlflow=true: needs {CONTEXT_KEY}.network_isolation=false; an "
+            raise ConfigError(f"{_PREFIX.get()}.mlflow=true: needs {_PREFIX.get()}.network_isolation=false; an "
                               "isolated training container cannot reach the MLflow tracking server (metrics "
                               "still reach CloudWatch through the metric definitions)")
         if self.mlflow and not self.image_uri:
-            raise ConfigError(f"{CONTEXT_KEY}.mlflow=true: needs {CONTEXT_KEY}.image_uri, an image with mlflow "
+            raise ConfigError(f"{_PREFIX.get()}.mlflow=true: needs {_PREFIX.get()}.image_uri, an image with mlflow "
                               "and sagemaker-mlflow installed; the default Hugging Face DLC has neither and the job "
                               "cannot pip install")
         names = [team.name for team in self.teams]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{CONTEXT_KEY}.teams: team names must be unique, got {', '.join(names)}")
+            raise ConfigError(f"{_PREFIX.get()}.teams: team names must be unique, got {', '.join(names)}")
         for team in self.teams:
             self.for_team(team)  # raises on a default that breaks the team's limits
         if self.use_spot and self.max_wait_seconds < self.max_run_seconds:
             raise ConfigError(
-                f"{CONTEXT_KEY}.max_wait_seconds={self.max_wait_seconds}: must be >= "
-                f"{CONTEXT_KEY}.max_run_seconds ({self.max_run_seconds}) when {CONTEXT_KEY}.use_spot=true")
+                f"{_PREFIX.get()}.max_wait_seconds={self.max_wait_seconds}: must be >= "
+                f"{_PREFIX.get()}.max_run_seconds ({self.max_run_seconds}) when {_PREFIX.get()}.use_spot=true")
 
     def _check_instance_type(self, name: str, value: str) -> None:
         offered = instance_types.training_instance_types()
         if value not in offered:
             close = difflib.get_close_matches(value, offered, n=3)
             hint = f"; closest: {', '.join(close)}" if close else ""
-            raise ConfigError(f"{CONTEXT_KEY}.{name}={value}: not an instance type SageMaker offers for "
+            raise ConfigError(f"{_PREFIX.get()}.{name}={value}: not an instance type SageMaker offers for "
                               f"training (botocore TrainingInstanceType){hint}")
         if self.require_gpu and instance_types.gpus_per_instance(value) == 0:
-            raise ConfigError(f"{CONTEXT_KEY}.{name}={value}: has no NVIDIA GPU, so it cannot run "
+            raise ConfigError(f"{_PREFIX.get()}.{name}={value}: has no NVIDIA GPU, so it cannot run "
                               f"distributed GPU training; use a GPU type such as ml.p4d.24xlarge, "
-                              f"ml.p5.48xlarge or ml.g5.12xlarge, or set {CONTEXT_KEY}.require_gpu=false")
+                              f"ml.p5.48xlarge or ml.g5.12xlarge, or set {_PREFIX.get()}.require_gpu=false")
 
     @property
     def instance_type_allow_list(self) -> tuple[str, ...]:
@@ -254,7 +262,7 @@ class TrainingConfig:
 
     def for_team(self, team: TeamConfig) -> TrainingConfig:
         """This deployment as seen by one team's pipeline: its name, instance types, caps and defaults."""
-        where = f"{CONTEXT_KEY}.teams.{team.name}"
+        where = f"{_PREFIX.get()}.teams.{team.name}"
         allowed = team.allowed_instance_types()
         instance_type = team.instance_type or (self.instance_type if self.instance_type in allowed else allowed[0])
         if instance_type not in allowed:
@@ -265,7 +273,7 @@ class TrainingConfig:
             raise ConfigError(f"{where}.instance_count={instance_count}: above the team's max_instance_count "
                               f"({team.max_instance_count})")
         if self.use_spot and self.max_wait_seconds < team.max_run_seconds:
-            raise ConfigError(f"{where}.max_run_seconds={team.max_run_seconds}: above {CONTEXT_KEY}.max_wait_seconds "
+            raise ConfigError(f"{where}.max_run_seconds={team.max_run_seconds}: above {_PREFIX.get()}.max_wait_seconds "
                               f"({self.max_wait_seconds}); spot needs MaxWait >= MaxRuntime")
         return dataclasses.replace(
             self, pipeline_name=f"{self.pipeline_name}-{team.name}", instance_type=instance_type,
@@ -303,6 +311,14 @@ class TrainingConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainingConfig:
+        token = _PREFIX.set(CONTEXT_KEY)
+        try:
+            return cls._from_mapping(values)
+        finally:
+            _PREFIX.reset(token)
+
+    @classmethod
+    def _from_mapping(cls, values: Mapping[str, Any]) -> TrainingConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         parsed = {}
         for name, raw in values.items():
@@ -370,6 +386,36 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
     return raw
 
 
+def _check_type(f: dataclasses.Field, value: Any) -> Any:
+    """The value in the field's type (an int where a float goes, a list where a tuple goes), or ConfigError.
+    Strings are not parsed here: that is `from_context`'s job; a Python caller passes real types."""
+    kind, where = f.type, f"{_PREFIX.get()}.{f.name}={value!r}"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be True or False")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer{_range_text(f)}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number{_range_text(f)}")
+        return float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+    elif kind == "tuple[str, ...]":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}: must be a tuple of strings")
+        return tuple(value)
+    elif kind == "tuple[TeamConfig, ...]":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                not all(isinstance(x, TeamConfig) for x in value):
+            raise ConfigError(f"{where}: must be a tuple of TeamConfig (or, in cdk.json, an object of team name "
+                              "-> settings)")
+        return tuple(value)
+    return value
+
+
 def _range_text(f: dataclasses.Field) -> str:
     if "min" not in f.metadata:
         return ""
@@ -379,7 +425,7 @@ def _range_text(f: dataclasses.Field) -> str:
 
 def _check_rules(f: dataclasses.Field, value: Any) -> None:
     rules = f.metadata
-    where = f"{CONTEXT_KEY}.{f.name}={_show(value)}"
+    where = f"{_PREFIX.get()}.{f.name}={_show(value)}"
     if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
         raise ConfigError(f"{where}: must be a finite number{_range_text(f)}")
     if "choices" in rules and value not in rules["choices"]:
