@@ -164,3 +164,62 @@ def test_a_bring_your_own_pipeline_role_alone_is_granted_and_an_execution_role_i
     attached = [json.dumps(r["Properties"]) for r in template["Resources"].values()
                 if r["Type"] == "AWS::IAM::ManagedPolicy" and "sagemaker:CreateTrainingJob" in json.dumps(r)]
     assert len(attached) == 1 and stack.get_logical_id(role.node.default_child) in attached[0]
+
+
+def _vpc_with_egress(stack):
+    """A VPC built the usual way: public subnets and PRIVATE_WITH_EGRESS behind a NAT gateway."""
+    return ec2.Vpc(stack, "Vpc", max_azs=2, nat_gateways=1, subnet_configuration=[
+        ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC),
+        ec2.SubnetConfiguration(name="private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS)])
+
+
+def test_a_vpc_with_private_subnets_with_egress_defaults_to_them():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = _vpc_with_egress(stack)
+    pipeline = TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, alarms=False)
+    assert [s.subnet_id for s in pipeline.subnets] == [s.subnet_id for s in vpc.private_subnets]
+
+
+def test_subnets_that_are_public_or_of_another_vpc_are_refused_in_one_line():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = _vpc_with_egress(stack)
+    other = ec2.Vpc(stack, "Other", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    with pytest.raises(ValueError, match=r"^subnets: .* not among the vpc's 4 subnets$"):
+        TrainingPipeline(stack, "A", config=TrainingConfig(), vpc=vpc, subnets=other.isolated_subnets, alarms=False)
+    with pytest.raises(ValueError, match=r"^subnets: .* are public subnets of the vpc; pass private subnets$"):
+        TrainingPipeline(stack, "B", config=TrainingConfig(), vpc=vpc, subnets=vpc.public_subnets, alarms=False)
+
+
+def test_a_vpc_with_only_public_subnets_says_what_it_looked_for():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC)])
+    with pytest.raises(ValueError) as caught:
+        TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, alarms=False)
+    assert str(caught.value) == ("subnets: none given, and the vpc has no isolated or private subnets to default to "
+                                 "(it has 2 public); pass subnets=[...] of private subnets")
+
+
+def test_the_created_security_group_gets_the_networking_stacks_rules_and_the_endpoints_admit_it():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = _vpc_with_egress(stack)
+    endpoints = ec2.SecurityGroup(stack, "Endpoints", vpc=vpc, allow_all_outbound=False)
+    pipeline = TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, endpoint_security_group=endpoints,
+                                alarms=False)
+    template = app.synth().get_stack_by_name("S").template
+    group_id = stack.get_logical_id(pipeline.security_group.node.default_child)
+    endpoints_id = stack.get_logical_id(endpoints.node.default_child)
+    rules = [r["Properties"] for r in template["Resources"].values()
+             if r["Type"] in ("AWS::EC2::SecurityGroupIngress", "AWS::EC2::SecurityGroupEgress")]
+    egress = [r for r in rules if r.get("GroupId") == {"Fn::GetAtt": [group_id, "GroupId"]} and "FromPort" in r]
+    assert any(r.get("DestinationSecurityGroupId") == {"Fn::GetAtt": [endpoints_id, "GroupId"]} and r["FromPort"] == 443
+               for r in egress)
+    assert any("DestinationPrefixListId" in r and r["FromPort"] == 443 for r in egress)
+    assert any(r.get("GroupId") == {"Fn::GetAtt": [endpoints_id, "GroupId"]} and
+               r.get("SourceSecurityGroupId") == {"Fn::GetAtt": [group_id, "GroupId"]} and r["FromPort"] == 443
+               for r in rules)

@@ -53,9 +53,11 @@ class TrainingPipeline(Construct):
         """
         :param config: the validated platform settings (instance type and count, spot, limits, ...).
         :param vpc: the VPC the training instances run in.
-        :param subnets: the subnets of `vpc` to run in (@default - the VPC's isolated subnets).
+        :param subnets: the subnets of `vpc` to run in, private ones
+            (@default - the VPC's isolated subnets, else its private subnets with egress).
         :param security_group: the training instances' group
-            (@default - a new group allowing all traffic among its members and HTTPS to endpoints and S3).
+            (@default - a new group with the networking stack's rules: all traffic among its members, HTTPS to
+            `endpoint_security_group` (which then admits it) or else the VPC CIDR, HTTPS to the S3 prefix list).
         :param bucket: artifact bucket for data, models, checkpoints and outputs, with `key`
             (@default - a new `ArtifactStore`: KMS key, versioned bucket, access logs).
         :param key: the KMS key of `bucket`, also used for outputs and volumes (give both or neither).
@@ -74,17 +76,15 @@ class TrainingPipeline(Construct):
             (@default - `METRIC_DEFINITIONS` of the trainer's `log_format.py`).
         :param alarms: create `PipelineAlarms` (failed, stopped and overlong executions to an SNS topic,
             e-mail from `config.alarm_email`) (@default True).
-        :param endpoint_security_group: the VPC interface endpoints' group, for the alarm monitor's HTTPS
-            (@default - HTTPS to the VPC's CIDR block).
+        :param endpoint_security_group: the VPC interface endpoints' group, for the HTTPS of the alarm monitor and
+            of the security group this construct creates (@default - HTTPS to the VPC's CIDR block).
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
         self.config = config
         self.image_uri = sdk.default_image_uri(config)
-        self.subnets = list(subnets or vpc.isolated_subnets)
-        if not self.subnets or len(self.subnets) > 16:
-            raise ValueError(f"subnets: {len(self.subnets)} given; a training job takes 1 to 16 subnets")
-        self.security_group = security_group or TrainingSecurityGroup(self, "SecurityGroup", vpc=vpc).security_group
+        self.subnets = _training_subnets(vpc, subnets)
+        self.security_group = security_group or self._security_group(vpc, endpoint_security_group)
         if bucket is None:
             store = ArtifactStore.for_config(self, "Store", config)
             bucket, key = store.bucket, store.key
@@ -112,6 +112,15 @@ class TrainingPipeline(Construct):
             subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
             endpoint_security_group=endpoint_security_group) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
+
+    def _security_group(self, vpc: ec2.IVpc, endpoint_security_group: ec2.ISecurityGroup | None) -> ec2.ISecurityGroup:
+        """The networking stack's rules: all traffic among members, HTTPS to the endpoints' group (which then
+        admits it) or else the VPC CIDR, and HTTPS to the S3 prefix list."""
+        group = TrainingSecurityGroup(self, "SecurityGroup", vpc=vpc,
+                                      endpoint_security_group=endpoint_security_group).security_group
+        if endpoint_security_group is not None:
+            endpoint_security_group.add_ingress_rule(group, ec2.Port.tcp(443), "HTTPS from training instances")
+        return group
 
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
         """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop)."""
@@ -199,6 +208,29 @@ class TrainingPipeline(Construct):
         for placeholder, token in substitutions.items():
             body = body.replace(placeholder, token)
         return body
+
+
+def _training_subnets(vpc: ec2.IVpc, given: Sequence[ec2.ISubnet] | None) -> list[ec2.ISubnet]:
+    """`given`, checked against the VPC where its subnets are known; else the VPC's isolated subnets, else
+    its private subnets with egress. Never public subnets: training instances get no public address."""
+    known = {s.subnet_id: kind for kind, group in (("public", vpc.public_subnets), ("private", vpc.private_subnets),
+                                                  ("isolated", vpc.isolated_subnets)) for s in group}
+    if given is None:
+        chosen = list(vpc.isolated_subnets) or list(vpc.private_subnets)
+        if not chosen:
+            raise ValueError(f"subnets: none given, and the vpc has no isolated or private subnets to default to "
+                             f"(it has {len(vpc.public_subnets)} public); pass subnets=[...] of private subnets")
+    else:
+        chosen = list(given)
+        foreign = [s.subnet_id for s in chosen if known and s.subnet_id not in known]
+        if foreign:
+            raise ValueError(f"subnets: {', '.join(foreign)} not among the vpc's {len(known)} subnets")
+        public = [s.subnet_id for s in chosen if known.get(s.subnet_id) == "public"]
+        if public:
+            raise ValueError(f"subnets: {', '.join(public)} are public subnets of the vpc; pass private subnets")
+    if not 1 <= len(chosen) <= 16:
+        raise ValueError(f"subnets: {len(chosen)} given; a training job takes 1 to 16 subnets")
+    return chosen
 
 
 def _require_pair(name_a: str, a: Any, name_b: str, b: Any) -> None:
