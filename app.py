@@ -16,12 +16,19 @@ from spot_training.definition import check_default_image
 from spot_training.nag import add_checks
 
 
+def require_region(config: TrainingConfig) -> None:
+    if not config.region:
+        raise ConfigError("training.region: empty; the app needs the region its stacks deploy to (cdk.json, or "
+                          "-c training.region=...)")
+
+
 def build_app(app: cdk.App, config: TrainingConfig) -> dict[str, cdk.Stack]:
     from stacks.networking import NetworkingStack
     from stacks.pipeline import PipelineStack
     from stacks.security import SecurityStack
 
     # Account-agnostic on purpose: synth needs no credentials, and templates are the same for everyone.
+    require_region(config)
     env = cdk.Environment(region=config.region)
     prefix = "".join(part.capitalize() for part in config.pipeline_name.split("-"))
     networking = NetworkingStack(app, f"{prefix}Networking", config=config, env=env)
@@ -45,6 +52,7 @@ def main() -> None:
     app = cdk.App()
     try:
         config = TrainingConfig.from_context(app.node.get_all_context())
+        require_region(config)
         check_default_image(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -172,3 +172,12 @@ def test_python_numbers_and_lists_are_normalized_to_the_field_types():
     config = TrainingConfig(learning_rate=1, allowed_instance_types=["ml.p4d.24xlarge"])
     assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
     assert config.allowed_instance_types == ("ml.p4d.24xlarge",)
+
+
+def test_the_app_without_a_region_stops_in_one_line():
+    context = {**cdk_json_context(), "training.region": ""}
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: training.region: empty; the app needs the region its stacks deploy to "
+                                   "(cdk.json, or -c training.region=...)")

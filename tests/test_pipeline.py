@@ -223,3 +223,33 @@ def test_the_created_security_group_gets_the_networking_stacks_rules_and_the_end
     assert any(r.get("GroupId") == {"Fn::GetAtt": [endpoints_id, "GroupId"]} and
                r.get("SourceSecurityGroupId") == {"Fn::GetAtt": [group_id, "GroupId"]} and r["FromPort"] == 443
                for r in rules)
+
+
+def test_the_construct_takes_its_stacks_region_for_the_image_and_the_definition():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="eu-west-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    pipeline = TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, alarms=False)
+    assert pipeline.config.region == "eu-west-1"
+    assert ".dkr.ecr.eu-west-1.amazonaws.com/" in pipeline.image_uri
+    body = json.dumps(pipeline.definition)
+    assert '"sagemaker_region": "\\"eu-west-1\\""' in body and ".dkr.ecr.eu-west-1.amazonaws.com/" in body
+
+
+@pytest.mark.parametrize(("stack_region", "config_region", "message"), [
+    ("eu-west-1", "us-east-1", "TrainingConfig.region=us-east-1: the stack deploys to eu-west-1; leave region empty "
+                               "to follow the stack, or make them match"),
+    (None, "", "TrainingConfig.region: empty, and the stack is environment-agnostic; the training image and the "
+               "pipeline definition are per region: give the stack env=cdk.Environment(region=...) or set "
+               "TrainingConfig(region=...)"),
+])
+def test_a_region_that_contradicts_the_stack_or_is_unknowable_is_refused(stack_region, config_region, message):
+    app = cdk.App()
+    env = cdk.Environment(region=stack_region) if stack_region else None
+    stack = cdk.Stack(app, "S", env=env)
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, max_azs=2, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    with pytest.raises(ValueError) as caught:
+        TrainingPipeline(stack, "T", config=TrainingConfig(region=config_region), vpc=vpc, alarms=False)
+    assert str(caught.value) == message

@@ -95,7 +95,10 @@ def aws_client(service: str, region: str):
 def _region(args: argparse.Namespace) -> str:
     import os
 
-    return args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or load_config().region
+    region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or load_config().region
+    if not region:
+        raise CliError("--region: not set; pass --region, set AWS_REGION, or set training.region in ./cdk.json")
+    return region
 
 
 def _pipeline_name(args: argparse.Namespace) -> str:

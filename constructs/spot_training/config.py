@@ -110,9 +110,10 @@ class TeamConfig:
 class TrainingConfig:
     """Settings of one deployment. Field docs are the README's configuration reference."""
 
-    region: str = _field("us-east-1", "AWS region the stacks deploy to (also picks the training image).",
-                         pattern=r"[a-z]{2}(-gov)?-[a-z]+-\d",
-        allowed="an AWS region such as us-east-1")
+    region: str = _field("", "AWS region the stacks deploy to (also picks the training image). Required by the "
+                         "app (cdk.json sets it); empty in a config given to the construct: the stack's region.",
+                         pattern=r"|[a-z]{2}(-gov)?-[a-z]+-\d",
+        allowed="an AWS region such as us-east-1, or empty")
     pipeline_name: str = _field("distributed-training", "SageMaker pipeline name; the stacks are named "
                                 "after it (DistributedTrainingNetworking, ...).",
                                 pattern=r"[a-zA-Z][a-zA-Z0-9-]{0,47}",

@@ -581,6 +581,8 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     `out` holds one run at a time: a run in progress there (another local-run) is refused; an unfinished run
     (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
     finished one is replaced."""
+    if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
+        config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     job, _ = build_job(config, steps, trainer_dir)
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:

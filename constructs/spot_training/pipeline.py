@@ -3,6 +3,7 @@ in private subnets, with checkpoints keyed on the pipeline execution."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -81,6 +82,7 @@ class TrainingPipeline(Construct):
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
+        config = config_for_stack(config, cdk.Stack.of(self))
         self.config = config
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = _training_subnets(vpc, subnets)
@@ -208,6 +210,21 @@ class TrainingPipeline(Construct):
         for placeholder, token in substitutions.items():
             body = body.replace(placeholder, token)
         return body
+
+
+def config_for_stack(config: TrainingConfig, stack: cdk.Stack) -> TrainingConfig:
+    """`config` in its stack's region: the training image, the SDK session and the definition are per region.
+    An environment-agnostic stack takes `config.region` as is (the pipeline is then right only there)."""
+    if cdk.Token.is_unresolved(stack.region):
+        if not config.region:
+            raise ValueError("TrainingConfig.region: empty, and the stack is environment-agnostic; the training image "
+                             "and the pipeline definition are per region: give the stack env=cdk.Environment(region=...) "
+                             "or set TrainingConfig(region=...)")
+        return config
+    if config.region and config.region != stack.region:
+        raise ValueError(f"TrainingConfig.region={config.region}: the stack deploys to {stack.region}; leave region "
+                         "empty to follow the stack, or make them match")
+    return dataclasses.replace(config, region=stack.region)
 
 
 def _training_subnets(vpc: ec2.IVpc, given: Sequence[ec2.ISubnet] | None) -> list[ec2.ISubnet]:
