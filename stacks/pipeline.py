@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import aws_cdk as cdk
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -19,7 +21,8 @@ class PipelineStack(cdk.Stack):
                  key: kms.IKey, training_role: iam.IRole, pipeline_role: iam.IRole,
                  endpoint_security_group: ec2.ISecurityGroup, **kwargs) -> None:
         super().__init__(scope, id, **kwargs)
-        self.training = TrainingPipeline(self, "Training", config=config, vpc=vpc, subnets=subnets,
+        self.training = TrainingPipeline(self, "Training", config=dataclasses.replace(config, teams=()), vpc=vpc,
+                                         subnets=subnets,
                                          security_group=security_group, bucket=bucket, key=key,
                                          training_role=training_role, pipeline_role=pipeline_role,
                                          grant_roles=False,  # the security stack's TrainingRoles granted them

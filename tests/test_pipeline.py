@@ -10,7 +10,7 @@ import pytest
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 
-from spot_training.config import TrainingConfig
+from spot_training.config import TeamConfig, TrainingConfig
 from spot_training.pipeline import TrainingPipeline, deterministic_tarball, load_metric_definitions
 from tests.conftest import ROOT, pipeline_body, synth, training_step
 
@@ -253,3 +253,13 @@ def test_a_region_that_contradicts_the_stack_or_is_unknowable_is_refused(stack_r
     with pytest.raises(ValueError) as caught:
         TrainingPipeline(stack, "T", config=TrainingConfig(region=config_region), vpc=vpc, alarms=False)
     assert str(caught.value) == message
+
+
+def test_a_config_with_teams_given_to_one_pipeline_is_refused_in_one_line():
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    team = TeamConfig(name="nlp", instance_types=("ml.p4d.24xlarge",), max_instance_count=2, max_run_seconds=3600)
+    with pytest.raises(ValueError, match=r"^config.teams: 1 team\(s\) given; a TrainingPipeline is one pipeline"):
+        TrainingPipeline(stack, "T", config=TrainingConfig(teams=(team,)), vpc=vpc, alarms=False)

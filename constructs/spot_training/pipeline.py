@@ -82,6 +82,10 @@ class TrainingPipeline(Construct):
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
+        if config.teams:
+            raise ValueError(f"config.teams: {len(config.teams)} team(s) given; a TrainingPipeline is one pipeline: "
+                             "build one per team with config.for_team(team) (see stacks/pipeline.py), or pass "
+                             "dataclasses.replace(config, teams=())")
         config = config_for_stack(config, cdk.Stack.of(self))
         self.config = config
         self.image_uri = sdk.default_image_uri(config)
