@@ -9,6 +9,7 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 
 from spot_training.config import TeamConfig, TrainingConfig
 from spot_training.pipeline import TrainingPipeline, deterministic_tarball, load_metric_definitions
@@ -263,3 +264,19 @@ def test_a_config_with_teams_given_to_one_pipeline_is_refused_in_one_line():
     team = TeamConfig(name="nlp", instance_types=("ml.p4d.24xlarge",), max_instance_count=2, max_run_seconds=3600)
     with pytest.raises(ValueError, match=r"^config.teams: 1 team\(s\) given; a TrainingPipeline is one pipeline"):
         TrainingPipeline(stack, "T", config=TrainingConfig(teams=(team,)), vpc=vpc, alarms=False)
+
+
+def test_alarms_use_an_existing_key_and_topic_when_given():
+    from aws_cdk import aws_sns as sns
+
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    key = kms.Key(stack, "TheirKey", enable_key_rotation=True)
+    topic = sns.Topic(stack, "TheirTopic", master_key=key)
+    pipeline = TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, alarm_key=key, alarm_topic=topic)
+    assert pipeline.alarm_topic is topic and pipeline.alarms.key is key
+    template = app.synth().get_stack_by_name("S").template
+    assert [k for k, r in template["Resources"].items() if r["Type"] == "AWS::SNS::Topic"] == [
+        stack.get_logical_id(topic.node.default_child)]

@@ -39,8 +39,15 @@ class PipelineAlarms(Construct):
     def __init__(self, scope: Construct, id: str, *, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
                  subnets: Sequence[ec2.ISubnet], alarm_after_hours: float, email: str | None = None,
                  endpoint_security_group: ec2.ISecurityGroup | None = None,
-                 monitor_reserved_concurrency: int | None = None) -> None:
+                 monitor_reserved_concurrency: int | None = None, key: kms.IKey | None = None,
+                 topic: sns.ITopic | None = None) -> None:
         """
+        :param key: the KMS key for the topic, the monitor's logs, dead letters and environment; it must let
+            events.amazonaws.com, cloudwatch.amazonaws.com and logs.<region>.amazonaws.com encrypt and decrypt
+            (@default - a new key with those grants).
+        :param topic: where alarms and Failed/Stopped events go; its policy must let EventBridge and
+            CloudWatch publish, and its key (if any) must let them use it (@default - a new topic encrypted
+            with `key`).
         :param alarm_after_hours: alarm when an execution is still running after this long.
         :param monitor_reserved_concurrency: reserve this many concurrent executions for the monitor
             (@default - none: an account at the default concurrency quota of 10 rejects any reservation, since
@@ -51,11 +58,13 @@ class PipelineAlarms(Construct):
         """
         super().__init__(scope, id)
         region = cdk.Stack.of(self).region
-        self.key = kms.Key(self, "Key", enable_key_rotation=True, description="Encrypts training alarm messages")
-        for service in ("events.amazonaws.com", "cloudwatch.amazonaws.com", f"logs.{region}.amazonaws.com"):
-            self.key.grant_encrypt_decrypt(iam.ServicePrincipal(service))
-        self.topic = sns.Topic(self, "Topic", master_key=self.key, enforce_ssl=True,
-                               display_name=f"Training alarms: {pipeline_name}")
+        if key is None:
+            key = kms.Key(self, "Key", enable_key_rotation=True, description="Encrypts training alarm messages")
+            for service in ("events.amazonaws.com", "cloudwatch.amazonaws.com", f"logs.{region}.amazonaws.com"):
+                key.grant_encrypt_decrypt(iam.ServicePrincipal(service))
+        self.key = key
+        self.topic = topic or sns.Topic(self, "Topic", master_key=self.key, enforce_ssl=True,
+                                        display_name=f"Training alarms: {pipeline_name}")
         if email:
             self.topic.add_subscription(subscriptions.EmailSubscription(email))
         self.status_rule = events.Rule(

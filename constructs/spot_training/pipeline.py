@@ -16,6 +16,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_sagemaker as sagemaker
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from spot_training import definition as sdk
@@ -50,7 +51,8 @@ class TrainingPipeline(Construct):
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
                  grant_roles: bool = True, trainer_source_dir: str | Path | None = None,
                  metric_definitions: Sequence[Mapping[str, str]] | None = None,
-                 alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
+                 alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None,
+                 alarm_key: kms.IKey | None = None, alarm_topic: sns.ITopic | None = None) -> None:
         """
         :param config: the validated platform settings (instance type and count, spot, limits, ...).
         :param vpc: the VPC the training instances run in.
@@ -77,6 +79,8 @@ class TrainingPipeline(Construct):
             (@default - `METRIC_DEFINITIONS` of the trainer's `log_format.py`).
         :param alarms: create `PipelineAlarms` (failed, stopped and overlong executions to an SNS topic,
             e-mail from `config.alarm_email`) (@default True).
+        :param alarm_key: the alarms' KMS key (@default - a new one; see `PipelineAlarms`).
+        :param alarm_topic: an existing topic for the alarms (@default - a new encrypted topic).
         :param endpoint_security_group: the VPC interface endpoints' group, for the HTTPS of the alarm monitor and
             of the security group this construct creates (@default - HTTPS to the VPC's CIDR block).
         """
@@ -116,7 +120,7 @@ class TrainingPipeline(Construct):
         self.alarms = PipelineAlarms(
             self, "Alarms", pipeline_name=config.pipeline_name, pipeline_arn=self.pipeline_arn, vpc=vpc,
             subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
-            endpoint_security_group=endpoint_security_group) if alarms else None
+            endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
 
     def _security_group(self, vpc: ec2.IVpc, endpoint_security_group: ec2.ISecurityGroup | None) -> ec2.ISecurityGroup:
