@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import unittest.mock
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,51 +29,66 @@ from spot_training.definition_rules import all_steps
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
 from spot_training.trainer_code import ENTRY_POINT
 
-os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
-for _name in ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+_SDK_LOGGERS = ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry")
 
 
 @contextlib.contextmanager
-def _no_instance_metadata() -> Iterator[None]:
-    """The SDK creates boto3 clients at import (JumpStart defaults); without credentials botocore would
-    probe the EC2 instance metadata endpoint, a network call that also costs seconds off EC2."""
-    previous = os.environ.get("AWS_EC2_METADATA_DISABLED")
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+def without_side_effects() -> Iterator[None]:
+    """Run SageMaker SDK code (its import included) offline and quietly, then give the caller back its process
+    as it was: `sys.excepthook` (the SDK installs a rich traceback hook), `os.environ`, and the logging
+    configuration (root handlers and level, and the level of every logger that existed before).
+
+    Inside: SAGEMAKER_SUPPRESS_V2_WARNING=1, AWS_EC2_METADATA_DISABLED=true (the SDK creates boto3 clients at
+    import; without credentials botocore would probe the EC2 instance metadata endpoint, a network call), the
+    SDK's loggers at ERROR and warnings ignored."""
+    hook, environ = sys.excepthook, dict(os.environ)
+    root = logging.getLogger()
+    root_state = (root.level, list(root.handlers))
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
+    os.environ.update({"SAGEMAKER_SUPPRESS_V2_WARNING": "1", "AWS_EC2_METADATA_DISABLED": "true"})
+    for name in _SDK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        if previous is None:
-            del os.environ["AWS_EC2_METADATA_DISABLED"]
-        else:
-            os.environ["AWS_EC2_METADATA_DISABLED"] = previous
+        sys.excepthook = hook
+        for name in [n for n in os.environ if n not in environ]:
+            del os.environ[name]
+        os.environ.update(environ)
+        root.setLevel(root_state[0])
+        root.handlers[:] = root_state[1]
+        for name, logger in logging.root.manager.loggerDict.items():
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
 
 
-with _no_instance_metadata(), warnings.catch_warnings():
-    warnings.simplefilter("ignore")
+with without_side_effects():
     import sagemaker
     import sagemaker.config
     import sagemaker.session
     import sagemaker.utils
-import boto3  # noqa: E402
-from sagemaker import image_uris  # noqa: E402
-from sagemaker.inputs import TrainingInput  # noqa: E402
-from sagemaker.pytorch import PyTorch  # noqa: E402
-from sagemaker.workflow.condition_step import ConditionStep  # noqa: E402
-from sagemaker.workflow.conditions import ConditionLessThanOrEqualTo  # noqa: E402
-from sagemaker.workflow.execution_variables import ExecutionVariables  # noqa: E402
-from sagemaker.workflow.fail_step import FailStep  # noqa: E402
-from sagemaker.workflow.functions import Join  # noqa: E402
-from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString  # noqa: E402
-from sagemaker.workflow.pipeline import Pipeline  # noqa: E402
-from sagemaker.workflow.pipeline_context import PipelineSession  # noqa: E402
-from sagemaker.workflow.retry import (  # noqa: E402
-    SageMakerJobExceptionTypeEnum,
-    SageMakerJobStepRetryPolicy,
-    StepExceptionTypeEnum,
-    StepRetryPolicy,
-)
-from sagemaker.workflow.steps import TrainingStep  # noqa: E402
+    import boto3
+    from sagemaker import image_uris
+    from sagemaker.inputs import TrainingInput
+    from sagemaker.pytorch import PyTorch
+    from sagemaker.workflow.condition_step import ConditionStep
+    from sagemaker.workflow.conditions import ConditionLessThanOrEqualTo
+    from sagemaker.workflow.execution_variables import ExecutionVariables
+    from sagemaker.workflow.fail_step import FailStep
+    from sagemaker.workflow.functions import Join
+    from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
+    from sagemaker.workflow.pipeline import Pipeline
+    from sagemaker.workflow.pipeline_context import PipelineSession
+    from sagemaker.workflow.retry import (
+        SageMakerJobExceptionTypeEnum,
+        SageMakerJobStepRetryPolicy,
+        StepExceptionTypeEnum,
+        StepRetryPolicy,
+    )
+    from sagemaker.workflow.steps import TrainingStep
 
 TRAINING_STEP_NAME = "Train"
 INSTANCE_COUNT_CHECK_STEP_NAME = "CheckInstanceCount"
@@ -120,10 +136,11 @@ def default_image_uri(config: TrainingConfig) -> str:
     preinstalled, which the trainer needs because the isolated job cannot pip install."""
     if config.image_uri:
         return config.image_uri
-    return image_uris.retrieve("huggingface", region=config.region, version=config.transformers_version,
-                               base_framework_version=f"pytorch{config.framework_version}",
-                               py_version=config.py_version, instance_type=config.instance_type,
-                               image_scope="training")
+    with without_side_effects():
+        return image_uris.retrieve("huggingface", region=config.region, version=config.transformers_version,
+                                   base_framework_version=f"pytorch{config.framework_version}",
+                                   py_version=config.py_version, instance_type=config.instance_type,
+                                   image_scope="training")
 
 
 def check_default_image(config: TrainingConfig) -> None:
@@ -171,7 +188,7 @@ def _config_validated_once() -> Iterator[None]:
 def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
              placeholders: Placeholders, image_uri: str | None = None) -> dict[str, Any]:
     """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go."""
-    with _no_instance_metadata(), _config_validated_once():
+    with without_side_effects(), _config_validated_once():
         return _generate(config, metric_definitions, placeholders, image_uri)
 
 

@@ -19,7 +19,6 @@ from aws_cdk import aws_sagemaker as sagemaker
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from spot_training import definition as sdk
 from spot_training.alarms import PipelineAlarms
 from spot_training.config import TrainingConfig
 from spot_training.definition_rules import Expectations
@@ -92,6 +91,9 @@ class TrainingPipeline(Construct):
                              "dataclasses.replace(config, teams=())")
         config = config_for_stack(config, cdk.Stack.of(self))
         self.config = config
+        # The SageMaker SDK is imported here, on first use, not when this package is imported.
+        from spot_training import definition as sdk
+
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = _training_subnets(vpc, subnets)
         self.security_group = security_group or self._security_group(vpc, endpoint_security_group)
