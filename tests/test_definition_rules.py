@@ -21,7 +21,7 @@ EXPECT = Expectations(use_spot=True, network_isolation=True, inter_container_enc
 
 @pytest.fixture(scope="module")
 def generated():
-    return sdk.generate(TrainingConfig(), metric_definitions=load_metric_definitions(ROOT / "trainer"),
+    return sdk.generate(TrainingConfig(region="us-east-1"), metric_definitions=load_metric_definitions(ROOT / "trainer"),
                         placeholders=sdk.Placeholders.for_counts(2, 1))
 
 
@@ -41,7 +41,7 @@ def test_generation_is_deterministic_and_makes_no_network_calls(generated, monke
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    again = sdk.generate(TrainingConfig(), metric_definitions=load_metric_definitions(ROOT / "trainer"),
+    again = sdk.generate(TrainingConfig(region="us-east-1"), metric_definitions=load_metric_definitions(ROOT / "trainer"),
                          placeholders=sdk.Placeholders.for_counts(2, 1))
     assert again == generated
 

@@ -8,7 +8,17 @@ Exports are resolved on first use, so the command-line tool does not start the C
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
+    from spot_training.alarms import PipelineAlarms
+    from spot_training.config import ConfigError, TeamConfig, TrainingConfig
+    from spot_training.nag import add_checks
+    from spot_training.network import TrainingNetwork, TrainingSecurityGroup
+    from spot_training.pipeline import TrainingPipeline
+    from spot_training.roles import TrainingRoles
+    from spot_training.storage import ArtifactStore
+    from spot_training.validation import DefinitionValidationPlugin
 
 __version__ = "0.1.0"
 
@@ -25,7 +35,9 @@ _EXPORTS = {
     "DefinitionValidationPlugin": "spot_training.validation",
     "add_checks": "spot_training.nag",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["ArtifactStore", "ConfigError", "DefinitionValidationPlugin", "PipelineAlarms", "TeamConfig",
+           "TrainingConfig", "TrainingNetwork", "TrainingPipeline", "TrainingRoles", "TrainingSecurityGroup",
+           "add_checks"]
 
 
 def __getattr__(name: str) -> Any:

@@ -131,11 +131,18 @@ class PipelineParameter:
     default: Any
 
 
+def _require_region(config: TrainingConfig) -> None:
+    if not config.region:
+        raise ConfigError("TrainingConfig.region: empty; the image and the definition are per region (the construct "
+                          "fills it from its stack)")
+
+
 def default_image_uri(config: TrainingConfig) -> str:
     """The AWS Hugging Face PyTorch training DLC: torch, transformers, safetensors and accelerate are
     preinstalled, which the trainer needs because the isolated job cannot pip install."""
     if config.image_uri:
         return config.image_uri
+    _require_region(config)
     with without_side_effects():
         return image_uris.retrieve("huggingface", region=config.region, version=config.transformers_version,
                                    base_framework_version=f"pytorch{config.framework_version}",
@@ -188,6 +195,7 @@ def _config_validated_once() -> Iterator[None]:
 def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
              placeholders: Placeholders, image_uri: str | None = None) -> dict[str, Any]:
     """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go."""
+    _require_region(config)
     with without_side_effects(), _config_validated_once():
         return _generate(config, metric_definitions, placeholders, image_uri)
 

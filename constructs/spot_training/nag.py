@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import aws_cdk as cdk
 import cdk_nag
@@ -41,13 +41,22 @@ def bucket_arn_and_finding(scope: IConstruct, bucket) -> tuple[str, str]:
     return cdk.Fn.import_value(name), name
 
 
-def nag_packs(app: cdk.App) -> list[cdk_nag.NagPack]:
-    return [cdk_nag.AwsSolutionsChecks(app), cdk_nag.NIST80053R5Checks(app), cdk_nag.HIPAASecurityChecks(app)]
+PACKS = {"AwsSolutions": cdk_nag.AwsSolutionsChecks, "NIST.800.53.R5": cdk_nag.NIST80053R5Checks,
+         "HIPAA.Security": cdk_nag.HIPAASecurityChecks}
 
 
-def add_checks(app: cdk.App) -> None:
-    """Register the nag packs and the pipeline-definition rules for the whole app: any unacknowledged
-    finding or definition violation fails `app.synth()`."""
+def nag_packs(app: cdk.App, packs: Sequence[str] = tuple(PACKS)) -> list[cdk_nag.NagPack]:
+    unknown = [p for p in packs if p not in PACKS]
+    if unknown:
+        raise ValueError(f"packs: {', '.join(unknown)} unknown; allowed: {', '.join(PACKS)}")
+    return [PACKS[p](app) for p in packs]
+
+
+def add_checks(app: cdk.App, *, packs: Sequence[str] = tuple(PACKS), definition_rules: bool = True) -> None:
+    """Register the cdk-nag `packs` (@default all three: AwsSolutions, NIST.800.53.R5, HIPAA.Security) and the
+    pipeline-definition rules for the app: any unacknowledged finding or definition violation fails
+    `app.synth()`."""
     from spot_training.validation import DefinitionValidationPlugin
 
-    cdk.Validations.of(app).add_plugins(*nag_packs(app), DefinitionValidationPlugin())
+    plugins = [*nag_packs(app, packs), *([DefinitionValidationPlugin()] if definition_rules else [])]
+    cdk.Validations.of(app).add_plugins(*plugins)

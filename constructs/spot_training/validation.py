@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import aws_cdk as cdk
 import jsii
 from constructs import IConstruct
 
 from spot_training.definition_rules import check
-from spot_training.pipeline import TrainingPipeline
+
+if TYPE_CHECKING:
+    from spot_training.pipeline import TrainingPipeline
 
 RULE_NAME = "SpotTraining-PipelineDefinition"
 
@@ -47,6 +50,9 @@ class DefinitionValidationPlugin:
 
 
 def _pipelines(root: IConstruct) -> list[TrainingPipeline]:
+    # Imported here: pipeline -> nag -> validation would otherwise be an import cycle.
+    from spot_training.pipeline import TrainingPipeline
+
     return [c for c in root.node.find_all() if isinstance(c, TrainingPipeline)]
 
 
