@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import unittest.mock
 import warnings
@@ -192,16 +193,45 @@ def _config_validated_once() -> Iterator[None]:
         yield
 
 
+HyperparameterValue = str | int | float | bool
+# The toolkit joins the torchrun command into one shell line (sagemaker-training process.py run_async), so a
+# value with whitespace or shell syntax would be split or interpreted there.
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:/@+=,%-]*")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,255}")
+
+
+def check_trainer_arguments(hyperparameters: Mapping[str, HyperparameterValue] | None,
+                            environment: Mapping[str, str] | None) -> None:
+    """Refuse, in one line, hyperparameters or environment the toolkit would mangle or that SageMaker owns."""
+    for name, value in (hyperparameters or {}).items():
+        if not _NAME.fullmatch(name) or name.startswith("sagemaker_"):
+            raise ValueError(f"hyperparameters: {name!r} must be letters, digits, '_' and '-', starting with a "
+                             "letter, and not start with sagemaker_ (the toolkit's own)")
+        if not isinstance(value, (str, int, float, bool)) or not _SAFE_VALUE.fullmatch(str(value)):
+            raise ValueError(f"hyperparameters: {name}={value!r} must be a number, a boolean or a string without "
+                             "whitespace or shell syntax (the toolkit runs the trainer through a shell line)")
+    for name, value in (environment or {}).items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,511}", name) or not isinstance(value, str):
+            raise ValueError(f"environment: {name!r}={value!r} must be a variable name and a string value")
+
+
 def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
-             placeholders: Placeholders, image_uri: str | None = None) -> dict[str, Any]:
-    """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go."""
+             placeholders: Placeholders, image_uri: str | None = None,
+             hyperparameters: Mapping[str, HyperparameterValue] | None = None,
+             environment: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go.
+    `hyperparameters` replace the built-in trainer's (a custom trainer receives exactly these); `environment`
+    adds to the offline variables."""
     _require_region(config)
+    check_trainer_arguments(hyperparameters, environment)
     with without_side_effects(), _config_validated_once():
-        return _generate(config, metric_definitions, placeholders, image_uri)
+        return _generate(config, metric_definitions, placeholders, image_uri, hyperparameters, environment)
 
 
 def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, str]],
-              placeholders: Placeholders, image_uri: str | None) -> dict[str, Any]:
+              placeholders: Placeholders, image_uri: str | None,
+              hyperparameters: Mapping[str, HyperparameterValue] | None = None,
+              environment: Mapping[str, str] | None = None) -> dict[str, Any]:
     # Fixed dummy credentials: nothing is called, and botocore never walks its credential chain.
     boto_session = boto3.Session(region_name=config.region, aws_access_key_id="offline",
                                  aws_secret_access_key="offline")
@@ -236,7 +266,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         enable_network_isolation=config.network_isolation,
         encrypt_inter_container_traffic=config.inter_container_encryption,
         distribution={"torch_distributed": {"enabled": True}},
-        hyperparameters={
+        hyperparameters=dict(hyperparameters) if hyperparameters is not None else {
             "max_steps": params["MaxSteps"],
             "learning_rate": params["LearningRate"],
             "per_device_batch_size": params["PerDeviceBatchSize"],
@@ -248,7 +278,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
             **({"mlflow_tracking_uri": placeholders.mlflow_tracking_server_arn} if config.mlflow else {}),
         },
         metric_definitions=[dict(m) for m in metric_definitions],
-        environment=dict(TRAINING_ENVIRONMENT),
+        environment={**TRAINING_ENVIRONMENT, **(environment or {})},
         disable_profiler=True,
         debugger_hook_config=False,
         sagemaker_session=session,

@@ -50,6 +50,8 @@ class TrainingPipeline(Construct):
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
                  grant_roles: bool = True, trainer_source_dir: str | Path | None = None,
                  metric_definitions: Sequence[Mapping[str, str]] | None = None,
+                 hyperparameters: Mapping[str, str | int | float | bool] | None = None,
+                 environment: Mapping[str, str] | None = None,
                  alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None,
                  alarm_key: kms.IKey | None = None, alarm_topic: sns.ITopic | None = None) -> None:
         """
@@ -74,6 +76,12 @@ class TrainingPipeline(Construct):
             (@default True). Roles this construct creates always get them.
         :param trainer_source_dir: the trainer code folder, entry point `train.py`
             (@default - the trainer shipped with this package).
+        :param hyperparameters: what the trainer receives as `--name value` arguments, replacing the built-in
+            trainer's (max_steps, learning_rate, ... fed by the pipeline parameters) (@default - those). A custom
+            trainer gets exactly these, so its argument parser may be strict; numbers, booleans and strings
+            without whitespace or shell syntax (the toolkit starts torchrun through a shell line).
+        :param environment: extra environment variables of the training container, added to the offline
+            ones (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, TOKENIZERS_PARALLELISM) (@default - none).
         :param metric_definitions: SageMaker metric definitions
             (@default - `METRIC_DEFINITIONS` of the trainer's `log_format.py`).
         :param alarms: create `PipelineAlarms` (failed, stopped and overlong executions to an SNS topic,
@@ -108,7 +116,8 @@ class TrainingPipeline(Construct):
         self.code_asset = self._package_trainer(source_dir)
         self.placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
         self.definition = sdk.generate(config, placeholders=self.placeholders, image_uri=self.image_uri,
-                                       metric_definitions=metric_definitions or load_metric_definitions(source_dir))
+                                       metric_definitions=metric_definitions or load_metric_definitions(source_dir),
+                                       hyperparameters=hyperparameters, environment=environment)
         self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
                                          inter_container_encryption=config.inter_container_encryption,
                                          volume_encryption=config.volume_encryption_allowed)
