@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
-.PHONY: setup synth test local bootstrap deploy destroy clean
+.PHONY: setup test-setup synth test local bootstrap deploy destroy clean
 
 $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
 	touch $@
 
 # The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
-$(VENV)/.trainer: $(VENV)/.app requirements-image.txt
+$(VENV)/.trainer: $(VENV)/.package requirements-image.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-image.txt
 	touch $@
 
@@ -50,8 +50,12 @@ synth: setup
 	cdk synth --quiet
 	@echo "Templates: $(CURDIR)/cdk.out/*.template.json"
 
-test: setup $(VENV)/.dev .venv-checkov/.installed
+# The three environments install side by side (the training image's packages dominate: torch 2.8.0 is 3 GB).
+test:
+	$(MAKE) -j3 test-setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-setup: setup $(VENV)/.dev .venv-checkov/.installed
 
 # The deployed training step on this CPU: 2 emulated instances, one spot interruption, against a
 # reference run without one; prints both summaries and whether they end bit-identically.
