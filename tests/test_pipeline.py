@@ -280,3 +280,19 @@ def test_alarms_use_an_existing_key_and_topic_when_given():
     template = app.synth().get_stack_by_name("S").template
     assert [k for k, r in template["Resources"].items() if r["Type"] == "AWS::SNS::Topic"] == [
         stack.get_logical_id(topic.node.default_child)]
+
+
+def test_imported_immutable_roles_get_the_managed_policies_attached_by_name():
+    # A managed policy attaches through its own Roles list, so even `mutable=False` imports get the grants.
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    training = iam.Role.from_role_arn(stack, "Training", "arn:aws:iam::111122223333:role/their-training", mutable=False)
+    pipeline = iam.Role.from_role_arn(stack, "Pipeline", "arn:aws:iam::111122223333:role/their-pipeline", mutable=False)
+    TrainingPipeline(stack, "T", config=TrainingConfig(), vpc=vpc, training_role=training, pipeline_role=pipeline,
+                     alarms=False)
+    template = app.synth().get_stack_by_name("S").template
+    attached = sorted((json.dumps(r["Properties"]["Roles"]), "sagemaker:CreateTrainingJob" in json.dumps(r))
+                      for r in template["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
+    assert attached == [('["their-pipeline"]', True), ('["their-training"]', False), ('["their-training"]', False)]

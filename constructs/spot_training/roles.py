@@ -68,7 +68,8 @@ class TrainingRoles(Construct):
         :param grant_training_role: attach the execution role's managed policy to `training_role` (@default
             True; False when the given role already carries it). A role created here always gets it.
         :param grant_pipeline_role: attach the pipeline role's managed policy to `pipeline_role` (@default True).
-            A given role must be mutable for the attachment to take effect (`Role.from_role_arn` default).
+            Managed policies attach through their own Roles list, so imported roles get them even when
+            imported with `mutable=False`.
         """
         super().__init__(scope, id)
         stack = cdk.Stack.of(self)
