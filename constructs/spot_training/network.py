@@ -76,8 +76,6 @@ class TrainingNetwork(Construct):
             description="VPC interface endpoints: HTTPS from the training security group only")
         self.training_security_group = TrainingSecurityGroup(
             self, "TrainingSecurityGroup", vpc=self.vpc, endpoint_security_group=self.endpoint_security_group)
-        self.endpoint_security_group.add_ingress_rule(
-            self.training_security_group.security_group, HTTPS, "HTTPS from training instances")
         # Only what a caller inside the VPC needs; each reason is in spot_training/endpoints.py.
         self.interface_endpoints = {
             name: self.vpc.add_interface_endpoint(
@@ -120,7 +118,8 @@ class TrainingSecurityGroup(Construct):
     def __init__(self, scope: Construct, id: str, *, vpc: ec2.IVpc,
                  endpoint_security_group: ec2.ISecurityGroup | None = None) -> None:
         """
-        :param endpoint_security_group: the interface endpoints' group, HTTPS egress goes there.
+        :param endpoint_security_group: the interface endpoints' group; HTTPS egress goes there, and the group
+            gets the matching ingress from this one.
             @default - HTTPS egress to the VPC's CIDR block, where interface endpoints live.
         """
         super().__init__(scope, id)
@@ -134,6 +133,8 @@ class TrainingSecurityGroup(Construct):
                                             "Multi-node NCCL/EFA traffic between training instances")
         endpoints = endpoint_security_group or ec2.Peer.ipv4(vpc.vpc_cidr_block)
         self.security_group.add_egress_rule(endpoints, HTTPS, "HTTPS to the VPC interface endpoints")
+        if endpoint_security_group is not None:  # and the endpoints admit this group
+            endpoint_security_group.add_ingress_rule(self.security_group, HTTPS, "HTTPS from training instances")
         self.security_group.add_egress_rule(ec2.Peer.prefix_list(self._s3_prefix_list_id()), HTTPS,
                                             "HTTPS to S3 through the gateway endpoint")
         keep_default_egress_closed(self.security_group)

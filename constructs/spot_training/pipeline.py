@@ -104,7 +104,8 @@ class TrainingPipeline(Construct):
 
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = _training_subnets(vpc, subnets)
-        self.security_group = security_group or self._security_group(vpc, endpoint_security_group)
+        self.security_group = security_group or TrainingSecurityGroup(
+            self, "SecurityGroup", vpc=vpc, endpoint_security_group=endpoint_security_group).security_group
         if bucket is None:
             store = ArtifactStore.for_config(self, "Store", config)
             bucket, key = store.bucket, store.key
@@ -133,15 +134,6 @@ class TrainingPipeline(Construct):
             subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
             endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
-
-    def _security_group(self, vpc: ec2.IVpc, endpoint_security_group: ec2.ISecurityGroup | None) -> ec2.ISecurityGroup:
-        """The networking stack's rules: all traffic among members, HTTPS to the endpoints' group (which then
-        admits it) or else the VPC CIDR, and HTTPS to the S3 prefix list."""
-        group = TrainingSecurityGroup(self, "SecurityGroup", vpc=vpc,
-                                      endpoint_security_group=endpoint_security_group).security_group
-        if endpoint_security_group is not None:
-            endpoint_security_group.add_ingress_rule(group, ec2.Port.tcp(443), "HTTPS from training instances")
-        return group
 
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
         """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop)."""
