@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from spot_training.local_run import container_environment
 from spot_training.trainer_code import check_trainer_dir
 from tests.conftest import ROOT
 
@@ -38,9 +38,8 @@ def network_blocker() -> list[str]:
 
 
 def run_install_step(archive: Path, base: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "SM_", "SAGEMAKER_"))}
-    env.update({"SAGEMAKER_BASE_DIR": str(base), "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0",
-                "PIP_DEFAULT_TIMEOUT": "5"})
+    # The environment local-run gives each emulated instance; pip fails fast instead of retrying.
+    env = {**container_environment(base), "PIP_RETRIES": "0", "PIP_DEFAULT_TIMEOUT": "5"}
     (base / "input" / "config").mkdir(parents=True)
     for name in ("hyperparameters.json", "inputdataconfig.json"):
         (base / "input" / "config" / name).write_text("{}")

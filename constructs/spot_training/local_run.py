@@ -328,13 +328,9 @@ class LocalRun:
         return base
 
     def _environment(self, base: Path) -> dict[str, str]:
-        """The container's environment: the image's variables, the step's Environment, this instance's
-        /opt/ml, and none of this machine's pip settings (the container has no local package sources)."""
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "SM_", "SAGEMAKER_"))}
-        bin_dir = str(Path(sys.executable).parent)
-        return {**inherited, **IMAGE_ENVIRONMENT, **self.job.environment, "SAGEMAKER_BASE_DIR": str(base),
-                "TRAINING_JOB_NAME": f"pipelines-{EXECUTION_ID}", "PIP_CONFIG_FILE": os.devnull,
-                "PATH": f"{bin_dir}{os.pathsep}{inherited.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+        """The container's environment with the step's Environment, for this instance."""
+        return {**container_environment(base), **self.job.environment,
+                "TRAINING_JOB_NAME": f"pipelines-{EXECUTION_ID}", "OMP_NUM_THREADS": "1"}
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -505,6 +501,16 @@ def job_fingerprint(job: TrainingJob) -> dict[str, Any]:
     """What must match for a run in the same --out to be resumed rather than refused."""
     return {"hyperparameters": job.user_hyperparameters, "instance_count": job.instance_count,
             "instance_type": job.instance_type}
+
+
+def container_environment(opt_ml: Path) -> dict[str, str]:
+    """What the image's launcher sees in its container, with `/opt/ml` at `opt_ml`: the image's variables,
+    this environment's Python first on PATH, and none of this machine's pip settings (the container has no
+    local package sources)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "SM_", "SAGEMAKER_"))}
+    bin_dir = str(Path(sys.executable).parent)
+    return {**inherited, **IMAGE_ENVIRONMENT, "SAGEMAKER_BASE_DIR": str(opt_ml), "PIP_CONFIG_FILE": os.devnull,
+            "PATH": f"{bin_dir}{os.pathsep}{inherited.get('PATH', '')}"}
 
 
 def _write_json(path: Path, value: Any) -> None:
