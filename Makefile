@@ -40,6 +40,17 @@ $(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
 	.venv-checkov/bin/python -m pip install -q -r requirements-checkov.txt
 	touch $@
 
+# Another team's environment: a fresh virtualenv holding the built wheel and only what its declared ranges
+# resolve to (no pins, no torch); the suite synthesizes examples/team_app in it. Rebuilt from nothing when
+# the package changes.
+WHEEL_VENV := .venv-wheel
+$(WHEEL_VENV)/.installed: constructs/pyproject.toml $(PACKAGE_SOURCES)
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip wheel -q --no-deps -w $(WHEEL_VENV)/dist ./constructs
+	$(WHEEL_VENV)/bin/python -m pip install -q $(WHEEL_VENV)/dist/spot_training-*.whl
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -50,12 +61,12 @@ synth: setup
 	cdk synth --quiet
 	@echo "Templates: $(CURDIR)/cdk.out/*.template.json"
 
-# The three environments install side by side (the training image's packages dominate: torch 2.8.0 is 3 GB).
+# The four environments install side by side (the training image's packages dominate: torch 2.8.0 is 3 GB).
 test:
-	$(MAKE) -j3 test-setup
+	$(MAKE) -j4 test-setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-test-setup: setup $(VENV)/.dev .venv-checkov/.installed
+test-setup: setup $(VENV)/.dev .venv-checkov/.installed $(WHEEL_VENV)/.installed
 
 # The deployed training step on this CPU: 2 emulated instances, one spot interruption, against a
 # reference run without one; prints both summaries and whether they end bit-identically.
@@ -75,4 +86,4 @@ destroy: setup
 	cdk destroy --all
 
 clean:
-	rm -rf $(VENV) .venv-checkov node_modules cdk.out out
+	rm -rf $(VENV) .venv-checkov $(WHEEL_VENV) node_modules cdk.out out
