@@ -9,8 +9,9 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from spot_training.config import TeamConfig, TrainingConfig
+from spot_training.config import TrainingConfig
 from spot_training.pipeline import TrainingPipeline
+from spot_training.teams import TeamPipelines
 
 
 class PipelineStack(cdk.Stack):
@@ -27,9 +28,10 @@ class PipelineStack(cdk.Stack):
                                          training_role=training_role, pipeline_role=pipeline_role,
                                          grant_roles=False,  # the security stack's TrainingRoles granted them
                                          endpoint_security_group=endpoint_security_group)
-        self.teams = {team.name: self._team_pipeline(team, config, vpc, subnets, security_group, bucket, key,
-                                                     training_role, endpoint_security_group)
-                      for team in config.teams}
+        # "Default" is left out of logical IDs (aws-cdk-lib core/lib/private/uniqueid.ts, HIDDEN_ID): the team
+        # resources keep the IDs they had when this stack built them itself.
+        self.teams = TeamPipelines(self, "Default", shared=self.training, teams=config.teams).pipelines \
+            if config.teams else {}
         cdk.CfnOutput(self, "PipelineName", value=self.training.pipeline_name,
                       description="SageMaker pipeline that runs one training per execution")
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.training.alarm_topic.topic_arn,
@@ -38,22 +40,3 @@ class PipelineStack(cdk.Stack):
                       value=f"aws sagemaker start-pipeline-execution --region {self.region} "
                             f"--pipeline-name {self.training.pipeline_name} "
                             f"--pipeline-execution-display-name run-$(date +%Y%m%d-%H%M%S)")
-
-    def _team_pipeline(self, team: TeamConfig, config: TrainingConfig, vpc: ec2.IVpc, subnets: list[ec2.ISubnet],
-                       security_group: ec2.ISecurityGroup, bucket: s3.IBucket, key: kms.IKey,
-                       training_role: iam.IRole, endpoint_security_group: ec2.ISecurityGroup) -> TrainingPipeline:
-        """A team's own pipeline and pipeline role (created by the construct) limited to the team's instance
-        types, runtime and instance count; jobs run as the shared execution role; the team's principals may
-        start this pipeline only."""
-        name = "".join(part.capitalize() for part in team.name.split("-"))
-        pipeline = TrainingPipeline(self, f"Team{name}", config=config.for_team(team), vpc=vpc, subnets=subnets,
-                                    security_group=security_group, bucket=bucket, key=key,
-                                    training_role=training_role, grant_roles=False,
-                                    endpoint_security_group=endpoint_security_group)
-        if team.principals:
-            roles = [iam.Role.from_role_arn(self, f"Team{name}Principal{i}", arn, mutable=False)
-                     for i, arn in enumerate(team.principals)]
-            pipeline.start_execution_policy("StartPolicy", roles)
-        cdk.CfnOutput(self, f"Team{name}PipelineName", value=pipeline.pipeline_name,
-                      description=f"Pipeline of team {team.name}")
-        return pipeline

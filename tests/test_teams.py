@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import aws_cdk as cdk
 import pytest
+from aws_cdk import aws_ec2 as ec2
 
-from spot_training.config import ConfigError, TrainingConfig
+from spot_training import TeamPipelines, TrainingPipeline
+from spot_training.config import ConfigError, TeamConfig, TrainingConfig
 from tests.conftest import synth
 
 TEAMS = {
@@ -134,3 +137,87 @@ def test_mlflow_adds_a_tracking_server_its_endpoint_and_the_trainer_hyperparamet
 def test_mlflow_with_network_isolation_is_refused_at_synth():
     with pytest.raises(ConfigError, match="training.mlflow=true: needs training.network_isolation=false"):
         TrainingConfig.from_mapping({"mlflow": True})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "NLP"}, "TeamConfig.name='NLP': team name must be 1 to 20 lowercase letters"),
+    ({"instance_types": "ml.g5.*"}, "TeamConfig.instance_types='ml.g5.*': must be a non-empty list"),
+    ({"instance_types": ()}, "TeamConfig.instance_types=(): must be a non-empty list"),
+    ({"instance_types": ("ml.zz.*",)}, "TeamConfig.instance_types: ml.zz.* is neither a SageMaker training"),
+    ({"max_instance_count": "4"}, "TeamConfig.max_instance_count='4': must be an integer from 1 to 64"),
+    ({"max_run_seconds": 30}, "TeamConfig.max_run_seconds=30: must be an integer from 60 to 2419200"),
+    ({"principals": ("nlp-scientists",)}, "TeamConfig.principals=('nlp-scientists',): must be a list of IAM role"),
+])
+def test_a_team_built_in_python_is_validated_on_construction_naming_the_python_field(kwargs, message):
+    with pytest.raises(ConfigError) as caught:
+        TeamConfig(**{"name": "nlp", "instance_types": ("ml.g5.*",), "max_instance_count": 2,
+                      "max_run_seconds": 3600, **kwargs})
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def _isolated_stack(app: cdk.App, name: str) -> tuple[cdk.Stack, ec2.Vpc]:
+    stack = cdk.Stack(app, name, env=cdk.Environment(region="eu-west-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    return stack, vpc
+
+
+PYTHON_TEAMS = (
+    TeamConfig(name="speech", instance_types=("ml.g5.12xlarge", "ml.g5.24xlarge"), max_instance_count=2,
+               max_run_seconds=7200, principals=("arn:aws:iam::111122223333:role/speech-scientists",)),
+    TeamConfig(name="ranking-ml", instance_types=("ml.p4d.24xlarge",), max_instance_count=4, max_run_seconds=3600),
+)
+
+
+@pytest.fixture(scope="module")
+def team_pipelines(tmp_path_factory):
+    """Another team's app: a TrainingPipeline and TeamPipelines beside it, both built in Python."""
+    app = cdk.App(outdir=str(tmp_path_factory.mktemp("team-pipelines")))
+    stack, vpc = _isolated_stack(app, "Shared")
+    shared = TrainingPipeline(stack, "Training", config=TrainingConfig(instance_type="ml.p4d.24xlarge",
+                                                                         instance_count=2), vpc=vpc)
+    teams = TeamPipelines(stack, "Teams", shared=shared, teams=PYTHON_TEAMS)
+    return shared, teams, app.synth().get_stack_by_name("Shared").template
+
+
+def test_team_pipelines_share_the_network_storage_and_execution_role_with_their_own_pipeline_roles(team_pipelines):
+    shared, teams, template = team_pipelines
+    assert set(teams.pipelines) == {"speech", "ranking-ml"}
+    pipelines = {r["Properties"]["PipelineName"]: r for r in template["Resources"].values()
+                 if r["Type"] == "AWS::SageMaker::Pipeline"}
+    assert set(pipelines) == {"distributed-training", "distributed-training-speech", "distributed-training-ranking-ml"}
+    assert len({json.dumps(p["Properties"]["RoleArn"]) for p in pipelines.values()}) == 3
+    for team in teams.pipelines.values():
+        assert team.training_role is shared.training_role and team.bucket is shared.bucket
+        assert team.security_group is shared.security_group and team.subnets == shared.subnets
+        assert team.pipeline_role is not shared.pipeline_role
+    speech = teams.pipelines["speech"].config
+    assert (speech.instance_type, speech.instance_count, speech.max_run_seconds) == ("ml.g5.12xlarge", 2, 7200)
+    assert teams.pipelines["ranking-ml"].config.instance_type == "ml.p4d.24xlarge"
+
+
+def test_team_pipelines_let_each_teams_principals_start_their_own_pipeline_only(team_pipelines):
+    _, _, template = team_pipelines
+    starts = [r for r in template["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy"
+              and "sagemaker:StartPipelineExecution" in json.dumps(r)]
+    (speech,) = starts
+    assert speech["Properties"]["Roles"] == ["speech-scientists"]
+    assert "pipeline/distributed-training-speech" in json.dumps(speech["Properties"]["PolicyDocument"])
+    outputs = {k: o["Value"] for k, o in template["Outputs"].items() if k.startswith("TeamsTeam")}
+    assert sorted(outputs.values()) == ["distributed-training-ranking-ml", "distributed-training-speech"]
+
+
+@pytest.mark.parametrize("teams, message", [
+    ((), "teams=(): must be a non-empty list of TeamConfig"),
+    ((PYTHON_TEAMS[0], PYTHON_TEAMS[0]), "teams: team names must be unique, got speech, speech"),
+    ((TeamConfig(name="big", instance_types=("ml.g5.*",), max_instance_count=1, max_run_seconds=3600,
+                 instance_count=2),), "TrainingConfig.teams.big.instance_count=2: above the team's "
+                                      "max_instance_count (1)"),
+])
+def test_team_pipelines_refuse_no_teams_duplicates_and_a_team_beyond_its_limits(teams, message):
+    app = cdk.App()
+    stack, vpc = _isolated_stack(app, "S")
+    shared = TrainingPipeline(stack, "Training", config=TrainingConfig(), vpc=vpc, alarms=False)
+    with pytest.raises(ConfigError) as caught:
+        TeamPipelines(stack, "Teams", shared=shared, teams=teams)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from spot_training.pipeline import TrainingPipeline
     from spot_training.roles import TrainingRoles
     from spot_training.storage import ArtifactStore
+    from spot_training.teams import TeamPipelines
     from spot_training.validation import DefinitionValidationPlugin
 
 __version__ = "0.1.0"
@@ -32,12 +33,13 @@ _EXPORTS = {
     "ArtifactStore": "spot_training.storage",
     "TrainingRoles": "spot_training.roles",
     "PipelineAlarms": "spot_training.alarms",
+    "TeamPipelines": "spot_training.teams",
     "DefinitionValidationPlugin": "spot_training.validation",
     "add_checks": "spot_training.nag",
 }
 __all__ = ["ArtifactStore", "ConfigError", "DefinitionValidationPlugin", "PipelineAlarms", "TeamConfig",
-           "TrainingConfig", "TrainingNetwork", "TrainingPipeline", "TrainingRoles", "TrainingSecurityGroup",
-           "add_checks"]
+           "TeamPipelines", "TrainingConfig", "TrainingNetwork", "TrainingPipeline", "TrainingRoles",
+           "TrainingSecurityGroup", "add_checks"]
 
 
 def __getattr__(name: str) -> Any:

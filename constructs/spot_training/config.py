@@ -68,11 +68,45 @@ class TeamConfig:
             expanded += [t for t in _expand_instance_types(entry) if t not in expanded]
         return tuple(expanded)
 
+    def __post_init__(self) -> None:
+        # Messages name `training.teams.<name>.<field>` for a team read from the context, `TeamConfig.<field>`
+        # for one built in Python.
+        from_context = _PREFIX.get() == CONTEXT_KEY
+        where = f"{CONTEXT_KEY}.teams.{self.name}" if from_context else "TeamConfig"
+        show = _show if from_context else repr
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", self.name):
+            raise ConfigError(f"{where}.name={show(self.name)}: team name must be 1 to 20 lowercase letters, "
+                              "digits and hyphens, starting with a letter")
+        types = self.instance_types
+        if isinstance(types, str) or not isinstance(types, (list, tuple)) or not types or \
+                not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"{where}.instance_types={show(types)}: must be a non-empty list of instance types "
+                              "or families such as ml.g5.*")
+        object.__setattr__(self, "instance_types", tuple(types))
+        for key, low, high in (("max_instance_count", 1, 64), ("max_run_seconds", 60, MAX_RUNTIME_LIMIT_SECONDS),
+                               ("instance_count", 0, 64)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{where}.{key}={show(value)}: must be an integer from {low} to {high}")
+        principals = self.principals
+        role_arn = r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+"
+        if isinstance(principals, str) or not isinstance(principals, (list, tuple)) or \
+                not all(isinstance(p, str) and re.fullmatch(role_arn, p) for p in principals):
+            raise ConfigError(f"{where}.principals={show(principals)}: must be a list of IAM role ARNs")
+        object.__setattr__(self, "principals", tuple(principals))
+        if not isinstance(self.instance_type, str):
+            raise ConfigError(f"{where}.instance_type={show(self.instance_type)}: must be a string")
+        offered = instance_types.training_instance_types()
+        for entry in self.instance_types:
+            if not set(_expand_instance_types(entry)) & set(offered):
+                raise ConfigError(f"{where}.instance_types: {entry} is neither a SageMaker training instance type "
+                                  "nor a family such as ml.g5.*")
+
     @staticmethod
     def parse(name: str, raw: Any) -> TeamConfig:
+        """A team from the context (`training.teams.<name>`): the object's shape here, its values in
+        `__post_init__`, the same checks as a TeamConfig built in Python."""
         where = f"{CONTEXT_KEY}.teams.{name}"
-        if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", name):
-            raise ConfigError(f"{where}: team name must be 1 to 20 lowercase letters, digits and hyphens")
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}={_show(raw)}: must be an object with {', '.join(TeamConfig.FIELDS)}")
         unknown = [k for k in raw if k not in TeamConfig.FIELDS]
@@ -81,29 +115,7 @@ class TeamConfig:
         for required in ("instance_types", "max_instance_count", "max_run_seconds"):
             if required not in raw:
                 raise ConfigError(f"{where}.{required}: required")
-        types = raw["instance_types"]
-        if not (isinstance(types, list) and types and all(isinstance(t, str) for t in types)):
-            raise ConfigError(f"{where}.instance_types={_show(types)}: must be a non-empty list of instance types "
-                              "or families such as ml.g5.*")
-        for key, low, high in (("max_instance_count", 1, 64), ("max_run_seconds", 60, MAX_RUNTIME_LIMIT_SECONDS),
-                               ("instance_count", 0, 64)):
-            value = raw.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{where}.{key}={_show(value)}: must be an integer from {low} to {high}")
-        principals = raw.get("principals", [])
-        role_arn = r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+"
-        if not isinstance(principals, list) or not all(isinstance(p, str) and re.fullmatch(role_arn, p)
-                                                       for p in principals):
-            raise ConfigError(f"{where}.principals={_show(principals)}: must be a list of IAM role ARNs")
-        team = TeamConfig(name=name, instance_types=tuple(types), max_instance_count=raw["max_instance_count"],
-                          max_run_seconds=raw["max_run_seconds"], principals=tuple(principals),
-                          instance_type=raw.get("instance_type", ""), instance_count=raw.get("instance_count", 0))
-        offered = instance_types.training_instance_types()
-        for entry in types:
-            if not set(_expand_instance_types(entry)) & set(offered):
-                raise ConfigError(f"{where}.instance_types: {entry} is neither a SageMaker training instance type "
-                                  "nor a family such as ml.g5.*")
-        return team
+        return TeamConfig(name=name, **raw)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from spot_training.alarms import PipelineAlarms
-from spot_training.config import TrainingConfig
+from spot_training.config import ConfigError, TrainingConfig
 from spot_training.definition_rules import Expectations
 from spot_training.layout import PREFIXES
 from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
@@ -94,11 +94,12 @@ class TrainingPipeline(Construct):
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
         if config.teams:
-            raise ValueError(f"config.teams: {len(config.teams)} team(s) given; a TrainingPipeline is one pipeline: "
-                             "build one per team with config.for_team(team) (see stacks/pipeline.py), or pass "
-                             "dataclasses.replace(config, teams=())")
+            raise ConfigError(f"config.teams: {len(config.teams)} team(s) given; a TrainingPipeline is one pipeline: "
+                              "pass dataclasses.replace(config, teams=()) here and the teams to "
+                              "TeamPipelines(scope, id, shared=<this pipeline>, teams=config.teams)")
         config = config_for_stack(config, cdk.Stack.of(self))
         self.config = config
+        self.vpc, self.endpoint_security_group = vpc, endpoint_security_group
         # The SageMaker SDK is imported here, on first use, not when this package is imported.
         from spot_training import definition as sdk
 
