@@ -55,7 +55,7 @@ def test_config_is_frozen():
                                                    "training.instance_type (ml.p4d.24xlarge)"),
     ({"allowed_instance_types": "ml.p4d.24xlarge,ml.t3.nano"},
      "training.allowed_instance_types[1]=ml.t3.nano: not an instance type SageMaker offers for training"),
-    ({"strategy": "zero3"}, "training.strategy=zero3: must be one of ddp, fsdp"),
+    ({"strategy": "zero3"}, "training.strategy=zero3: must be one of auto, ddp, fsdp"),
     ({"learning_rate": "nan"}, "training.learning_rate=nan: must be a finite number above 0.0 to 1.0"),
     ({"learning_rate": float("nan")}, "training.learning_rate=nan: must be a finite number above 0.0 to 1.0"),
     ({"slo_hours": "inf"}, "training.slo_hours=inf: must be a finite number above 0.0 to 8760.0"),

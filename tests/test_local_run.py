@@ -45,7 +45,8 @@ def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
     assert job.environment["HF_HUB_OFFLINE"] == "1"
     assert job.user_hyperparameters["max_steps"] == 8
     assert job.user_hyperparameters["sequence_length"] == CPU_PARAMETERS["SequenceLength"]
-    assert job.user_hyperparameters["strategy"] == "ddp"
+    assert job.user_hyperparameters["strategy"] == "auto"
+    assert job.user_hyperparameters["activation_checkpointing"] == "auto"
     assert not any(name.startswith("sagemaker_") for name in job.user_hyperparameters)
     step = next(s for s in definition["Steps"] if s["Type"] == "Training")
     assert set(job.hyperparameters) == set(step["Arguments"]["HyperParameters"])

@@ -38,6 +38,16 @@ from environment import Topology
 
 MARKER = "COMPLETE.json"
 PREFIX = "step-"
+# What a checkpoint holds: DCP of `get_state_dict(model, optimizer)` (parameter names as in the Hugging Face
+# model, whole or sharded) plus scheduler, progress and per-rank RNG. Markers without the field are layout 1
+# (the same content: FSDP2, activation checkpointing and mixed precision leave the names and the fp32
+# values unchanged). A newer layout stops the job instead of being skipped: starting over from step 0 would
+# throw away the run.
+LAYOUT = 1
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint this trainer cannot read; the message is one line for the job's failure reason."""
 log = logging.getLogger("trainer.checkpoint")
 
 
@@ -78,6 +88,11 @@ def examine(path: Path, *, verify_files: Callable[[dict[str, Any]], str | None]
         manifest["files"], manifest["step"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         return None, f"unreadable completion marker ({error})"
+    layout = manifest.get("layout", 1)
+    if layout != LAYOUT:
+        raise CheckpointLayoutError(f"{path}: checkpoint layout {layout}, this trainer reads layout {LAYOUT}; resume "
+                                    "with the trainer version that wrote it, or start a new run (new checkpoint "
+                                    "prefix)")
     return manifest, verify_files(manifest)
 
 
@@ -226,8 +241,8 @@ class Checkpointer:
             return
         if self.topology.is_main:
             files = {name: meta for r in reports for name, meta in r["files"].items()}
-            manifest = {"step": pending.step, "world_size": self.topology.world_size, "files": files,
-                        "saved_unix_time": time.time()}
+            manifest = {"step": pending.step, "layout": LAYOUT, "world_size": self.topology.world_size,
+                        "files": files, "saved_unix_time": time.time()}
             tmp = pending.path / f".{MARKER}.tmp"
             with tmp.open("w") as handle:
                 json.dump(manifest, handle)

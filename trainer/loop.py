@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -14,15 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import log_format
+import memory
+import modeling
 from checkpointing import Checkpointer
 from data import BlockDataset, load_tokens
 from environment import Topology
@@ -30,27 +28,6 @@ from settings import TrainSettings
 from tracking import Tracker
 
 log = logging.getLogger("trainer")
-
-
-def load_model_and_tokenizer(model_dir: str, seed: int):
-    """The base model from local files only (the job has no internet). A folder with config.json and no
-    weights yields a randomly initialised model, seeded so every rank builds the same one."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model_dir={model_dir}: no config.json (expected a Hugging Face model folder)")
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    torch.manual_seed(seed)
-    if has_weights:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
-    else:
-        log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json", model_dir)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
@@ -69,12 +46,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-        use_bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+        self.bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto"
+                                                            and self.device.type == "cuda")
+        self._build_model()
+        # DDP computes under autocast; FSDP's MixedPrecisionPolicy already gathers bf16 weights for compute.
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 and self.strategy == "ddp"
                          else contextlib.nullcontext())
-        model, self.tokenizer = load_model_and_tokenizer(settings.model_dir, settings.seed)
-        self.raw_model = model.to(self.device)
-        self.model = self._wrap(self.raw_model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
@@ -100,14 +77,61 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ---- setup ------------------------------------------------------------------------------------
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.settings.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+    def _build_model(self) -> None:
+        """The model on the meta device, sharded (FSDP) or not (DDP), then each rank's part allocated and the base
+        weights read into it (see modeling.py): no rank ever holds the whole model under FSDP."""
+        s, t = self.settings, self.topology
+        self.model_config = modeling.read_config(s.model_dir)
+        files = modeling.weight_files(s.model_dir)
+        self.tokenizer = modeling.load_tokenizer(s.model_dir)
+        with modeling.no_init_warnings():
+            model = modeling.empty_model(self.model_config)
+        self.parameter_count = modeling.parameter_count(model)
+        self.strategy, why = self._choose_strategy()
+        self.activation_checkpointing = s.activation_checkpointing == "true" or (
+            s.activation_checkpointing == "auto" and self.strategy == "fsdp")
+        if self.activation_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.strategy == "fsdp":
+            model = modeling.shard(model, bf16=self.bf16)
+        modeling.materialize(model, self.device)
+        load_group = dist.new_group(backend="gloo")
+        if files:
+            modeling.load_weights(model, s.model_dir, load_group)
+        else:
+            log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json (seed %d)",
+                        s.model_dir, s.seed)
+            modeling.init_random(model, s.seed)
+        self.raw_model = model
+        self.model = model if self.strategy == "fsdp" else DDP(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if t.is_main:
+            print(f"[model] {self.parameter_count:,} parameters, strategy {self.strategy} ({why}), activation "
+                  f"checkpointing {'on' if self.activation_checkpointing else 'off'}, "
+                  f"{'bf16' if self.bf16 else 'fp32'}, weights {'from ' + str(len(files)) + ' safetensors file(s)' if files else 'random'}",
+                  flush=True)
 
-            for block in _transformer_blocks(model):
-                fully_shard(block)
-            return fully_shard(model)
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def _choose_strategy(self) -> tuple[str, str]:
+        s, t = self.settings, self.topology
+        if s.strategy != "auto":
+            return s.strategy, "set"
+        if self.device.type == "cuda":
+            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        else:  # CPU runs: the host's memory shared by the local processes
+            gpu_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // t.local_world_size
+        try:
+            shape = memory.ModelShape.from_config(self.model_config.to_dict())
+        except memory.PlanError as error:
+            return ("fsdp" if t.world_size > 1 else "ddp"), f"auto, no memory plan: {error}"
+        strategy = memory.choose_strategy(shape, world_size=t.world_size, batch=s.per_device_batch_size,
+                                          sequence_length=s.sequence_length, bf16=self.bf16, gpu_bytes=gpu_bytes,
+                                          activation_checkpointing=s.activation_checkpointing)
+        ddp = memory.plan(shape, strategy="ddp", world_size=t.world_size, batch=s.per_device_batch_size,
+                          sequence_length=s.sequence_length, activation_checkpointing=s.activation_checkpointing == "true",
+                          bf16=self.bf16, gpu_bytes=gpu_bytes)
+        return strategy, (f"auto: ddp needs {ddp.total / memory.GIB:.1f} GiB per device of "
+                          f"{gpu_bytes / memory.GIB:.1f} GiB")
 
     def _on_sigterm(self, signum, frame) -> None:
         # SageMaker's stop signal (120 s grace on StopTrainingJob). Finish the step in progress, then
@@ -154,7 +178,7 @@ class Trainer:
         if self.topology.is_main:
             start = f"resuming at step {self.step}" if self.resumed_from is not None else "starting at step 0"
             print(f"[start] {start} of {self.settings.max_steps}, world size {self.topology.world_size}, "
-                  f"strategy {self.settings.strategy}, device {self.device.type}", flush=True)
+                  f"strategy {self.strategy}, device {self.device.type}", flush=True)
         while self.step < self.settings.max_steps:
             started = time.perf_counter()
             loss = self._run_step()
@@ -252,29 +276,25 @@ class Trainer:
             self.tracker.log_metrics({"validation_loss": value}, step=self.step)
 
     def _save_model(self) -> None:
-        """Rank 0 writes the model in Hugging Face format (safetensors), gathered from shards under FSDP."""
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.topology.is_main:
-            out = Path(self.settings.output_model_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            self.raw_model.save_pretrained(out, state_dict=full, safe_serialization=True)
+        """The fine-tuned model in Hugging Face format: safetensors files written by the first instance's ranks,
+        gathered one tensor at a time (modeling.export); rank 0 adds config, tokenizer and the run summary."""
+        t = self.topology
+        out = Path(self.settings.output_model_dir)
+        files = modeling.export(self.raw_model, self.model_config, str(out), rank=t.rank, writers=t.local_world_size)
+        if t.is_main:
+            config = self.model_config
+            config.architectures = [modeling.class_name(self.raw_model)]
+            config.save_pretrained(out)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(out)
             summary = {"final_step": self.step, "final_loss": self.last_loss, "resumed_from": self.resumed_from,
-                       "world_size": self.topology.world_size}
+                       "world_size": t.world_size, "strategy": self.strategy}
             Path(self.settings.output_data_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.settings.output_data_dir) / "summary.json").write_text(json.dumps(summary))
-            print(f"[done] step {self.step}, model written to {out}", flush=True)
+            print(f"[done] step {self.step}, model written to {out} ({len(files)} safetensors file(s))", flush=True)
         dist.barrier()
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder layers that FSDP shards one by one (Llama `layers`, GPT-2 `h`, ...)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            return list(module)
-    return []

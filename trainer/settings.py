@@ -52,9 +52,13 @@ class TrainSettings:
     gradient_accumulation_steps: int = dataclasses.field(default=8, metadata=_doc("Micro-steps per optimizer step.", min=1))
     sequence_length: int = dataclasses.field(default=2048, metadata=_doc("Tokens per training sequence.", min=2))
     seed: int = dataclasses.field(default=1234, metadata=_doc("Seed of model init, data order and dropout.", min=0))
-    strategy: str = dataclasses.field(default="ddp", metadata=_doc(
-        "`ddp` replicates the model; `fsdp` shards it (FSDP2 fully_shard) for models that do not fit one GPU.",
-        choices=("ddp", "fsdp")))
+    strategy: str = dataclasses.field(default="auto", metadata=_doc(
+        "`ddp` replicates the model; `fsdp` shards it (FSDP2 fully_shard per decoder block); `auto` takes ddp "
+        "when the memory planner (memory.py) says the whole model's state fits each GPU, else fsdp.",
+        choices=("auto", "ddp", "fsdp")))
+    activation_checkpointing: str = dataclasses.field(default="auto", metadata=_doc(
+        "Recompute each decoder block's activations in the backward pass instead of keeping them: `true`, "
+        "`false`, or `auto` (on with fsdp).", choices=("auto", "true", "false")))
     mixed_precision: str = dataclasses.field(default="auto", metadata=_doc(
         "`bf16` autocast, `no`, or `auto` (bf16 on GPU, fp32 on CPU).", choices=("auto", "bf16", "no")))
     # Checkpoints.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Everything below must already be in the training image: the job runs with no internet, so nothing
 # can be pip-installed at start (sagemaker-python-sdk#2199).
-REQUIRED_MODULES = ("torch", "transformers", "safetensors", "numpy")
+REQUIRED_MODULES = ("torch", "transformers", "safetensors", "numpy", "accelerate")
 
 
 def check_imports() -> None:
@@ -46,9 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if topology.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ensure_rendezvous_defaults()
-    trainer = Trainer(settings, topology)
+    from checkpointing import CheckpointLayoutError
+    from modeling import ModelError
+
+    try:
+        trainer = Trainer(settings, topology)
+    except ModelError as error:  # every rank reads the same folder and fails alike; one line is enough
+        if topology.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         return trainer.train()
+    except CheckpointLayoutError as error:
+        if topology.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
 

@@ -39,6 +39,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _parameter_count(text: str) -> int:
+    """`8e9`, `8B`, `70b`, `1.5B`, `500M` or `8030261248`."""
+    cleaned = text.strip().upper().replace(",", "").replace("_", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}.get(cleaned[-1:], 1)
+    try:
+        value = float(cleaned[:-1] if scale != 1 else cleaned) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a parameter count such as 8B, 8e9 or 8030261248") from None
+    if not value >= 1e6 or value != value or value > 1e13:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be from 1M to 10T parameters")
+    return int(value)
+
+
 def cmd_local_run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -146,6 +159,9 @@ def cmd_size(args: argparse.Namespace) -> int:
     from spot_training.operations import load_prices
 
     config = load_config()
+    if args.model_config or args.parameters:
+        print(memory_text(config, args))
+        return 0
     base = config.workload()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(sizing.Workload)
                  if getattr(args, f.name, None) is not None}
@@ -159,6 +175,57 @@ def cmd_size(args: argparse.Namespace) -> int:
     print(sizing_text(workload, args.instance_type))
     print(platform_cost_text(config))
     return 0
+
+
+def memory_text(config: TrainingConfig, args: argparse.Namespace) -> str:
+    """Memory per GPU for each allowed instance type and both strategies (the trainer's planner, memory.py)."""
+    import dataclasses
+
+    from spot_training import instance_types
+    from spot_training.trainer import memory
+
+    try:
+        if args.model_config:
+            path = Path(args.model_config)
+            try:
+                raw = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise CliError(f"--model-config={path}: not a readable JSON file ({error})") from None
+            if not isinstance(raw, dict):
+                raise CliError(f"--model-config={path}: must be a JSON object (a Hugging Face config.json)")
+            shape = memory.ModelShape.from_config(raw, source=f"--model-config={path}")
+            what = f"{path} ({shape.parameters:,} parameters)"
+        else:
+            shape = memory.ModelShape.from_parameters(args.parameters)
+            what = (f"{shape.parameters:,} parameters (Llama 3 shaped: hidden {shape.hidden_size}, "
+                    f"{shape.layers} layers, vocabulary {shape.vocab_size})")
+    except memory.PlanError as error:
+        raise CliError(str(error).replace("parameters=", "--parameters=", 1)) from None
+    overrides = {k: v for k, v in (("per_device_batch_size", args.batch), ("sequence_length", args.sequence_length),
+                                   ("activation_checkpointing", args.activation_checkpointing)) if v is not None}
+    count = args.instance_count or config.instance_count
+    types = args.instance_types or list(config.instance_type_allow_list)
+    gib = memory.GIB
+    lines = [f"model: {what}",
+             f"per GPU at batch {overrides.get('per_device_batch_size', config.per_device_batch_size)} x "
+             f"{overrides.get('sequence_length', config.sequence_length)} tokens, bf16 compute, AdamW, "
+             f"{count} instance(s); GiB; fits: total <= {memory.USABLE_FRACTION:.0%} of the GPU",
+             f"{'instance type':<18} {'GPU':>5} {'strategy':<8} {'params':>7} {'grads':>7} {'optim':>7} "
+             f"{'activ.':>7} {'logits':>7} {'working':>7} {'total':>7}  fits"]
+    for instance_type in types:
+        gpu = instance_types.gpu_memory_bytes(instance_type)
+        for strategy in ("ddp", "fsdp"):
+            try:
+                plan = dataclasses.replace(config, strategy=strategy, **overrides).memory_plan(shape, instance_type,
+                                                                                                count)
+            except ConfigError as error:
+                raise CliError(str(error).replace("TrainingConfig.", "--").replace("_", "-", 2)) from None
+            fits = {True: "yes", False: "NO", None: "? (GPU memory unknown)"}[plan.fits]
+            cells = [plan.parameters, plan.gradients, plan.optimizer, plan.activations, plan.logits, plan.working,
+                     plan.total]
+            lines.append(f"{instance_type:<18} {(f'{gpu / gib:.0f}' if gpu else '?'):>5} {strategy:<8} "
+                         + " ".join(f"{c / gib:7.1f}" for c in cells) + f"  {fits}")
+    return "\n".join(lines)
 
 
 def platform_cost_text(config: TrainingConfig) -> str:
@@ -248,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     size = commands.add_parser("size", help="sizing math: instance-hours, cost, retries, checkpoint interval, "
                                "completion-time Monte Carlo", description="Defaults come from ./cdk.json.")
     size.add_argument("--instance-type", default=load_config().instance_type)
+    model = size.add_mutually_exclusive_group()
+    model.add_argument("--model-config", metavar="CONFIG_JSON", help="a Hugging Face config.json: print the memory "
+                       "per GPU of each allowed instance type and strategy instead of the cost sizing")
+    model.add_argument("--parameters", type=_parameter_count, metavar="N", help="the same for a Llama 3 shaped "
+                       "model of N parameters (8e9, 8B and 8030261248 all work)")
+    size.add_argument("--memory-instance-type", dest="instance_types", action="append", metavar="TYPE",
+                      help="with --model-config/--parameters: plan this type (repeatable; default: the config's "
+                      "allowed instance types)")
+    size.add_argument("--batch", type=_positive, help="sequences per GPU (default: per_device_batch_size)")
+    size.add_argument("--sequence-length", type=_positive, help="tokens per sequence (default: sequence_length)")
+    size.add_argument("--activation-checkpointing", choices=("auto", "true", "false"))
     size.add_argument("--instance-count", dest="instance_count", type=int)
     size.add_argument("--run-hours", dest="run_hours", type=float)
     size.add_argument("--runs-per-month", dest="runs_per_month", type=float)

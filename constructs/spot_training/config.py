@@ -181,7 +181,15 @@ class TrainingConfig:
         allowed="an exact version such as 4.56.2")
     py_version: str = _field("py312", "Python version tag of the default image.", pattern=r"py3\d+",
         allowed="a tag such as py312")
-    strategy: str = _field("ddp", "Default distribution strategy of the trainer.", choices=("ddp", "fsdp"))
+    strategy: str = _field("auto", "Default distribution strategy of the trainer: ddp, fsdp, or auto (ddp when the "
+                           "memory planner says the model's whole state fits each GPU, else fsdp).",
+                           choices=("auto", "ddp", "fsdp"))
+    activation_checkpointing: str = _field("auto", "Recompute each decoder block's activations in the backward pass: "
+                                           "true, false or auto (on with fsdp).", choices=("auto", "true", "false"))
+    model_parameters: int = _field(0, "Parameters of the model to fine-tune, optional: synth then checks with the "
+                                   "memory planner that the default instance type, count, strategy, batch and "
+                                   "sequence length fit GPU memory (warn or refuse per guardrails); 0: unchecked.",
+                                   min=0, max=10**13)
     max_steps: int = _field(1000, "Default optimizer steps per run (pipeline parameter MaxSteps).",
                             min=1, max=10_000_000)
     learning_rate: float = _field(2e-5, "Default peak learning rate (pipeline parameter LearningRate).",
@@ -304,8 +312,45 @@ class TrainingConfig:
     def guardrail_findings(self) -> list[str]:
         if self.guardrails == "off":
             return []
-        return guardrail_findings(self.workload(), use_spot=self.use_spot, max_run_seconds=self.max_run_seconds,
-                                  max_wait_seconds=self.max_wait_seconds, retry_attempts=self.retry_attempts)
+        findings = guardrail_findings(self.workload(), use_spot=self.use_spot, max_run_seconds=self.max_run_seconds,
+                                      max_wait_seconds=self.max_wait_seconds, retry_attempts=self.retry_attempts)
+        return findings + self.memory_findings()
+
+    def memory_plan(self, shape: Any, instance_type: str, instance_count: int) -> Any:
+        """The memory planner's figures per GPU for this config's trainer defaults on `instance_count` x
+        `instance_type` (strategy auto resolved as the trainer resolves it)."""
+        from spot_training.trainer import memory
+
+        gpu_bytes = instance_types.gpu_memory_bytes(instance_type)
+        world_size = instance_count * max(1, instance_types.gpus_per_instance(instance_type))
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = memory.choose_strategy(shape, world_size=world_size, batch=self.per_device_batch_size,
+                                              sequence_length=self.sequence_length, bf16=True,
+                                              gpu_bytes=gpu_bytes or 0,
+                                              activation_checkpointing=self.activation_checkpointing)
+        checkpointing = self.activation_checkpointing == "true" or (self.activation_checkpointing == "auto"
+                                                                     and strategy == "fsdp")
+        return memory.plan(shape, strategy=strategy, world_size=world_size, batch=self.per_device_batch_size,
+                           sequence_length=self.sequence_length, activation_checkpointing=checkpointing, bf16=True,
+                           gpu_bytes=gpu_bytes)
+
+    def memory_findings(self) -> list[str]:
+        """With `model_parameters` set: one finding when the defaults cannot fit GPU memory."""
+        if not self.model_parameters:
+            return []
+        from spot_training.trainer import memory
+
+        shape = memory.ModelShape.from_parameters(self.model_parameters)
+        plan = self.memory_plan(shape, self.instance_type, self.instance_count)
+        if plan.fits is not False:
+            return []
+        gib = memory.GIB
+        return [f"{_PREFIX.get()}.model_parameters={self.model_parameters}: needs {plan.total / gib:.1f} GiB per GPU "
+                f"with strategy {plan.strategy} on {self.instance_count} x {self.instance_type} "
+                f"({plan.gpu_bytes / gib:.0f} GiB GPUs, {memory.USABLE_FRACTION:.0%} usable) at batch "
+                f"{self.per_device_batch_size} x {self.sequence_length} tokens; use strategy fsdp, more instances, "
+                "a smaller batch or a larger GPU (spot-training size --parameters shows each)"]
 
     @classmethod
     def field_docs(cls) -> list[tuple[str, Any, str]]:

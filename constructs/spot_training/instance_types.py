@@ -40,6 +40,15 @@ _GPUS_PER_INSTANCE: dict[str, dict[str, int]] = {
     "g7e": {"2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "12xlarge": 2, "24xlarge": 4, "48xlarge": 8},
 }
 
+# Memory of one GPU (GiB) per family, from the "GPU memory" columns of the EC2 accelerated-computing
+# specifications (docs.aws.amazon.com/ec2/latest/instancetypes/ac.html: total per instance / GPUs) and the
+# GPUs' own data sheets: V100 16/32, A100 40/80, H100 80, H200 141, T4 16, A10G 24, L4 24, L40S 48. Families
+# not listed are unknown to the memory planner (it says so instead of guessing).
+_GPU_MEMORY_GIB: dict[str, int] = {
+    "p3": 16, "p3dn": 32, "p4d": 40, "p4de": 80, "p5": 80, "p5e": 141, "p5en": 141,
+    "g4dn": 16, "g5": 24, "g6": 24, "g6e": 48,
+}
+
 # Families whose instances carry local NVMe instance storage.
 _LOCAL_STORAGE_FAMILIES = frozenset({
     "p3dn", "p4d", "p4de", "p5", "p5e", "p5en", "p6-b200", "p6-b300",
@@ -66,6 +75,14 @@ def gpus_per_instance(instance_type: str) -> int:
     """NVIDIA GPUs on one instance of this type; 0 for CPU and non-NVIDIA accelerator types."""
     size = instance_type.rsplit(".", 1)[-1]
     return _GPUS_PER_INSTANCE.get(family(instance_type), {}).get(size, 0)
+
+
+def gpu_memory_bytes(instance_type: str) -> int | None:
+    """Memory of one of the instance's GPUs, or None when this table does not know the family."""
+    if not gpus_per_instance(instance_type):
+        return None
+    gib = _GPU_MEMORY_GIB.get(family(instance_type))
+    return None if gib is None else gib * 2**30
 
 
 def has_local_storage(instance_type: str) -> bool:

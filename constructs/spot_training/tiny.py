@@ -49,3 +49,27 @@ def make_job(root: Path, *, documents: int = 400) -> dict[str, Path]:
     return {"model_dir": make_model_dir(root / "model", text_corpus=texts),
             "train_dir": make_text_channel(root / "train", texts[:-40]),
             "validation_dir": make_text_channel(root / "validation", texts[-40:])}
+
+
+def make_llama_model_dir(folder: Path, *, tokenizer_dir: Path, seed: int = 3, tied: bool = True,
+                         max_shard_size: str = "5GB", layers: int = 2) -> Path:
+    """A tiny Llama with real weights: bf16 safetensors written by save_pretrained (tied embeddings, rotary
+    tables), the tokenizer of `tokenizer_dir`. The sharded start must read it exactly as from_pretrained does."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+import json
+
+import torch
+from safetensors.torch import load_file
+
 from tests.trainer.harness import SLOW_IO, Run, same_parameters
-from spot_training.tiny import make_job
+from spot_training.tiny import make_job, make_llama_model_dir
+
+# Checkpoints written by the trainer before the sharded start (commit 23397ad, torch 2.8.0, 2 ranks, TINY_RUN with
+# max_steps=8): step-4, the run's final model and its metrics. A resumed run must end where that one did.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +112,50 @@ def test_keep_last_k_keeps_the_newest_complete_checkpoints(baseline):
 
 
 def test_fsdp_resumes_bit_exactly_too(job, tmp_path_factory):
-    reference = Run(job, tmp_path_factory.mktemp("fsdp-ref"), strategy="fsdp", max_steps=12)
-    reference.run()
-    run = Run(job, tmp_path_factory.mktemp("fsdp-killed"), strategy="fsdp", max_steps=12)
+    """On the sharded start with real weights: a tiny Llama (bf16 safetensors, tied embeddings, rotary tables)
+    read into FSDP2 shards, activation checkpointing on (auto with fsdp)."""
+    llama = {**job, "model_dir": make_llama_model_dir(tmp_path_factory.mktemp("llama"), tokenizer_dir=job["model_dir"])}
+    reference = Run(llama, tmp_path_factory.mktemp("fsdp-ref"), strategy="fsdp", max_steps=12)
+    out = reference.run()
+    assert "strategy fsdp (set), activation checkpointing on, fp32, weights from 1 safetensors file(s)" in out
+    run = Run(llama, tmp_path_factory.mktemp("fsdp-killed"), strategy="fsdp", max_steps=12)
     run.kill_at_step(run.start(), 6)
     assert run.last_step() < 12
     run.run()
     assert run.losses() == reference.losses()
     assert same_parameters(run.parameters(), reference.parameters())
+
+
+def _previous_losses(fixture: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (fixture / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("fixture, strategy", [("checkpoint_v1", "ddp"), ("checkpoint_v1_fsdp", "fsdp")])
+def test_a_checkpoint_of_the_previous_layout_resumes_to_what_that_trainer_wrote(job, tmp_path, fixture, strategy):
+    saved = FIXTURES / fixture
+    run = Run(job, tmp_path, max_steps=8, strategy=strategy)
+    shutil.copytree(saved / "step-4", run.outputs["checkpoint_dir"] / "step-4")
+    run.run()
+    assert run.resumed_from()[0] == 4
+    before = _previous_losses(saved)
+    assert run.losses() == {step: before[step] for step in range(5, 9)}
+    now, then = run.parameters(), load_file(saved / "final-model.safetensors")
+    assert set(now) <= set(then) and all(torch.equal(now[k], then[k]) for k in now)
+    # The previous FSDP export also wrote the tied head; the new one leaves it out, as save_pretrained does.
+    assert set(then) - set(now) <= {"lm_head.weight"}
+
+
+def test_a_checkpoint_of_an_unknown_layout_stops_the_job_in_one_line(job, tmp_path):
+    run = Run(job, tmp_path, max_steps=8)
+    step = run.outputs["checkpoint_dir"] / "step-4"
+    shutil.copytree(FIXTURES / "checkpoint_v1" / "step-4", step)
+    marker = json.loads((step / "COMPLETE.json").read_text())
+    (step / "COMPLETE.json").write_text(json.dumps({**marker, "layout": 2}))
+    process = run.start()
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {step}: checkpoint layout 2, this trainer reads layout 1; resume with the trainer "
+                      "version that wrote it, or start a new run (new checkpoint prefix)"]
+    assert not (tmp_path / "model").exists() and run.last_step() == 0

@@ -19,7 +19,7 @@ from settings import SettingsError, parse_settings  # noqa: E402
     (["--learning_rate", "-1"], "learning_rate=-1.0: must be > 0.0"),
     (["--learning_rate", "0"], "learning_rate=0.0: must be > 0.0"),
     (["--keep_checkpoints", "1"], "keep_checkpoints=1: must be >= 2"),
-    (["--strategy", "zero3"], "strategy=zero3: must be one of ddp, fsdp"),
+    (["--strategy", "zero3"], "strategy=zero3: must be one of auto, ddp, fsdp"),
     (["--warmup_ratio", "0.9"], "warmup_ratio=0.9: must be <= 0.5"),
     (["--min_learning_rate_ratio", "2"], "min_learning_rate_ratio=2.0: must be <= 1.0"),
     (["--learning_rate", "nan"], "learning_rate=nan: must be a finite number"),

@@ -33,7 +33,7 @@ def test_one_mlflow_run_per_training_job_across_an_interruption(tracked):
     (mlflow_run,) = runs
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["spot_training.job"] == "pipelines-test-Train-1"
-    assert mlflow_run.data.params["max_steps"] == "8" and mlflow_run.data.params["strategy"] == "ddp"
+    assert mlflow_run.data.params["max_steps"] == "8" and mlflow_run.data.params["strategy"] == "auto"
 
 
 def test_metrics_and_checkpoint_events_are_logged_by_step(tracked):

@@ -1,0 +1,178 @@
+"""How much GPU memory a fine-tuning run needs per GPU, by strategy: the planner behind `strategy=auto`,
+`spot-training size --model-config` and the synth-time check of `training.model_parameters`.
+
+Pure Python (no torch): the trainer, the CLI and synth use the same numbers. Bytes per GPU, for a decoder-only
+transformer (Llama/Mistral/Qwen shapes; GPT-2 maps onto it), P parameters, N GPUs in the job, b sequences of
+s tokens per GPU (T = b*s tokens), hidden size h, MLP size i, L layers, vocabulary V, with AdamW:
+
+  state        16 P    fp32 weights (4) + fp32 gradients (4) + AdamW moments (8): every GPU under DDP,
+                       divided by N under FSDP (FSDP2 shards weights, gradients and optimizer state)
+  working      DDP:    2 P for the bf16 copies autocast keeps while the forward runs (0 in fp32)
+               FSDP:   the root's gathered weights and unsharded gradients (embeddings, head) plus two gathered
+                       blocks (the one computing and the one prefetched) and one block's gradients; bf16
+                       weights (2 bytes) and gradients reduced in fp32 (2 + 4 bytes)
+  activations  per layer and token, with SDPA (no s*s term): two RMSNorms (fp32 input and normalised copies
+               plus the output: 8h + a*h each) and a*(5h + 4i) for the attention inputs/outputs and the
+               four SwiGLU MLP tensors (2i for GPT-2's two-matrix MLP), a = 2 bytes in bf16 (4 in fp32). With activation checkpointing only each
+               block's input (a*h) stays for all L layers, plus two layers' worth while one is recomputed;
+               without it, all L layers' worth
+  logits       T*V*(a + 12): the logits, their fp32 copy and log-softmax, and the fp32 gradient
+
+Known points (tests/test_memory_planner.py): Llama 3 8B has 8,030,261,248 parameters and holds 16 bytes
+each of state, 128.5 GB, under DDP on every GPU; 70B has 70,553,706,496.
+
+A GPU fits when the total is at most `USABLE_FRACTION` of its memory (the CUDA context, NCCL buffers and
+allocator fragmentation take the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+GIB = 2**30
+USABLE_FRACTION = 0.90
+
+
+class PlanError(ValueError):
+    """A model description the planner cannot use; the message names the input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool
+    gated_mlp: bool = True  # SwiGLU (gate, up, down: Llama, Mistral, Qwen); False: GPT-2's two matrices
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.gated_mlp else 2
+
+    @property
+    def kv_size(self) -> int:
+        return self.hidden_size * self.kv_heads // self.heads
+
+    @property
+    def block_parameters(self) -> int:
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        return 2 * h * h + 2 * h * kv + self.mlp_matrices * h * i + 2 * h
+
+    @property
+    def root_parameters(self) -> int:
+        """Embeddings, the final norm and the output head (once when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2) + self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        return self.layers * self.block_parameters + self.root_parameters
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
+        """From a Hugging Face config.json: Llama-style keys, or GPT-2's (n_embd, n_layer, n_head, n_inner)."""
+        def need(*keys: str, default: Any = None) -> int:
+            for key in keys:
+                value = config.get(key)
+                if value is not None:
+                    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                        raise PlanError(f"{source}: {key}={value!r} must be a positive integer")
+                    return value
+            if default is not None:
+                return default
+            raise PlanError(f"{source}: none of {', '.join(keys)}; not a decoder-only transformer config")
+
+        hidden = need("hidden_size", "n_embd", "d_model")
+        heads = need("num_attention_heads", "n_head")
+        return cls(vocab_size=need("vocab_size"), hidden_size=hidden,
+                   intermediate_size=need("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+                   layers=need("num_hidden_layers", "n_layer"), heads=heads,
+                   kv_heads=need("num_key_value_heads", default=heads),
+                   tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+                   gated_mlp="n_embd" not in config and config.get("model_type") not in ("gpt2", "gpt_neox", "opt"))
+
+    @classmethod
+    def from_parameters(cls, count: int) -> ModelShape:
+        """A Llama 3 shaped model of about `count` parameters: the nearest Llama 3 size's width and vocabulary,
+        with the layer count scaled to the count (activations depend on the shape, so a config.json is better)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 10**6:
+            raise PlanError(f"parameters={count!r}: must be an integer of at least 1,000,000")
+        nearest = min(LLAMA3.values(), key=lambda shape: abs(shape.parameters - count))
+        layers = max(1, round((count - nearest.root_parameters) / nearest.block_parameters))
+        return dataclasses.replace(nearest, layers=layers)
+
+
+# Llama 3 / 3.1 / 3.2 shapes from their config.json files (meta-llama on the Hugging Face Hub).
+LLAMA3 = {
+    "1B": ModelShape(vocab_size=128256, hidden_size=2048, intermediate_size=8192, layers=16, heads=32, kv_heads=8,
+                     tied_embeddings=True),
+    "3B": ModelShape(vocab_size=128256, hidden_size=3072, intermediate_size=8192, layers=28, heads=24, kv_heads=8,
+                     tied_embeddings=True),
+    "8B": ModelShape(vocab_size=128256, hidden_size=4096, intermediate_size=14336, layers=32, heads=32, kv_heads=8,
+                     tied_embeddings=False),
+    "70B": ModelShape(vocab_size=128256, hidden_size=8192, intermediate_size=28672, layers=80, heads=64,
+                      kv_heads=8, tied_embeddings=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    strategy: str
+    parameters: int   # fp32 weights (this GPU's shard under FSDP)
+    gradients: int    # fp32 gradients (shard)
+    optimizer: int    # AdamW moments (shard)
+    working: int      # bf16 weight copies, gathered blocks and unsharded gradients
+    activations: int
+    logits: int
+    gpu_bytes: int | None
+
+    @property
+    def state(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.state + self.working + self.activations + self.logits
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_bytes is None else self.total <= USABLE_FRACTION * self.gpu_bytes
+
+
+def plan(shape: ModelShape, *, strategy: str, world_size: int, batch: int, sequence_length: int,
+         activation_checkpointing: bool, bf16: bool = True, gpu_bytes: int | None = None) -> Plan:
+    """Bytes per GPU of one configuration (see the module docstring for each term)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise PlanError(f"strategy={strategy!r}: must be ddp or fsdp")
+    p = shape.parameters
+    weight = 2 if bf16 else 4                 # bytes of a weight as the forward uses it
+    gradient = weight + (4 if bf16 else 0)    # FSDP: the unsharded gradient plus its fp32 copy for the reduce
+    held = p if strategy == "ddp" else -(-p // world_size)  # FSDP: this GPU's shard (rounded up)
+    if strategy == "ddp":
+        working = 2 * p if bf16 else 0
+    else:
+        root, block = shape.root_parameters, shape.block_parameters
+        working = (weight + gradient) * root + 2 * weight * block + gradient * block
+    a = 2 if bf16 else 4
+    h, i = shape.hidden_size, shape.intermediate_size
+    tokens = batch * sequence_length
+    per_layer = 2 * (8 * h + a * h) + a * (5 * h + (2 * shape.mlp_matrices - 2) * i)
+    if activation_checkpointing:
+        activations = tokens * (shape.layers * a * h + 2 * per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    logits = tokens * shape.vocab_size * (a + 12)
+    return Plan(strategy=strategy, parameters=4 * held, gradients=4 * held, optimizer=8 * held, working=working,
+                activations=activations, logits=logits, gpu_bytes=gpu_bytes)
+
+
+def choose_strategy(shape: ModelShape, *, world_size: int, batch: int, sequence_length: int, bf16: bool,
+                    gpu_bytes: int, activation_checkpointing: str = "auto") -> str:
+    """`ddp` when the whole model's state fits every GPU (DDP is faster: no per-block gathers), else `fsdp`."""
+    ddp = plan(shape, strategy="ddp", world_size=world_size, batch=batch, sequence_length=sequence_length,
+               activation_checkpointing=activation_checkpointing == "true", bf16=bf16, gpu_bytes=gpu_bytes)
+    return "ddp" if ddp.fits or world_size == 1 else "fsdp"
