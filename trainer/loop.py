@@ -48,7 +48,14 @@ class Trainer:
         dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto"
                                                             and self.device.type == "cuda")
+        before = _resident_bytes()
+        _reset_peak_resident()
+        started = time.perf_counter()
         self._build_model()
+        # Every rank reports its own start-up: host memory is where a whole-model load used to show (eight
+        # copies per p4d node); benchmarks/scale.py reads these lines.
+        print(f"[startup] rank={topology.rank} seconds={time.perf_counter() - started:.2f} "
+              f"rss_before_bytes={before} peak_rss_bytes={_peak_resident()}", flush=True)
         # DDP computes under autocast; FSDP's MixedPrecisionPolicy already gathers bf16 weights for compute.
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 and self.strategy == "ddp"
                          else contextlib.nullcontext())
@@ -298,3 +305,29 @@ class Trainer:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
+def _status_kib(field: str) -> int:
+    """A `kB` field of /proc/self/status (Linux), in bytes; 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _resident_bytes() -> int:
+    return _status_kib("VmRSS")
+
+
+def _peak_resident() -> int:
+    return _status_kib("VmHWM")
+
+
+def _reset_peak_resident() -> None:
+    """Restart VmHWM from the current RSS (proc(5): writing 5 to clear_refs resets the peak RSS)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass

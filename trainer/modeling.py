@@ -20,7 +20,6 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -173,17 +172,17 @@ class SlicedSafetensorsReader(HuggingFaceStorageReader):
         from safetensors import safe_open
         from torch.futures import Future
 
-        per_file: dict[str, list[Any]] = {}
+        # One memory map per request: pages of a map count in the process's resident memory until it is
+        # unmapped, so a map held over a whole file would add every slice read from it.
         for request in plan.items:
-            per_file.setdefault(self.storage_data[request.storage_index].relative_path, []).append(request)
-        for file_name, requests in per_file.items():
+            file_name = self.storage_data[request.storage_index].relative_path
             with safe_open(file_name, framework="pt", device="cpu") as handle:
-                for request in requests:
-                    index = tuple(slice(o, o + n) for o, n in zip(request.storage_offsets, request.lengths))
-                    source = handle.get_slice(request.dest_index.fqn)[index]
-                    target = planner.resolve_tensor(request).detach()
-                    target.copy_(source)
-                    planner.commit_tensor(request, target)
+                index = tuple(slice(o, o + n) for o, n in zip(request.storage_offsets, request.lengths))
+                source = handle.get_slice(request.dest_index.fqn)[index]
+            target = planner.resolve_tensor(request).detach()
+            target.copy_(source)
+            planner.commit_tensor(request, target)
+            del source
         done: Future = Future()
         done.set_result(None)
         return done
