@@ -1,9 +1,12 @@
 """Training data: a token stream cut into fixed-length blocks, read in a seeded, resumable order.
 
-Formats in a channel folder (all files, sorted by name, concatenated):
-- `*.jsonl`: one JSON object per line with a `text` field, tokenized with the model's tokenizer, each
-  document followed by the EOS token;
-- `*.npy`: a one-dimensional array of token ids (pre-tokenized; memory-mapped, for large corpora).
+Formats of a channel folder:
+- prepared shards (`manifest.json` and `shard-*.npy`, written by the pipeline's preparation step, prepare.py):
+  memory-mapped through an index over shards (tokens.py); checked against the model's tokenizer;
+- `*.npy`: one-dimensional arrays of token ids, memory-mapped the same way (no concatenation);
+- `*.jsonl`, small data only (at most MAX_JSONL_BYTES in all): one JSON object with a `text` field per line,
+  tokenized here on every rank at every start, each document followed by the EOS token. Anything larger goes
+  through the preparation step, which tokenizes once.
 
 The order is a pure function of (seed, sample index): sample i of the run is block
 `permutation(seed + epoch)[i mod blocks]` with `epoch = i div blocks`. A checkpoint stores how many samples
@@ -18,16 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokens import MANIFEST, DataError, TokenSequence, open_shards, token_dtype, tokenizer_fingerprint
 
-class DataError(ValueError):
-    """Unusable training data; the message names the folder or file."""
+# Raw text is tokenized in Python on every rank at every (re)start: fine for tens of MB, hours of GPU time for a
+# corpus of GBs. Above this the trainer refuses and points at the preparation step.
+MAX_JSONL_BYTES = 64 * 2**20
+
+__all__ = ["MAX_JSONL_BYTES", "BlockDataset", "DataError", "load_tokens"]
 
 
-def load_tokens(folder: str, tokenizer=None) -> np.ndarray:
+def load_tokens(folder: str, tokenizer=None, *, model_dir: str | None = None,
+                vocab_size: int | None = None) -> TokenSequence:
     path = Path(folder)
+    if (path / MANIFEST).is_file():
+        return open_shards(path, tokenizer=tokenizer_fingerprint(model_dir) if model_dir else None,
+                           vocab_size=vocab_size)
     files = sorted(p for p in path.glob("*") if p.suffix in (".jsonl", ".npy"))
     if not files:
-        raise DataError(f"{folder}: no *.jsonl or *.npy files")
+        raise DataError(f"{folder}: no prepared shards ({MANIFEST}), *.jsonl or *.npy files")
+    text_bytes = sum(f.stat().st_size for f in files if f.suffix == ".jsonl")
+    if text_bytes > MAX_JSONL_BYTES:
+        raise DataError(f"{folder}: {text_bytes / 2**20:.0f} MiB of *.jsonl; raw text above "
+                        f"{MAX_JSONL_BYTES // 2**20} MiB must go through the preparation step (prepare.py), which "
+                        "tokenizes once into memory-mapped shards")
     parts = []
     for file in files:
         if file.suffix == ".npy":
@@ -39,7 +55,7 @@ def load_tokens(folder: str, tokenizer=None) -> np.ndarray:
             if tokenizer is None:
                 raise DataError(f"{file}: text data needs a tokenizer in the model folder")
             parts.append(_tokenize_jsonl(file, tokenizer))
-    return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+    return TokenSequence(parts)
 
 
 def _tokenize_jsonl(file: Path, tokenizer) -> np.ndarray:
@@ -56,7 +72,7 @@ def _tokenize_jsonl(file: Path, tokenizer) -> np.ndarray:
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             if eos is not None:
                 ids.append(eos)
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=token_dtype(len(tokenizer)))
 
 
 class BlockDataset:

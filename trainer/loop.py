@@ -66,9 +66,11 @@ class Trainer:
                                            lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, settings))
-        self.data = BlockDataset(load_tokens(settings.train_dir, self.tokenizer), settings.sequence_length, settings.seed)
+        source = {"model_dir": settings.model_dir, "vocab_size": self.model_config.vocab_size}
+        self.data = BlockDataset(load_tokens(settings.train_dir, self.tokenizer, **source), settings.sequence_length,
+                                 settings.seed)
         if settings.validation_dir:
-            self.validation = BlockDataset(load_tokens(settings.validation_dir, self.tokenizer),
+            self.validation = BlockDataset(load_tokens(settings.validation_dir, self.tokenizer, **source),
                                            settings.sequence_length, settings.seed)
         else:
             self.data, self.validation = self.data.split(settings.validation_holdout_fraction)

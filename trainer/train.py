@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ensure_rendezvous_defaults()
     from checkpointing import CheckpointLayoutError
     from modeling import ModelError
+    from tokens import DataError
 
     try:
         trainer = Trainer(settings, topology)
-    except ModelError as error:  # every rank reads the same folder and fails alike; one line is enough
+    except (ModelError, DataError) as error:  # every rank reads the same folder and fails alike; one line is enough
         if topology.is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2

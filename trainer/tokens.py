@@ -1,0 +1,163 @@
+"""Prepared token data: fixed-size shards of token ids, read memory-mapped through an index over shards.
+
+A prepared split folder (what the preparation step writes for `train` and `validation`) holds
+`shard-00000.npy`, `shard-00001.npy`, ... (one-dimensional uint16 arrays when the vocabulary has at most
+65,536 entries, else uint32; every shard `tokens_per_shard` long but the last) and `manifest.json`:
+
+    {"format": "spot-training-tokens/1", "tokenizer": "<sha256 of the tokenizer files>", "vocab_size": ...,
+     "eos_token_id": ..., "dtype": "uint16", "tokens_per_shard": ..., "tokens": ..., "documents": ...,
+     "sources": [{"name": "part-000.jsonl", "bytes": ..., "sha256": ...}, ...],
+     "shards": [{"file": "shard-00000.npy", "tokens": ..., "bytes": ...}, ...]}
+
+`TokenSequence` presents the shards (or any one-dimensional integer arrays) as one sequence: `len()` and
+slicing, without concatenating, copying or widening the corpus; a slice that crosses a shard boundary is the
+only copy, one block long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "spot-training-tokens/1"
+MANIFEST = "manifest.json"
+# The tokenizer's own files: what decides which ids a text becomes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
+
+
+class DataError(ValueError):
+    """Unusable data; the message is one line naming the file and the line or offset."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (a vocabulary of at most 65,536 entries), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the tokenizer files of a model folder (name and bytes, in name order)."""
+    digest = hashlib.sha256()
+    found = False
+    for name in sorted(TOKENIZER_FILES):
+        path = Path(model_dir) / name
+        if path.is_file():
+            found = True
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    if not found:
+        raise DataError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    return digest.hexdigest()
+
+
+class TokenSequence:
+    """Several one-dimensional integer arrays (memory-mapped shards) read as one, by index."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = [a for a in arrays if len(a)]
+        self.offsets = np.zeros(len(self.arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in self.arrays], out=self.offsets[1:])
+        self.dtype = np.result_type(*[a.dtype for a in self.arrays]) if self.arrays else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("TokenSequence supports contiguous slices only")
+        start, stop, _ = index.indices(len(self))
+        if stop <= start:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
+        if first == last:
+            base = self.offsets[first]
+            return self.arrays[first][start - base:stop - base]
+        pieces = [self.arrays[i][max(start, self.offsets[i]) - self.offsets[i]:min(stop, self.offsets[i + 1]) -
+                                 self.offsets[i]] for i in range(first, last + 1)]
+        return np.concatenate(pieces)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT}")
+    return manifest
+
+
+def open_shards(folder: str | Path, *, tokenizer: str | None = None, vocab_size: int | None = None) -> TokenSequence:
+    """The prepared split in `folder`, memory-mapped, after checking each shard against the manifest (a
+    truncated or missing shard, or shards written by another tokenizer, are refused in one line)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if tokenizer is not None and manifest["tokenizer"] != tokenizer:
+        raise DataError(f"{folder / MANIFEST}: shards written by tokenizer {manifest['tokenizer'][:12]}, the model's "
+                        f"is {tokenizer[:12]}; prepare the data again with this model's tokenizer")
+    if vocab_size is not None and manifest["vocab_size"] > vocab_size:
+        raise DataError(f"{folder / MANIFEST}: token ids up to {manifest['vocab_size'] - 1}, the model has "
+                        f"{vocab_size} embeddings")
+    dtype = np.dtype(manifest["dtype"])
+    arrays = []
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise DataError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated at byte {size})"
+                            if size < shard["bytes"] else f"{path}: {size} bytes, the manifest says {shard['bytes']}")
+        array = np.load(path, mmap_mode="r")
+        if array.dtype != dtype or array.ndim != 1 or len(array) != shard["tokens"]:
+            raise DataError(f"{path}: {array.dtype}[{len(array)}], the manifest says {dtype}[{shard['tokens']}]")
+        arrays.append(array)
+    return TokenSequence(arrays)
+
+
+class ShardWriter:
+    """Appends token ids and writes full shards as they fill, then the manifest (`finish`)."""
+
+    def __init__(self, folder: Path, *, vocab_size: int, tokens_per_shard: int) -> None:
+        self.folder, self.dtype, self.size = folder, token_dtype(vocab_size), tokens_per_shard
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.buffer = np.empty(tokens_per_shard, dtype=self.dtype)
+        self.filled = 0
+        self.shards: list[dict] = []
+        self.limit = np.iinfo(self.dtype).max
+
+    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() > self.limit):
+            raise DataError(f"token id {int(ids.max())} does not fit {self.dtype}")
+        ids = ids.astype(self.dtype, copy=False)
+        while ids.size:
+            take = min(self.size - self.filled, ids.size)
+            self.buffer[self.filled:self.filled + take] = ids[:take]
+            self.filled += take
+            ids = ids[take:]
+            if self.filled == self.size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.filled:
+            return
+        name = f"shard-{len(self.shards):05d}.npy"
+        np.save(self.folder / name, self.buffer[:self.filled])
+        self.shards.append({"file": name, "tokens": int(self.filled), "bytes": (self.folder / name).stat().st_size})
+        self.filled = 0
+
+    def finish(self, **fields) -> dict:
+        self._flush()
+        manifest = {"format": FORMAT, "dtype": self.dtype.name, "tokens_per_shard": self.size,
+                    "tokens": sum(s["tokens"] for s in self.shards), **fields, "shards": self.shards}
+        tmp = self.folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.folder / MANIFEST)
+        return manifest
