@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokens import MANIFEST, DataError, TokenSequence, open_shards, token_dtype, tokenizer_fingerprint
+from tokens import (
+    MANIFEST,
+    DataError,
+    TokenSequence,
+    open_shards,
+    random_access,
+    token_dtype,
+    tokenizer_fingerprint,
+)
 
 # Raw text is tokenized in Python on every rank at every (re)start: fine for tens of MB, hours of GPU time for a
 # corpus of GBs. Above this the trainer refuses and points at the preparation step.
@@ -48,6 +56,7 @@ def load_tokens(folder: str, tokenizer=None, *, model_dir: str | None = None,
     for file in files:
         if file.suffix == ".npy":
             array = np.load(file, mmap_mode="r")
+            random_access(array)
             if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
                 raise DataError(f"{file}: must be a one-dimensional integer array of token ids")
             parts.append(array)
@@ -103,10 +112,13 @@ class BlockDataset:
         epoch, position = divmod(sample, self.num_blocks)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_blocks, generator=generator).tolist()
-        return self.first_block + self._order[position]
+            # An int64 array, 8 bytes per block (a Python list would take about 36)
+            self._epoch, self._order = epoch, torch.randperm(self.num_blocks, generator=generator).numpy()
+        return self.first_block + int(self._order[position])
 
     def batch(self, first_sample: int, count: int) -> torch.Tensor:
         starts = [self.block_index(i) * self.block for i in range(first_sample, first_sample + count)]
-        rows = [self.tokens[start:start + self.block] for start in starts]
+        read = self.tokens.read if isinstance(self.tokens, TokenSequence) else \
+            (lambda start, stop: self.tokens[start:stop])
+        rows = [read(start, start + self.block) for start in starts]
         return torch.from_numpy(np.stack(rows).astype(np.int64))

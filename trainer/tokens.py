@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,26 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def random_access(array: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped array is read at random places (madvise MADV_RANDOM): without it each
+    page fault reads ahead (typically 128 KiB or more) and a few blocks from each shard bring megabytes into
+    the process's resident memory."""
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+        handle.madvise(mmap.MADV_RANDOM)
+
+
+def release(array: np.ndarray, lo: int, hi: int) -> None:
+    """Unmap the pages holding elements [lo, hi) of a memory-mapped array (their data stays in the page cache)."""
+    handle = getattr(array, "_mmap", None)
+    if not isinstance(handle, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = array.offset % mmap.ALLOCATIONGRANULARITY  # where element 0 sits in the mapping (after the header)
+    first = (base + lo * array.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = base + hi * array.itemsize
+    handle.madvise(mmap.MADV_DONTNEED, first, min(last, len(handle)) - first)
+
+
 class TokenSequence:
     """Several one-dimensional integer arrays (memory-mapped shards) read as one, by index."""
 
@@ -79,6 +100,20 @@ class TokenSequence:
         pieces = [self.arrays[i][max(start, self.offsets[i]) - self.offsets[i]:min(stop, self.offsets[i + 1]) -
                                  self.offsets[i]] for i in range(first, last + 1)]
         return np.concatenate(pieces)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """A copy of tokens [start, stop), with the mapped pages it touched given back to the kernel (madvise
+        MADV_DONTNEED; they stay in the page cache): the process's resident memory stays at what one batch
+        needs however much of the corpus has been read. Without it, every page ever touched counts in the
+        RSS, and kernels that map whole large folios on a fault bring in up to 2 MiB per block read."""
+        copy = np.array(self[start:stop])
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(first, len(self.arrays)):
+            if self.offsets[i] >= stop:
+                break
+            lo, hi = max(start, self.offsets[i]) - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
+            release(self.arrays[i], int(lo), int(hi))
+        return copy
 
 
 def read_manifest(folder: Path) -> dict:
@@ -115,6 +150,7 @@ def open_shards(folder: str | Path, *, tokenizer: str | None = None, vocab_size:
             raise DataError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated at byte {size})"
                             if size < shard["bytes"] else f"{path}: {size} bytes, the manifest says {shard['bytes']}")
         array = np.load(path, mmap_mode="r")
+        random_access(array)
         if array.dtype != dtype or array.ndim != 1 or len(array) != shard["tokens"]:
             raise DataError(f"{path}: {array.dtype}[{len(array)}], the manifest says {dtype}[{shard['tokens']}]")
         arrays.append(array)

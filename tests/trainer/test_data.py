@@ -53,6 +53,8 @@ def test_preparation_writes_uint16_shards_with_a_manifest_holding_the_tokens_the
     assert all(isinstance(a, np.memmap) and a.dtype == np.uint16 for a in sequence.arrays)  # mapped, not widened
     for start in (0, 1000, 1020, 2047, 3000):  # slices inside a shard and across shard boundaries
         assert np.array_equal(sequence[start:start + 33], reference[start:start + 33])
+        # read(): a copy, with the mapped pages given back (madvise DONTNEED): the same tokens
+        assert np.array_equal(sequence.read(start, start + 33), reference[start:start + 33])
 
 
 def test_blocks_come_in_the_same_order_from_shards_as_from_the_raw_text(job, prepared):
