@@ -6,6 +6,7 @@ from constructs import Construct
 
 from spot_training.config import TrainingConfig
 from spot_training.definition import default_image_uri
+from spot_training.pipeline import preparation_limits
 from spot_training.roles import TrainingRoles
 from spot_training.storage import ArtifactStore
 
@@ -23,8 +24,8 @@ class SecurityStack(cdk.Stack):
             allowed_instance_types=config.instance_type_allow_list, max_run_seconds=config.max_run_seconds,
             network_isolation=config.network_isolation,
             inter_container_encryption=config.inter_container_encryption,
-            volume_encryption=config.volume_encryption_allowed)
+            volume_encryption=config.volume_encryption_allowed, preparation=preparation_limits(config))
         cdk.CfnOutput(self, "SageMakerExecutionRoleArn", value=self.roles.training_role.role_arn,
                       description="Execution role of the training jobs")
         cdk.CfnOutput(self, "ArtifactBucketName", value=self.store.bucket.bucket_name,
-                      description="Bucket for data/, models/, code/, checkpoints/ and outputs/")
+                      description="Bucket for data/, models/, code/, prepared/, checkpoints/ and outputs/")

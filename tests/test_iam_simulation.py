@@ -20,8 +20,9 @@ from spot_training.config import TrainingConfig
 from spot_training.nag import acknowledge, add_checks
 from spot_training.pipeline import TrainingPipeline
 from tests.conftest import synth
-from tests.iam.authorization import (Authorization, Request, all_run_requests, create_training_job_context,
-                                     job_arn, pipelines, policy_key_checks, run_simulator, training_arguments)
+from tests.iam.authorization import (Authorization, Request, all_run_requests, create_processing_job_context,
+                                     create_training_job_context, job_arn, pipelines, policy_key_checks,
+                                     processing_arguments, processing_job_arn, run_simulator, training_arguments)
 from tests.iam.cloudformation import ACCOUNT, Deployment
 from tests.test_teams import TEAMS
 
@@ -106,6 +107,19 @@ def _create(auth: Authorization, **changes) -> Request:
                    job_arn(auth.region, step), context)
 
 
+def _prepare(auth: Authorization, **changes) -> Request:
+    (pipeline,) = pipelines(auth.deployment)
+    ((step, args),) = processing_arguments(pipeline)
+    context = create_processing_job_context(args)
+    for key, value in changes.items():
+        if value is None:
+            context.pop(f"sagemaker:{key}", None)
+        else:
+            context[f"sagemaker:{key}"] = value
+    return Request("prepare " + json.dumps(changes), pipeline["role_arn"], "sagemaker:CreateProcessingJob",
+                   processing_job_arn(auth.region, step), context)
+
+
 def _pipeline_role(auth: Authorization) -> str:
     (pipeline,) = pipelines(auth.deployment)
     return pipeline["role_arn"]
@@ -155,6 +169,11 @@ GUARDRAILS = {
     "the key used outside S3": lambda a: Request(
         "kms direct", _execution(a)[0], "kms:Decrypt", _execution(a)[2], {"kms:CallerAccount": ACCOUNT},
         a.key_policies[_execution(a)[2]]),
+    "a preparation on a GPU instance": lambda a: _prepare(a, InstanceTypes=["ml.p4d.24xlarge"]),
+    "a preparation without network isolation": lambda a: _prepare(a, NetworkIsolation=None),
+    "a preparation in a foreign subnet": lambda a: _prepare(a, VpcSubnets=["subnet-0foreign000000000"]),
+    "a preparation above its runtime cap": lambda a: _prepare(a, MaxRuntimeInSeconds="21601"),
+    "a preparation writing with another key": lambda a: _prepare(a, OutputKmsKeyArn=OTHER_KEY),
     "the key used through another service": lambda a: Request(
         "kms via ec2", _execution(a)[0], "kms:Decrypt", _execution(a)[2],
         {"kms:ViaService": "ec2.us-east-1.amazonaws.com", "kms:CallerAccount": ACCOUNT}, a.key_policies[_execution(a)[2]]),
@@ -170,7 +189,8 @@ def test_every_guardrail_bites(default_auth):
 
 
 def test_the_unchanged_request_is_allowed_so_each_denial_is_the_guardrail(default_auth):
-    assert verdicts(default_auth, [_create(default_auth)]) == {"create {}": "Allowed"}
+    assert verdicts(default_auth, [_create(default_auth), _prepare(default_auth)]) == {
+        "create {}": "Allowed", "prepare {}": "Allowed"}
 
 
 # ---- no dead keys ------------------------------------------------------------------------------------

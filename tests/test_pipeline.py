@@ -95,7 +95,9 @@ def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, argum
     assert arguments["ResourceConfig"]["InstanceType"] == {"Get": "Parameters.InstanceType"}
     assert arguments["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.InstanceCount"}
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in arguments["InputDataConfig"]}
-    assert channels["train"] == {"Get": "Parameters.TrainingDataUri"}
+    # The training channel reads what the preparation step wrote (tests/test_preparation_step.py).
+    assert channels["train"] == {"Std:Join": {"On": "/", "Values": [
+        {"Get": "Steps.PrepareData.ProcessingOutputConfig.Outputs['prepared'].S3Output.S3Uri"}, "train", ""]}}
     assert channels["model"] == {"Get": "Parameters.BaseModelUri"}
 
 

@@ -98,8 +98,9 @@ def test_training_role_reaches_only_its_prefixes_and_the_key_through_s3(default_
     statements = _policy(default_app, "TrainingPolicy")
     prefixes = {sid: [r["Fn::Join"][1][-1] for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])]
                 for sid, s in statements.items() if sid in ("ReadInputs", "SyncCheckpoints", "WriteOutputs")}
-    assert prefixes == {"ReadInputs": ["/data/*", "/models/*"], "SyncCheckpoints": ["/checkpoints/*"],
-                        "WriteOutputs": ["/outputs/*"]}
+    # prepared/: the preparation step writes the token shards there, the training step reads them.
+    assert prefixes == {"ReadInputs": ["/data/*", "/models/*", "/prepared/*"], "SyncCheckpoints": ["/checkpoints/*"],
+                        "WriteOutputs": ["/outputs/*", "/prepared/*"]}
     assert statements["UseKeyThroughS3Only"]["Condition"] == {
         "StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}
     wildcard = {sid for sid, s in statements.items() if s["Resource"] == "*"}

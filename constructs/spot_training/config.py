@@ -155,6 +155,16 @@ class TrainingConfig:
                                               "nodes (IPsec; slows NCCL traffic somewhat).")
     retry_attempts: int = _field(3, "Pipeline step retries on capacity, quota and internal errors.",
                                  min=1, max=20)
+    prepare_data: bool = _field(True, "Run the preparation step before training: tokenize the train channel "
+                                "once into memory-mapped token shards (false: the trainer reads the channel as "
+                                "is: prepared shards, *.npy, or at most 64 MiB of *.jsonl).")
+    preparation_instance_type: str = _field("ml.m5.2xlarge", "CPU instance type of the preparation step.")
+    preparation_max_run_seconds: int = _field(21600, "MaxRuntimeInSeconds of the preparation step.",
+                                              min=60, max=5 * 24 * 3600)
+    preparation_cache_days: int = _field(30, "Pipelines step caching of the preparation step: a run with the "
+                                         "same data and model URIs reuses the shards prepared in the last N days "
+                                         "(the cache keys on the arguments, not on the objects: write changed "
+                                         "data under a new prefix); 0: prepare on every run.", min=0, max=3650)
     az_count: int = _field(2, "Availability zones (one isolated subnet each) of the created VPC.",
                            min=2, max=6)
     vpc_cidr: str = _field("10.80.0.0/16", "CIDR block of the created VPC.",
@@ -233,6 +243,9 @@ class TrainingConfig:
             object.__setattr__(self, f.name, value)
             _check_rules(f, value)
         self._check_instance_type("instance_type", self.instance_type)
+        if self.preparation_instance_type not in instance_types.processing_instance_types():
+            raise ConfigError(f"{_PREFIX.get()}.preparation_instance_type={self.preparation_instance_type}: not an "
+                              "instance type SageMaker offers (botocore ProcessingInstanceType)")
         for i, allowed in enumerate(self.allowed_instance_types):
             self._check_instance_type(f"allowed_instance_types[{i}]", allowed)
         if self.allowed_instance_types and self.instance_type not in self.allowed_instance_types:

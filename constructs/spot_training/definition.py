@@ -74,6 +74,8 @@ with without_side_effects():
     import boto3
     from sagemaker import image_uris
     from sagemaker.inputs import TrainingInput
+    from sagemaker.network import NetworkConfig
+    from sagemaker.processing import ProcessingInput, ProcessingOutput, Processor
     from sagemaker.pytorch import PyTorch
     from sagemaker.workflow.condition_step import ConditionStep
     from sagemaker.workflow.conditions import ConditionLessThanOrEqualTo
@@ -89,9 +91,15 @@ with without_side_effects():
         StepExceptionTypeEnum,
         StepRetryPolicy,
     )
-    from sagemaker.workflow.steps import TrainingStep
+    from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep
 
 TRAINING_STEP_NAME = "Train"
+PREPARE_STEP_NAME = "PrepareData"
+# Where the preparation step's container finds its inputs and leaves its output (SageMaker Processing copies
+# each ProcessingInput to its LocalPath and uploads each ProcessingOutput's LocalPath; developer guide,
+# "How Amazon SageMaker Processing Runs Your Processing Container Image").
+PROCESSING_ROOT = "/opt/ml/processing"
+PREPARE_CODE_DIR = "/tmp/prepare-code"
 INSTANCE_COUNT_CHECK_STEP_NAME = "CheckInstanceCount"
 INSTANCE_COUNT_FAIL_STEP_NAME = "RefuseInstanceCountAboveCap"
 
@@ -284,7 +292,11 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         debugger_hook_config=False,
         sagemaker_session=session,
     )
-    inputs = {"train": TrainingInput(s3_data=params["TrainingDataUri"], input_mode="File"),
+    prepare = _prepare_step(config, params, placeholders, image_uri or default_image_uri(config), session,
+                            environment) if config.prepare_data else None
+    train_uri = Join(on="/", values=[prepare.properties.ProcessingOutputConfig.Outputs["prepared"].S3Output.S3Uri,
+                                     "train", ""]) if prepare else params["TrainingDataUri"]
+    inputs = {"train": TrainingInput(s3_data=train_uri, input_mode="File"),
               "model": TrainingInput(s3_data=params["BaseModelUri"], input_mode="File")}
     retry_policies = [
         SageMakerJobStepRetryPolicy(
@@ -299,7 +311,11 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         warnings.simplefilter("ignore")  # "No Wait, No Logs": the expected state of a PipelineSession
         step = TrainingStep(name=TRAINING_STEP_NAME, step_args=estimator.fit(inputs),
                             retry_policies=retry_policies)
-        steps = [_instance_count_gate(config, params["InstanceCount"], step)] if config.max_instance_count else [step]
+        if prepare is not None:
+            prepare.retry_policies = retry_policies
+        steps = [prepare, step] if prepare is not None else [step]
+        # The count check comes first: a refused run prepares nothing either.
+        steps = [_instance_count_gate(config, params["InstanceCount"], steps)] if config.max_instance_count else steps
         # No PipelineExperimentConfig (the SDK's default would have Pipelines create a SageMaker experiment and
         # trial per run, which the pipeline role would then need sagemaker:CreateExperiment/CreateTrial/
         # AssociateTrialComponent for); runs are tracked through the metric definitions and, optionally, MLflow.
@@ -310,7 +326,51 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
     return definition
 
 
-def _instance_count_gate(config: TrainingConfig, instance_count, step: TrainingStep) -> ConditionStep:
+def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholders: Placeholders, image_uri: str,
+                  session: Any, environment: Mapping[str, str] | None) -> Any:
+    """The preparation step (trainer/prepare.py in the same image, on a CPU instance, in the same subnets and
+    security group, isolated, KMS for volume and output): tokenizes the train channel once into token shards
+    under prepared/<execution id>/; the training step reads them. Cached by Pipelines on its arguments."""
+    from spot_training import instance_types
+
+    bucket = placeholders.bucket_name
+    processor = Processor(
+        role=placeholders.role_arn, image_uri=image_uri, instance_count=1,
+        instance_type=config.preparation_instance_type,
+        # The code arrives as the trainer's archive (the CDK asset): unpack it, then run prepare.py with the
+        # step's arguments.
+        entrypoint=["/bin/bash", "-c", f"set -e; mkdir -p {PREPARE_CODE_DIR}; tar -xzf {PROCESSING_ROOT}/input/code/* "
+                    f"-C {PREPARE_CODE_DIR}; exec python3 {PREPARE_CODE_DIR}/prepare.py \"$@\"", "prepare"],
+        volume_size_in_gb=config.volume_size_gb,
+        volume_kms_key=None if instance_types.has_local_storage(config.preparation_instance_type)
+        else placeholders.kms_key_arn,
+        output_kms_key=placeholders.kms_key_arn, max_runtime_in_seconds=config.preparation_max_run_seconds,
+        env={**TRAINING_ENVIRONMENT, "TOKENIZERS_PARALLELISM": "true", **(environment or {})},
+        network_config=NetworkConfig(enable_network_isolation=config.network_isolation,
+                                     security_group_ids=list(placeholders.security_group_ids),
+                                     subnets=list(placeholders.subnet_ids),
+                                     encrypt_inter_container_traffic=config.inter_container_encryption),
+        sagemaker_session=session)
+    prepared = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['prepared'].rstrip('/')}",
+                                    ExecutionVariables.PIPELINE_EXECUTION_ID])
+    step_args = processor.run(
+        inputs=[ProcessingInput(input_name="train", source=params["TrainingDataUri"],
+                                destination=f"{PROCESSING_ROOT}/input/train"),
+                ProcessingInput(input_name="model", source=params["BaseModelUri"],
+                                destination=f"{PROCESSING_ROOT}/input/model"),
+                ProcessingInput(input_name="code",
+                                source=f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
+                                destination=f"{PROCESSING_ROOT}/input/code")],
+        outputs=[ProcessingOutput(output_name="prepared", source=f"{PROCESSING_ROOT}/output/prepared",
+                                  destination=prepared)],
+        arguments=["--model_dir", f"{PROCESSING_ROOT}/input/model", "--train_dir", f"{PROCESSING_ROOT}/input/train",
+                   "--output_dir", f"{PROCESSING_ROOT}/output/prepared"])
+    cache = CacheConfig(enable_caching=True, expire_after=f"P{config.preparation_cache_days}D") \
+        if config.preparation_cache_days else None
+    return ProcessingStep(name=PREPARE_STEP_NAME, step_args=step_args, cache_config=cache)
+
+
+def _instance_count_gate(config: TrainingConfig, instance_count, steps: list[Any]) -> ConditionStep:
     """IAM has no condition key on instance count, so the pipeline itself refuses a run above the cap
     before any job starts: a condition step, and a fail step with the reason."""
     refuse = FailStep(name=INSTANCE_COUNT_FAIL_STEP_NAME, error_message=Join(on="", values=[
@@ -318,7 +378,7 @@ def _instance_count_gate(config: TrainingConfig, instance_count, step: TrainingS
         f"(team limit); start with InstanceCount <= {config.max_instance_count}"]))
     return ConditionStep(name=INSTANCE_COUNT_CHECK_STEP_NAME,
                          conditions=[ConditionLessThanOrEqualTo(left=instance_count, right=config.max_instance_count)],
-                         if_steps=[step], else_steps=[refuse])
+                         if_steps=steps, else_steps=[refuse])
 
 
 def training_step(definition: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,11 +39,18 @@ class Expectations:
     network_isolation: bool
     inter_container_encryption: bool
     volume_encryption: bool
+    # The preparation step's volume key: required (True), rejected (False), or no preparation step (None).
+    preparation_volume_encryption: bool | None = None
 
 
 def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
-    """The definition as one run with default parameters would see it: `Get` and `Std:Join` evaluated."""
+    """The definition as one run with default parameters would see it: `Get` and `Std:Join` evaluated, a
+    processing step's output location included (`Steps.<step>.ProcessingOutputConfig.Outputs['<name>']...`)."""
     defaults = {p["Name"]: p.get("DefaultValue") for p in definition.get("Parameters", [])}
+    outputs = {f"Steps.{step['Name']}.ProcessingOutputConfig.Outputs['{out['OutputName']}'].S3Output.S3Uri":
+               out["S3Output"]["S3Uri"]
+               for step in all_steps(definition) if step.get("Type") == "Processing"
+               for out in step["Arguments"].get("ProcessingOutputConfig", {}).get("Outputs", [])}
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
@@ -51,6 +58,8 @@ def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
                 ref = node["Get"]
                 if ref.startswith("Parameters."):
                     return defaults[ref.removeprefix("Parameters.")]
+                if ref in outputs:
+                    return walk(outputs[ref])
                 return EXECUTION_ID_STAND_IN if ref == "Execution.PipelineExecutionId" else f"<{ref}>"
             if set(node) == {"Std:Join"}:
                 join = node["Std:Join"]
@@ -92,12 +101,47 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
         violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
                        for v in check_shape(arguments, _create_training_job_shape())]
         violations += [Violation(f"{where}.{v.field}", v.message) for v in _own_rules(step, expect)]
+    processing_steps = [s for s in all_steps(resolved) if s.get("Type") == "Processing"]
+    if expect.preparation_volume_encryption is not None and not processing_steps:
+        violations.append(Violation("Steps", "no Processing step (the data preparation is configured)"))
+    for step in processing_steps:
+        where = f"Steps[{step['Name']}]"
+        arguments = {"ProcessingJobName": "pipelines-validation", **step["Arguments"]}
+        violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
+                       for v in check_shape(arguments, _operation_shape("CreateProcessingJob"))]
+        violations += [Violation(f"{where}.{v.field}", v.message) for v in _processing_rules(step, expect)]
     return violations
 
 
+def _operation_shape(operation: str) -> Any:
+    return botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
+
+
+def _processing_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]:
+    """The preparation step runs like training: private subnets, isolation and encryption as configured, KMS."""
+    args, out = step["Arguments"], []
+    network = args.get("NetworkConfig", {})
+    vpc = network.get("VpcConfig", {})
+    if not vpc.get("Subnets") or not vpc.get("SecurityGroupIds"):
+        out.append(Violation("Arguments.NetworkConfig.VpcConfig", "subnets and security groups are required: the "
+                             "preparation runs in the training subnets"))
+    for flag, wanted in (("EnableNetworkIsolation", expect.network_isolation),
+                         ("EnableInterContainerTrafficEncryption", expect.inter_container_encryption)):
+        if network.get(flag, False) != wanted:
+            out.append(Violation(f"Arguments.NetworkConfig.{flag}", f"is {network.get(flag, False)}, configured {wanted}"))
+    if not args.get("ProcessingOutputConfig", {}).get("KmsKeyId"):
+        out.append(Violation("Arguments.ProcessingOutputConfig.KmsKeyId", "is required: outputs are KMS-encrypted"))
+    volume_key = args.get("ProcessingResources", {}).get("ClusterConfig", {}).get("VolumeKmsKeyId")
+    if expect.preparation_volume_encryption and not volume_key:
+        out.append(Violation("Arguments.ProcessingResources.ClusterConfig.VolumeKmsKeyId",
+                             "is required for this instance type"))
+    if "MaxRuntimeInSeconds" not in args.get("StoppingCondition", {}):
+        out.append(Violation("Arguments.StoppingCondition.MaxRuntimeInSeconds", "is required: it caps the cost"))
+    return out
+
+
 def _create_training_job_shape() -> Any:
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    return model.operation_model("CreateTrainingJob").input_shape
+    return _operation_shape("CreateTrainingJob")
 
 
 def check_shape(value: Any, shape: Any, path: str = "") -> list[Violation]:

@@ -66,6 +66,14 @@ def training_instance_types() -> tuple[str, ...]:
     return tuple(shape.members["ResourceConfig"].members["InstanceType"].enum)
 
 
+@functools.cache
+def processing_instance_types() -> tuple[str, ...]:
+    """Every instance type SageMaker accepts for CreateProcessingJob, per the installed botocore."""
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("CreateProcessingJob").input_shape
+    return tuple(shape.members["ProcessingResources"].members["ClusterConfig"].members["InstanceType"].enum)
+
+
 def family(instance_type: str) -> str:
     """`ml.p4d.24xlarge` -> `p4d`."""
     return instance_type.removeprefix("ml.").rsplit(".", 1)[0]

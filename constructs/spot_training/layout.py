@@ -7,6 +7,7 @@ PREFIXES = {
     "code": "code/",
     "checkpoints": "checkpoints/",
     "outputs": "outputs/",
+    "prepared": "prepared/",
     "mlflow": "mlflow/",
 }
 # SageMaker syncs this folder with CheckpointConfig.S3Uri; the trainer saves and resumes here.

@@ -25,7 +25,7 @@ from spot_training.definition_rules import Expectations
 from spot_training.layout import PREFIXES
 from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
 from spot_training.network import TrainingSecurityGroup
-from spot_training.roles import TrainingRoles
+from spot_training.roles import PreparationLimits, TrainingRoles
 from spot_training.storage import ArtifactStore
 from spot_training.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
 
@@ -122,7 +122,10 @@ class TrainingPipeline(Construct):
                                        hyperparameters=hyperparameters, environment=environment)
         self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
                                          inter_container_encryption=config.inter_container_encryption,
-                                         volume_encryption=config.volume_encryption_allowed)
+                                         volume_encryption=config.volume_encryption_allowed,
+                                         preparation_volume_encryption=(
+                                             limits.volume_encryption if (limits := preparation_limits(config))
+                                             else None))
         self.pipeline = sagemaker.CfnPipeline(
             self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
             pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",
@@ -190,7 +193,8 @@ class TrainingPipeline(Construct):
                              allowed_instance_types=config.instance_type_allow_list,
                              max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,
                              inter_container_encryption=config.inter_container_encryption,
-                             volume_encryption=config.volume_encryption_allowed)
+                             volume_encryption=config.volume_encryption_allowed,
+                             preparation=preparation_limits(config))
 
     def _package_trainer(self, source_dir: Path) -> s3_assets.Asset:
         archive = deterministic_tarball(source_dir)
@@ -222,6 +226,17 @@ class TrainingPipeline(Construct):
         for placeholder, token in substitutions.items():
             body = body.replace(placeholder, token)
         return body
+
+
+def preparation_limits(config: TrainingConfig) -> PreparationLimits | None:
+    """What the pipeline role must allow for the preparation step, or None without one."""
+    from spot_training import instance_types
+
+    if not config.prepare_data:
+        return None
+    return PreparationLimits(instance_type=config.preparation_instance_type,
+                             max_run_seconds=config.preparation_max_run_seconds,
+                             volume_encryption=not instance_types.has_local_storage(config.preparation_instance_type))
 
 
 def config_for_stack(config: TrainingConfig, stack: cdk.Stack) -> TrainingConfig:

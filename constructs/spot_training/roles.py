@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -40,6 +41,15 @@ def network_interface_arns(stack: cdk.Stack, subnets: Sequence[ec2.ISubnet],
                    for g in security_groups]]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparationLimits:
+    """What the pipeline's preparation step (a processing job) may request."""
+
+    instance_type: str
+    max_run_seconds: int
+    volume_encryption: bool
+
+
 class TrainingRoles(Construct):
     """The training job's execution role and the SageMaker pipeline's role, each with one managed policy.
 
@@ -55,7 +65,8 @@ class TrainingRoles(Construct):
                  allowed_instance_types: Sequence[str], max_run_seconds: int, network_isolation: bool = True,
                  inter_container_encryption: bool = True, volume_encryption: bool = False,
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
-                 grant_training_role: bool = True, grant_pipeline_role: bool = True) -> None:
+                 grant_training_role: bool = True, grant_pipeline_role: bool = True,
+                 preparation: PreparationLimits | None = None) -> None:
         """
         :param image_uri: the training image; the execution role may pull from its repository only.
         :param subnets: the only subnets a training job may use.
@@ -70,6 +81,9 @@ class TrainingRoles(Construct):
         :param grant_pipeline_role: attach the pipeline role's managed policy to `pipeline_role` (@default True).
             Managed policies attach through their own Roles list, so imported roles get them even when
             imported with `mutable=False`.
+        :param preparation: the preparation step's limits: the pipeline role may then create processing jobs
+            under the same network, isolation and KMS conditions, with this instance type and runtime cap, and
+            the execution role writes `prepared/` (@default None: no preparation step).
         """
         super().__init__(scope, id)
         stack = cdk.Stack.of(self)
@@ -83,8 +97,9 @@ class TrainingRoles(Construct):
         if grant_training_role:
             self.training_policy = iam.ManagedPolicy(
                 self, "TrainingPolicy", roles=[training_role],
-                statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups))
-            self._acknowledge_training_policy(bucket_ref)
+                statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups,
+                                                     preparation is not None))
+            self._acknowledge_training_policy(bucket_ref, preparation is not None)
         self.training_role = training_role
         if pipeline_role is None:
             pipeline_role, grant_pipeline_role = iam.Role(
@@ -96,31 +111,36 @@ class TrainingRoles(Construct):
         job_arn = stack.format_arn(service="sagemaker", resource="training-job", resource_name=PIPELINE_JOB_PATTERN)
         subnet_ids = [s.subnet_id for s in subnets]
         group_ids = [g.security_group_id for g in security_groups]
-        # Condition keys of CreateTrainingJob (Service Authorization Reference for SageMaker AI). SageMaker sets
-        # each key from the request's own fields, and the SDK leaves false flags out of the request, so:
+
+        # Condition keys of CreateTrainingJob and CreateProcessingJob (Service Authorization Reference for
+        # SageMaker AI; the same set for both). SageMaker sets each key from the request's own fields, and the SDK
+        # leaves false flags out of the request, so:
         # - ForAllValues is vacuously true for a missing key: Null=false makes the keys required;
         # - Bool "true" requires isolation/encryption; when the config turns one off nothing is required (a
         #   `Bool false` condition on a key the request lacks would never match);
         # - the key ARNs: the output key is always set; the volume key only where no allowed type has local
         #   NVMe storage (SageMaker rejects VolumeKmsKeyId there), else it is checked only when present.
-        required_flags = {key: "true" for key, on in (("sagemaker:NetworkIsolation", network_isolation),
+        def job_conditions(instance_types: Sequence[str], max_seconds: int, volume_key: bool) -> dict:
+            required_flags = {k: "true" for k, on in (("sagemaker:NetworkIsolation", network_isolation),
                                                       ("sagemaker:InterContainerTrafficEncryption",
                                                        inter_container_encryption)) if on}
-        create_conditions = {
-            "Null": {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false",
-                     "sagemaker:InstanceTypes": "false"},
-            "ForAllValues:StringEquals": {"sagemaker:VpcSubnets": subnet_ids,
-                                          "sagemaker:VpcSecurityGroupIds": group_ids,
-                                          "sagemaker:InstanceTypes": list(allowed_instance_types)},
-            **({"Bool": required_flags} if required_flags else {}),
-            "ArnEquals": {"sagemaker:OutputKmsKeyArn": key.key_arn,
-                          **({"sagemaker:VolumeKmsKeyArn": key.key_arn} if volume_encryption else {})},
-            **({} if volume_encryption else {"ArnEqualsIfExists": {"sagemaker:VolumeKmsKeyArn": key.key_arn}}),
-            "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": max_run_seconds},
-        }
+            return {
+                "Null": {"sagemaker:VpcSubnets": "false", "sagemaker:VpcSecurityGroupIds": "false",
+                         "sagemaker:InstanceTypes": "false"},
+                "ForAllValues:StringEquals": {"sagemaker:VpcSubnets": subnet_ids,
+                                              "sagemaker:VpcSecurityGroupIds": group_ids,
+                                              "sagemaker:InstanceTypes": list(instance_types)},
+                **({"Bool": required_flags} if required_flags else {}),
+                "ArnEquals": {"sagemaker:OutputKmsKeyArn": key.key_arn,
+                              **({"sagemaker:VolumeKmsKeyArn": key.key_arn} if volume_key else {})},
+                **({} if volume_key else {"ArnEqualsIfExists": {"sagemaker:VolumeKmsKeyArn": key.key_arn}}),
+                "NumericLessThanEquals": {"sagemaker:MaxRuntimeInSeconds": max_seconds},
+            }
+
         statements = [
             iam.PolicyStatement(sid="CreateTrainingJobsInsideGuardrails", actions=["sagemaker:CreateTrainingJob"],
-                                resources=[job_arn], conditions=create_conditions),
+                                resources=[job_arn],
+                                conditions=job_conditions(allowed_instance_types, max_run_seconds, volume_encryption)),
             iam.PolicyStatement(sid="FollowAndStopOwnTrainingJobs",
                                 actions=["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
                                          "sagemaker:AddTags"], resources=[job_arn]),
@@ -128,10 +148,25 @@ class TrainingRoles(Construct):
                                 resources=[self.training_role.role_arn],
                                 conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
         ]
-        if volume_encryption:
-            statements.append(iam.PolicyStatement(
-                sid="EncryptTrainingVolumes", actions=["kms:CreateGrant", "kms:DescribeKey"],
-                resources=[key.key_arn], conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}}))
+        processing_arn = stack.format_arn(service="sagemaker", resource="processing-job",
+                                          resource_name=PIPELINE_JOB_PATTERN)
+        if preparation is not None:
+            statements += [
+                iam.PolicyStatement(sid="CreatePreparationJobsInsideGuardrails",
+                                    actions=["sagemaker:CreateProcessingJob"], resources=[processing_arn],
+                                    conditions=job_conditions([preparation.instance_type], preparation.max_run_seconds,
+                                                              preparation.volume_encryption)),
+                iam.PolicyStatement(sid="FollowAndStopOwnPreparationJobs",
+                                    actions=["sagemaker:DescribeProcessingJob", "sagemaker:StopProcessingJob",
+                                             "sagemaker:AddTags"], resources=[processing_arn]),
+            ]
+        if volume_encryption or (preparation is not None and preparation.volume_encryption):
+            # kms:GrantIsForAWSResource is defined for CreateGrant only (Service Authorization Reference for AWS KMS;
+            # the IAM simulation's dead-key check reports it on DescribeKey): two statements.
+            statements += [
+                iam.PolicyStatement(sid="EncryptJobVolumes", actions=["kms:CreateGrant"], resources=[key.key_arn],
+                                    conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}}),
+                iam.PolicyStatement(sid="DescribeVolumeKey", actions=["kms:DescribeKey"], resources=[key.key_arn])]
         self.pipeline_policy = iam.ManagedPolicy(self, "PipelinePolicy", roles=[self.pipeline_role],
                                                  statements=statements)
         acknowledge(self.pipeline_policy, {
@@ -139,32 +174,39 @@ class TrainingRoles(Construct):
             "time (pipelines-<execution>-<step>); the prefix limits the role to jobs pipelines create, and "
             "CreateTrainingJob is further bound by subnet, security group, isolation, KMS, instance type and "
             "runtime conditions.",
+            **({f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'processing-job/{PIPELINE_JOB_PATTERN}')}]":
+                "SageMaker Pipelines generate the processing job names at run time (pipelines-<execution>-<step>); "
+                "CreateProcessingJob is further bound by subnet, security group, isolation, KMS, instance type and "
+                "runtime conditions."} if preparation is not None else {}),
         })
 
     def _training_statements(self, stack: cdk.Stack, bucket_arn: str, key: kms.IKey, image_uri: str,
-                             subnets: Sequence[ec2.ISubnet],
-                             security_groups: Sequence[ec2.ISecurityGroup]) -> list[iam.PolicyStatement]:
+                             subnets: Sequence[ec2.ISubnet], security_groups: Sequence[ec2.ISecurityGroup],
+                             preparation: bool) -> list[iam.PolicyStatement]:
         def objects(kind: str) -> str:
             return f"{bucket_arn}/{PREFIXES[kind]}*"
 
-        log_group = stack.format_arn(service="logs", resource="log-group", resource_name="/aws/sagemaker/TrainingJobs",
-                                     arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+        log_groups = [stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/{kind}",
+                                       arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
+                      for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))]
         eni, create_eni_resources = network_interface_arns(stack, subnets, security_groups)
         statements = [
-            iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"], resources=[objects("data"), objects("models")]),
+            iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"],
+                                resources=[objects("data"), objects("models"), *([objects("prepared")] if preparation
+                                                                                 else [])]),
             iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket_arn],
                                 conditions={"StringLike": {"s3:prefix": [p + "*" for p in PREFIXES.values()]}}),
             iam.PolicyStatement(sid="SyncCheckpoints", actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                                                                 "s3:AbortMultipartUpload"],
                                 resources=[objects("checkpoints")]),
             iam.PolicyStatement(sid="WriteOutputs", actions=["s3:PutObject", "s3:AbortMultipartUpload"],
-                                resources=[objects("outputs")]),
+                                resources=[objects("outputs"), *([objects("prepared")] if preparation else [])]),
             iam.PolicyStatement(sid="UseKeyThroughS3Only", actions=["kms:Decrypt", "kms:GenerateDataKey"],
                                 resources=[key.key_arn],
                                 conditions={"StringEquals": {"kms:ViaService": f"s3.{stack.region}.amazonaws.com"}}),
             iam.PolicyStatement(sid="WriteJobLogs", actions=["logs:CreateLogGroup", "logs:CreateLogStream",
                                                              "logs:PutLogEvents", "logs:DescribeLogStreams"],
-                                resources=[log_group, f"{log_group}:log-stream:*"]),
+                                resources=[*log_groups, *[f"{group}:log-stream:*" for group in log_groups]]),
             iam.PolicyStatement(sid="PullTrainingImage", actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
                                                                   "ecr:BatchCheckLayerAvailability"],
                                 resources=[ecr_repository_arn(image_uri)]),
@@ -182,15 +224,16 @@ class TrainingRoles(Construct):
         ]
         return statements
 
-    def _acknowledge_training_policy(self, bucket_ref: str) -> None:
+    def _acknowledge_training_policy(self, bucket_ref: str, preparation: bool) -> None:
         """Acknowledge the execution role's scoped wildcards, each by its exact finding id."""
         s3_reason = ("Object keys under this prefix are written at run time (dataset shards, checkpoint "
                      "step folders, model files); access is limited to the one prefix this role needs.")
         acknowledge(self.training_policy, {
             **{f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES[k]}*]": s3_reason
-               for k in ("data", "models", "checkpoints", "outputs")},
-            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'logs', 'log-group:/aws/sagemaker/TrainingJobs:log-stream:*')}]": "SageMaker creates one log stream per training job "
-            "instance at run time, inside its fixed log group.",
+               for k in ("data", "models", "checkpoints", "outputs", *(("prepared",) if preparation else ()))},
+            **{f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'logs', f'log-group:/aws/sagemaker/{kind}:log-stream:*')}]":
+               "SageMaker creates one log stream per job instance at run time, inside its fixed log group."
+               for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))},
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (bound by a "
             "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions.",
             f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates the training ENIs at run time in VPC mode; their ids are "

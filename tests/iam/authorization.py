@@ -12,6 +12,10 @@ Sources for the requests (each is what the named AWS service does on the named p
   checkpoints, ECR pull, CloudWatch Logs under /aws/sagemaker/TrainingJobs, cloudwatch:PutMetricData) and
   "Give SageMaker AI Training Jobs Access to Resources in Your Amazon VPC" (the ec2 ENI and Describe calls);
   checkpoint deletions: "Use checkpoints in Amazon SageMaker AI" (a file deleted locally is deleted in S3).
+- CreateProcessingJob (the data preparation step): the same Service Authorization Reference lists the same
+  sagemaker:* keys for it; its execution role reads each ProcessingInput's S3Uri and writes each
+  ProcessingOutput's, logs under /aws/sagemaker/ProcessingJobs and makes the VPC ENI calls (developer guide,
+  "Give SageMaker Processing Jobs Access to Resources in Your Amazon VPC").
 - KMS through S3 (kms:ViaService = s3.<region>.amazonaws.com): AWS KMS developer guide, "kms:ViaService".
 - A VPC Lambda's ENI calls: Lambda developer guide, "Giving Lambda functions access to resources in an Amazon
   VPC" (the rights of AWSLambdaVPCAccessExecutionRole).
@@ -318,10 +322,78 @@ def platform_requests(auth: Authorization) -> list[Request]:
     return out
 
 
+def processing_arguments(pipeline: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(s["Name"], s["Arguments"]) for s in _steps(pipeline["resolved"]["Steps"]) if s["Type"] == "Processing"]
+
+
+def processing_job_arn(region: str, step_name: str) -> str:
+    return job_arn(region, step_name).replace(":training-job/", ":processing-job/")
+
+
+def create_processing_job_context(args: dict[str, Any]) -> dict[str, Any]:
+    """The condition keys SageMaker sets on CreateProcessingJob from the request's own fields."""
+    cluster, network = args["ProcessingResources"]["ClusterConfig"], args.get("NetworkConfig", {})
+    context: dict[str, Any] = {"sagemaker:InstanceTypes": [cluster["InstanceType"]],
+                               "sagemaker:MaxRuntimeInSeconds": str(args["StoppingCondition"]["MaxRuntimeInSeconds"])}
+    if "VpcConfig" in network:
+        context["sagemaker:VpcSubnets"] = list(network["VpcConfig"]["Subnets"])
+        context["sagemaker:VpcSecurityGroupIds"] = list(network["VpcConfig"]["SecurityGroupIds"])
+    for field, key in (("EnableNetworkIsolation", "sagemaker:NetworkIsolation"),
+                       ("EnableInterContainerTrafficEncryption", "sagemaker:InterContainerTrafficEncryption")):
+        if field in network:
+            context[key] = str(bool(network[field])).lower()
+    if args.get("ProcessingOutputConfig", {}).get("KmsKeyId"):
+        context["sagemaker:OutputKmsKeyArn"] = args["ProcessingOutputConfig"]["KmsKeyId"]
+    if cluster.get("VolumeKmsKeyId"):
+        context["sagemaker:VolumeKmsKeyArn"] = cluster["VolumeKmsKeyId"]
+    return context
+
+
+def processing_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:
+    """What the pipeline role and the execution role do for each processing (preparation) step."""
+    out = []
+    for step_name, args in processing_arguments(pipeline):
+        name, region, pipeline_role, role = pipeline["name"], auth.region, pipeline["role_arn"], args["RoleArn"]
+        job = processing_job_arn(region, step_name)
+        out.append(Request(f"{name}: pipeline role sagemaker:CreateProcessingJob", pipeline_role,
+                           "sagemaker:CreateProcessingJob", job, create_processing_job_context(args)))
+        out += [Request(f"{name}: pipeline role {a} on {step_name}", pipeline_role, a, job)
+                for a in ("sagemaker:DescribeProcessingJob", "sagemaker:StopProcessingJob", "sagemaker:AddTags")]
+        out.append(Request(f"{name}: pipeline role iam:PassRole for {step_name}", pipeline_role, "iam:PassRole", role,
+                           {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+        volume_key = args["ProcessingResources"]["ClusterConfig"].get("VolumeKmsKeyId")
+        if volume_key:
+            out += [Request(f"{name}: pipeline role {a} for {step_name} volumes", pipeline_role, a, volume_key,
+                            {"kms:GrantIsForAWSResource": "true"} if a == "kms:CreateGrant" else {},
+                            auth.key_policies.get(volume_key)) for a in ("kms:CreateGrant", "kms:DescribeKey")]
+        for item in args["ProcessingInputs"]:
+            out += auth.s3_requests(role, f"{name}: {step_name} input {item['InputName']}", item["S3Input"]["S3Uri"],
+                                    ["s3:ListBucket", "s3:GetObject"], "part-000.jsonl")
+        for item in args["ProcessingOutputConfig"]["Outputs"]:
+            out += auth.s3_requests(role, f"{name}: {step_name} output {item['OutputName']}",
+                                    item["S3Output"]["S3Uri"].rstrip("/") + "/", ["s3:PutObject"],
+                                    "train/shard-00000.npy")
+        log_group = f"arn:{PARTITION}:logs:{region}:{ACCOUNT}:log-group:/aws/sagemaker/ProcessingJobs"
+        stream = f"{log_group}:log-stream:{job.rsplit('/', 1)[-1]}/algo-1-1700000000"
+        out += [Request(f"{name}: {step_name} logs:CreateLogGroup", role, "logs:CreateLogGroup", log_group),
+                Request(f"{name}: {step_name} logs:CreateLogStream", role, "logs:CreateLogStream", stream),
+                Request(f"{name}: {step_name} logs:PutLogEvents", role, "logs:PutLogEvents", stream)]
+        network = args.get("NetworkConfig", {})
+        if "VpcConfig" in network:
+            out += eni_requests(f"{name}: {step_name}", role, region, network["VpcConfig"]["Subnets"],
+                                network["VpcConfig"]["SecurityGroupIds"],
+                                ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                                 "ec2:DeleteNetworkInterfacePermission"],
+                                ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                                 "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"])
+    return out
+
+
 def all_run_requests(auth: Authorization) -> list[Request]:
     out = []
     for pipeline in pipelines(auth.deployment):
         out += pipeline_role_requests(auth, pipeline) + execution_role_requests(auth, pipeline)
+        out += processing_requests(auth, pipeline)
     return out + platform_requests(auth)
 
 

@@ -42,7 +42,7 @@ def _reference(job, split):
 def test_preparation_writes_uint16_shards_with_a_manifest_holding_the_tokens_the_trainer_would_make(job, prepared):
     out, result = prepared
     assert result["skipped"] is False and result["tokens"]["train"] > 3 * 1024  # several shards
-    folder = out / "data" / result["key"] / "train"
+    folder = out / "train"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"] == tokens.tokenizer_fingerprint(job["model_dir"])
     assert [s["tokens"] for s in manifest["shards"][:-1]] == [1024] * (len(manifest["shards"]) - 1)
@@ -59,7 +59,7 @@ def test_preparation_writes_uint16_shards_with_a_manifest_holding_the_tokens_the
 
 def test_blocks_come_in_the_same_order_from_shards_as_from_the_raw_text(job, prepared):
     out, result = prepared
-    folder = out / "data" / result["key"] / "train"
+    folder = out / "train"
     from_shards = data.BlockDataset(data.load_tokens(str(folder)), 32, seed=1234)
     from_array = data.BlockDataset(_reference(job, "train"), 32, seed=1234)
     for first in (0, 5, 200, 10_000):
@@ -71,7 +71,7 @@ def test_unchanged_sources_and_tokenizer_skip_the_work_and_a_changed_source_does
     again = prepare.prepare(job["model_dir"], {"train": job["train_dir"], "validation": job["validation_dir"]},
                             tmp_path / "again", out / "manifests", tokens_per_shard=1024)
     assert again == {"key": first["key"], "tokenizer": first["tokenizer"], "skipped": True}
-    assert not (tmp_path / "again" / "data").exists()
+    assert not (tmp_path / "again" / "train").exists()
     changed = tmp_path / "train"
     changed.mkdir()
     (changed / "part-000.jsonl").write_text((job["train_dir"] / "part-000.jsonl").read_text() + '{"text": "new"}\n')
@@ -100,12 +100,12 @@ def test_bad_text_stops_the_step_with_one_line_naming_the_object_and_the_line(jo
     assert code == 1
     assert capsys.readouterr().err == f"error: {message}\n"
     assert exit_message.read_text() == f"error: {message}"  # DescribeProcessingJob's ExitMessage
-    assert not (tmp_path / "out" / "result").exists()
+    assert not (tmp_path / "out" / "result.json").exists()
 
 
 def test_prepared_shards_of_another_tokenizer_or_truncated_are_refused(job, prepared, tmp_path):
     out, result = prepared
-    source = out / "data" / result["key"] / "train"
+    source = out / "train"
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     for item in source.iterdir():
@@ -134,7 +134,7 @@ def test_raw_text_above_the_limit_is_refused_in_one_line(tmp_path):
 
 def test_training_on_prepared_shards_gives_the_losses_of_training_on_the_text(job, prepared, tmp_path):
     out, result = prepared
-    folder = out / "data" / result["key"]
+    folder = out
     on_text = Run(job, tmp_path / "text", max_steps=4)
     on_text.run()
     on_shards = Run({**job, "train_dir": folder / "train", "validation_dir": folder / "validation"},

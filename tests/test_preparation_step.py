@@ -1,0 +1,88 @@
+"""The data preparation step of the deployed pipeline: a processing job in the training subnets and security
+group, isolated, KMS for volume and output, on a CPU instance, running trainer/prepare.py from the same code
+archive in the same image; the training step reads its output; the pipeline role may create it only inside
+the same guardrails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import pipeline_body, synth, training_step
+
+
+@pytest.fixture(scope="module")
+def steps(default_app):
+    return {s["Name"]: s for s in pipeline_body(default_app)["Steps"]}
+
+
+def test_the_pipeline_prepares_the_data_before_training(steps):
+    assert list(steps) == ["PrepareData", "Train"]
+    prepare = steps["PrepareData"]
+    assert prepare["Type"] == "Processing"
+    assert prepare["CacheConfig"] == {"Enabled": True, "ExpireAfter": "P30D"}
+    retried = {e for p in prepare["RetryPolicies"] for e in p["ExceptionType"]}
+    assert {"SageMaker.CAPACITY_ERROR", "SageMaker.JOB_INTERNAL_ERROR"} <= retried
+
+
+def test_the_preparation_runs_isolated_in_the_training_subnets_with_kms(steps):
+    args, train = steps["PrepareData"]["Arguments"], steps["Train"]["Arguments"]
+    network = args["NetworkConfig"]
+    assert network["EnableNetworkIsolation"] is True and network["EnableInterContainerTrafficEncryption"] is True
+    assert network["VpcConfig"] == {"SecurityGroupIds": train["VpcConfig"]["SecurityGroupIds"],
+                                    "Subnets": train["VpcConfig"]["Subnets"]}
+    cluster = args["ProcessingResources"]["ClusterConfig"]
+    assert cluster["InstanceType"] == "ml.m5.2xlarge" and cluster["InstanceCount"] == 1
+    assert cluster["VolumeKmsKeyId"] == args["ProcessingOutputConfig"]["KmsKeyId"] == train["OutputDataConfig"]["KmsKeyId"]
+    assert args["StoppingCondition"] == {"MaxRuntimeInSeconds": 21600}
+    assert args["RoleArn"] == train["RoleArn"]
+    assert args["AppSpecification"]["ImageUri"] == train["AlgorithmSpecification"]["TrainingImage"]
+    assert args["Environment"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_preparation_runs_prepare_py_from_the_trainer_archive_on_the_runs_inputs(steps):
+    args = steps["PrepareData"]["Arguments"]
+    inputs = {i["InputName"]: i["S3Input"] for i in args["ProcessingInputs"]}
+    assert inputs["train"]["S3Uri"] == {"Get": "Parameters.TrainingDataUri"}
+    assert inputs["model"]["S3Uri"] == {"Get": "Parameters.BaseModelUri"}
+    code = [c for c in steps["Train"]["Arguments"]["InputDataConfig"] if c["ChannelName"] == "code"][0]
+    assert inputs["code"]["S3Uri"] == code["DataSource"]["S3DataSource"]["S3Uri"]  # the same CDK asset
+    entry = args["AppSpecification"]["ContainerEntrypoint"]
+    assert entry[:2] == ["/bin/bash", "-c"] and "python3 /tmp/prepare-code/prepare.py" in entry[2]
+    assert args["AppSpecification"]["ContainerArguments"] == [
+        "--model_dir", "/opt/ml/processing/input/model", "--train_dir", "/opt/ml/processing/input/train",
+        "--output_dir", "/opt/ml/processing/output/prepared"]
+    (output,) = args["ProcessingOutputConfig"]["Outputs"]
+    assert output["OutputName"] == "prepared" and output["S3Output"]["LocalPath"] == "/opt/ml/processing/output/prepared"
+    destination = output["S3Output"]["S3Uri"]["Std:Join"]
+    assert destination["Values"][0].endswith("/prepared") and destination["Values"][1] == {
+        "Get": "Execution.PipelineExecutionId"}
+
+
+def test_the_pipeline_role_creates_preparation_jobs_only_inside_the_guardrails(default_app):
+    policies = default_app.resources("security", "AWS::IAM::ManagedPolicy")
+    statements = [s for p in policies.values() for s in p["Properties"]["PolicyDocument"]["Statement"]]
+    (create,) = [s for s in statements if s.get("Sid") == "CreatePreparationJobsInsideGuardrails"]
+    assert create["Action"] == "sagemaker:CreateProcessingJob"
+    conditions = create["Condition"]
+    assert conditions["ForAllValues:StringEquals"]["sagemaker:InstanceTypes"] == ["ml.m5.2xlarge"]
+    assert conditions["Bool"] == {"sagemaker:NetworkIsolation": "true",
+                                  "sagemaker:InterContainerTrafficEncryption": "true"}
+    assert conditions["NumericLessThanEquals"] == {"sagemaker:MaxRuntimeInSeconds": 21600}
+    assert set(conditions["ArnEquals"]) == {"sagemaker:OutputKmsKeyArn", "sagemaker:VolumeKmsKeyArn"}
+    assert "processing-job/pipelines-*" in json.dumps(create["Resource"])
+    (write,) = [s for s in statements if s.get("Sid") == "WriteOutputs"]
+    assert any("/prepared/*" in json.dumps(r) for r in write["Resource"])
+
+
+def test_without_preparation_the_training_reads_the_channel_as_given(tmp_path_factory):
+    app = synth(tmp_path_factory.getbasetemp(), prepare_data="false")
+    body = pipeline_body(app)
+    assert [s["Name"] for s in body["Steps"]] == ["Train"]
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+                for c in training_step(app)["Arguments"]["InputDataConfig"]}
+    assert channels["train"] == {"Get": "Parameters.TrainingDataUri"}
+    statements = [s for p in app.resources("security", "AWS::IAM::ManagedPolicy").values()
+                  for s in p["Properties"]["PolicyDocument"]["Statement"]]
+    assert not any("CreateProcessingJob" in json.dumps(s) for s in statements)
