@@ -4,11 +4,10 @@
 
 Each `*.jsonl` line must be a JSON object with a `text` string; documents are joined with the tokenizer's EOS.
 The work is keyed: key = sha256(format, tokenizer files, every source's name, size and sha256, shard size).
-Output: `OUT/data/<key>/train/` and `OUT/data/<key>/validation/` (shards and manifest, see tokens.py),
-`OUT/manifests/<key>.json` (the manifests, small) and `OUT/result/result.json` (`{"key": ..., "skipped": ...}`,
-read by the pipeline to point the training step at `<prefix>/<key>/`). When `previous_dir` (the manifests of
-earlier runs) already holds `<key>.json`, nothing is tokenized or written but the result: unchanged data and
-tokenizer skip the work.
+Output: `OUT/train/` and `OUT/validation/` (shards and manifest, see tokens.py), `OUT/manifests/<key>.json`
+(small) and `OUT/result.json` (`{"key": ..., "skipped": ...}`). When `previous_dir` (manifests of earlier
+preparations) already holds `<key>.json`, nothing is tokenized or written but the result. In the pipeline the
+step is skipped by Pipelines step caching instead (the job cannot see earlier outputs under network isolation).
 
 A channel that already holds prepared shards (a `manifest.json`) is checked instead of tokenized: shards of
 another tokenizer, or a truncated shard, stop the step. Any bad input stops it with one line naming the file
@@ -145,7 +144,7 @@ def prepare(model_dir: Path, channels: dict[str, Path], output_dir: Path, previo
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     manifests = {}
     for name, folder in channels.items():
-        out = output_dir / "data" / key / name
+        out = output_dir / name
         if name in prepared:
             shutil.copytree(folder, out, dirs_exist_ok=True)
             manifests[name] = read_manifest(out)
@@ -165,9 +164,8 @@ def prepare(model_dir: Path, channels: dict[str, Path], output_dir: Path, previo
 
 
 def _write_result(output_dir: Path, result: dict) -> None:
-    folder = output_dir / "result"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").write_text(json.dumps(result))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "result.json").write_text(json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> int:
