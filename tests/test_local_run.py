@@ -225,3 +225,24 @@ def test_an_unfinished_run_of_another_job_is_refused_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: --out {out}: holds an unfinished run of a different job (other steps or "
                                    "settings); pass --restart to discard it, or choose another --out")
+
+
+def test_the_preparation_step_ran_from_the_definition_and_a_second_run_skips_it(uninterrupted):
+    """The PrepareData step of the deployed definition ran first, as SageMaker Processing runs it (its inputs at
+    their LocalPaths, its entrypoint unpacking the code archive and running prepare.py, its output uploaded);
+    the training channel read the shards. Run again in the same --out with the same data: Pipelines step
+    caching (emulated) skips the step, and the run ends bit-identically."""
+    report, stdout = uninterrupted
+    out = Path(report["model_s3_path"]).parents[5]
+    assert report["preparation"]["skipped"] is False and report["preparation"]["result"]["tokens"]["train"] > 10_000
+    processing = out / "processing" / "opt" / "ml" / "processing"
+    assert {p.name for p in (processing / "input").iterdir()} == {"train", "model", "code"}
+    prepared = out / "s3" / "local-artifact-bucket" / "prepared" / "local-execution" / "train"
+    assert json.loads((prepared / "manifest.json").read_text())["dtype"] == "uint16"
+    channel = out / "instances" / "algo-1" / "opt" / "ml" / "input" / "data" / "train"
+    assert sorted(p.name for p in channel.iterdir()) == ["manifest.json", "shard-00000.npy"]
+    assert "PrepareData: tokenized train" in stdout
+    again, stdout = local_run(out, "--steps", "8")
+    assert again["preparation"]["skipped"] is True
+    assert "PrepareData: skipped: Pipelines step caching" in stdout
+    assert again["final_parameters_sha256"] == report["final_parameters_sha256"]

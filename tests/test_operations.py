@@ -159,6 +159,34 @@ def test_watch_follows_transitions_and_exits_1_with_the_real_reason():
     assert "elapsed 2h36m00s" in text and "billable 2h00m00s" in text
 
 
+def test_watch_shows_why_the_preparation_step_stopped_the_run():
+    """Bad data stops the preparation step: its one line (prepare.py writes it to /opt/ml/output/message, which
+    DescribeProcessingJob returns as ExitMessage) is what watch prints; no training job ever started."""
+    sagemaker = stubbed_sagemaker()
+    out = io.StringIO()
+    name = "pipelines-abc123-PrepareData-XYZ"
+    failed = {"PipelineExecutionSteps": [{
+        "StepName": "PrepareData", "StepStatus": "Failed", "AttemptCount": 1,
+        "FailureReason": "ClientError: AlgorithmError: See job logs for more information",
+        "Metadata": {"ProcessingJob": {"Arn": f"arn:aws:sagemaker:us-east-1:123456789012:processing-job/{name}"}}}]}
+    processing = {"ProcessingJobName": name, "ProcessingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:"
+                  f"processing-job/{name}", "ProcessingJobStatus": "Failed", "CreationTime": T0,
+                  "ExitMessage": "error: train/part-000.jsonl:2: invalid UTF-8 at byte column 14",
+                  "FailureReason": "AlgorithmError: See job logs for more information",
+                  "ProcessingResources": {"ClusterConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.2xlarge",
+                                                            "VolumeSizeInGB": 500}},
+                  "AppSpecification": {"ImageUri": "image"}, "RoleArn": "arn:aws:iam::123456789012:role/r"}
+    with Stubber(sagemaker) as stub:
+        stub.add_response("describe_pipeline_execution", execution("Failed"), {"PipelineExecutionArn": EXECUTION})
+        stub.add_response("list_pipeline_execution_steps", failed,
+                          {"PipelineExecutionArn": EXECUTION, "SortOrder": "Ascending"})
+        stub.add_response("describe_processing_job", processing, {"ProcessingJobName": name})
+        code = watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(0.2))
+    text = out.getvalue()
+    assert code == 1
+    assert f"FAILED: processing job {name}: error: train/part-000.jsonl:2: invalid UTF-8 at byte column 14" in text
+
+
 def test_watch_exits_0_when_the_run_succeeds():
     sagemaker = stubbed_sagemaker()
     out = io.StringIO()

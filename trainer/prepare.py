@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,7 +39,8 @@ from tokens import (  # noqa: E402
     tokenizer_fingerprint,
 )
 
-EXIT_MESSAGE = Path("/opt/ml/output/message")
+# The container's /opt/ml/output/message; local-run points it at its emulated container's folder.
+EXIT_MESSAGE = Path(os.environ.get("PREPARE_EXIT_MESSAGE", "/opt/ml/output/message"))
 BATCH_LINES = 512
 
 

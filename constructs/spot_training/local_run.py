@@ -21,6 +21,12 @@ What SageMaker does, and what stands in for it here:
   upload in progress would be) and files deleted in the container are deleted from the prefix;
 - an interruption sends SIGTERM to every process of every instance, waits a grace period, syncs once more,
   then SIGKILLs everything; fresh instances get the checkpoint prefix restored and the job starts again.
+- the preparation step (when the pipeline has one) runs first, from the same definition, the way SageMaker
+  Processing runs a container: each ProcessingInput copied from "S3" to its LocalPath, the step's entrypoint
+  and arguments run with the container's /opt/ml/processing (and /tmp) at folders of this run, each
+  ProcessingOutput uploaded to its destination; the training step's `train` channel is that output. Pipelines
+  step caching is emulated: the same resolved arguments (and the same code archive, whose CDK asset key is its
+  hash) as an earlier successful run in this --out skip the step and reuse its output;
 What it does not prove: real S3 consistency and throughput, real spot reclaim timing and notice, EFA/NCCL
 networking, GPU memory behaviour, network isolation. See the README's "Local run" section.
 """
@@ -117,9 +123,11 @@ class TrainingJob:
             if parameter["Name"] in overrides:
                 parameter["DefaultValue"] = overrides[parameter["Name"]]
         args = sdk.training_step(resolve(with_overrides))["Arguments"]
+        # A channel fed by the preparation step reads its output under the execution's prefix.
+        channels = json.loads(json.dumps(args["InputDataConfig"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
         return TrainingJob(
             hyperparameters={k: str(v) for k, v in args["HyperParameters"].items()},
-            input_data_config=args["InputDataConfig"],
+            input_data_config=channels,
             instance_type=args["ResourceConfig"]["InstanceType"],
             instance_count=int(args["ResourceConfig"]["InstanceCount"]),
             environment=dict(args.get("Environment", {})),
@@ -128,11 +136,56 @@ class TrainingJob:
             metric_definitions=args["AlgorithmSpecification"]["MetricDefinitions"])
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessingJob:
+    """What one execution's preparation (processing) step asks SageMaker to run, resolved."""
+
+    name: str
+    arguments: dict[str, Any]  # the step's resolved Arguments, as CreateProcessingJob would carry them
+
+    @property
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """name -> (S3 URI, container path)."""
+        return {i["InputName"]: (i["S3Input"]["S3Uri"], i["S3Input"]["LocalPath"])
+                for i in self.arguments["ProcessingInputs"]}
+
+    @property
+    def outputs(self) -> dict[str, tuple[str, str]]:
+        """name -> (container path, S3 URI)."""
+        return {o["OutputName"]: (o["S3Output"]["LocalPath"], o["S3Output"]["S3Uri"])
+                for o in self.arguments["ProcessingOutputConfig"]["Outputs"]}
+
+    @property
+    def command(self) -> list[str]:
+        app = self.arguments["AppSpecification"]
+        return [*app.get("ContainerEntrypoint", []), *app.get("ContainerArguments", [])]
+
+    @staticmethod
+    def from_definition(resolved: Mapping[str, Any]) -> ProcessingJob | None:
+        from spot_training.definition_rules import EXECUTION_ID_STAND_IN, all_steps
+
+        step = next((s for s in all_steps(resolved) if s.get("Type") == "Processing"), None)
+        if step is None:
+            return None
+        arguments = json.loads(json.dumps(step["Arguments"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
+        return ProcessingJob(name=step["Name"], arguments=arguments)
+
+
 def _decoded(text: str) -> Any:
     try:
         return json.loads(text)
     except (TypeError, json.JSONDecodeError):
         return text
+
+
+def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    from spot_training.definition_rules import resolve
+
+    copy = json.loads(json.dumps(definition))
+    for parameter in copy["Parameters"]:
+        if parameter["Name"] in overrides:
+            parameter["DefaultValue"] = overrides[parameter["Name"]]
+    return resolve(copy)
 
 
 def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[TrainingJob, dict[str, Any]]:
@@ -251,8 +304,11 @@ class Attempt:
 
 class LocalRun:
     def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int], *,
-                 processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = ()) -> None:
+                 processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = (),
+                 preparation: ProcessingJob | None = None) -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
+        self.preparation = preparation
+        self.preparation_report: dict[str, Any] | None = None
         self.interrupt_at = sorted(interrupt_at)
         self.processes_per_host = processes_per_host
         self.s3 = LocalS3(out / "s3")
@@ -272,7 +328,8 @@ class LocalRun:
         from spot_training.tiny import corpus, make_model_dir, make_text_channel
         from spot_training.trainer_code import deterministic_tarball
 
-        model, train = self.s3.path(self.job.channels["model"]), self.s3.path(self.job.channels["train"])
+        raw_train = self.preparation.inputs["train"][0] if self.preparation else self.job.channels["train"]
+        model, train = self.s3.path(self.job.channels["model"]), self.s3.path(raw_train)
         texts = corpus(400)
         if not (model.exists() and any(model.iterdir())):
             make_model_dir(model, text_corpus=texts)
@@ -338,6 +395,8 @@ class LocalRun:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.attempts:
             self.prepare_inputs()
+            if self.preparation is not None:
+                self.preparation_report = self.run_preparation()
         reached = max((a.last_step for a in self.attempts), default=0)
         pending = [step for step in self.interrupt_at if step > reached]
         while True:
@@ -397,6 +456,75 @@ class LocalRun:
                                 f"(no /opt/ml/output/success); logs: {self.logs}")
         self._upload_outputs(instances[0])
         return True
+
+    # ---- the preparation step ---------------------------------------------------------------------------
+    def _cache_key(self) -> str:
+        """Pipelines step caching keys on the step's arguments; the code archive's CDK asset key is its hash,
+        so the archive's bytes stand in for that key here."""
+        code_uri = self.preparation.inputs["code"][0]
+        code = hashlib.sha256(self.s3.path(code_uri).read_bytes()).hexdigest()
+        return hashlib.sha256(json.dumps({"arguments": self.preparation.arguments, "code": code},
+                                         sort_keys=True).encode()).hexdigest()
+
+    def run_preparation(self) -> dict[str, Any]:
+        """Run the processing step as SageMaker Processing would (see the module docstring), or skip it when
+        Pipelines' step cache would."""
+        from spot_training.definition import PREPARE_CODE_DIR, PROCESSING_ROOT
+
+        job, cache_path = self.preparation, self.out / STEP_CACHE_FILE
+        key = self._cache_key()
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        outputs_there = all(self.s3.path(uri).is_dir() for _, uri in job.outputs.values())
+        if key in cache and outputs_there:
+            print(f"{job.name}: skipped: Pipelines step caching (same arguments and code as the run of "
+                  f"{cache[key]['finished']}); the training step reads its output", flush=True)
+            return {"step": job.name, "skipped": True, "result": cache[key]["result"]}
+        started = time.monotonic()
+        root = self.out / "processing"
+        shutil.rmtree(root, ignore_errors=True)
+        container = root / "opt" / "ml" / "processing"
+        scratch = root / "tmp" / Path(PREPARE_CODE_DIR).name
+        (root / "opt" / "ml" / "output").mkdir(parents=True)
+
+        def local(path: str) -> str:
+            return path.replace(PROCESSING_ROOT, str(container)).replace(PREPARE_CODE_DIR, str(scratch))
+
+        for uri, path in job.inputs.values():
+            source, destination = self.s3.path(uri), Path(local(path))
+            if source.is_dir():
+                shutil.copytree(source, destination)
+            else:  # a single object lands in the input folder under its own name
+                destination.mkdir(parents=True)
+                shutil.copyfile(source, destination / source.name)
+        for path, _ in job.outputs.values():
+            Path(local(path)).mkdir(parents=True)
+        environment = {**container_environment(root / "opt" / "ml"), **job.arguments.get("Environment", {}),
+                       "PREPARE_EXIT_MESSAGE": str(root / "opt" / "ml" / "output" / "message")}
+        log_path = self.logs / "prepare.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen([local(part) for part in job.command], env=environment, cwd=container,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = process.wait()
+            except BaseException:
+                signal_tree(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
+        if code != 0:
+            message = root / "opt" / "ml" / "output" / "message"
+            reason = message.read_text().strip() if message.is_file() else f"exit code {code}"
+            raise LocalRunError(f"the {job.name} step failed: {reason}; log: {log_path}")
+        for path, uri in job.outputs.values():
+            target = self.s3.path(uri)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(local(path), target)
+        result_file = self.s3.path(job.outputs["prepared"][1]) / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        cache[key] = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+        _write_json(cache_path, cache)
+        seconds = round(time.monotonic() - started, 2)
+        print(f"{job.name}: prepared {result.get('tokens', {})} tokens in {seconds} s", flush=True)
+        return {"step": job.name, "skipped": False, "result": result, "seconds": seconds}
 
     def _failure(self, instances: Sequence[Path], attempt: Attempt) -> str:
         """Like a training job's FailureReason: the toolkit's `output/failure` of the first failed host."""
@@ -465,6 +593,7 @@ class LocalRun:
         lost = sum(max(0, a.last_step - (b.resumed_from or 0)) for a, b in zip(self.attempts, self.attempts[1:]))
         launch = _LAUNCH.findall(main_logs[-1].read_text(errors="replace")) if main_logs else []
         return {
+            "preparation": self.preparation_report,
             "interruptions": sum(a.interrupted for a in self.attempts),
             "interrupted_at_steps": [a.last_step for a in self.attempts if a.interrupted],
             "interrupted_during_save": [a.interrupted_during_save for a in self.attempts if a.interrupted],
@@ -495,6 +624,7 @@ class LocalRun:
 
 STATE_FILE = "run.json"
 LOCK_FILE = ".local-run.lock"
+STEP_CACHE_FILE = "step-cache.json"
 
 
 def job_fingerprint(job: TrainingJob) -> dict[str, Any]:
@@ -572,6 +702,13 @@ def summary_text(report: Mapping[str, Any]) -> str:
         "  metric definitions vs trainer log lines: "
         + ", ".join(f"{name} {'ok' if n else 'NO MATCH'} ({n})" for name, n in report["metric_definitions_matched"].items()),
     ]
+    preparation = report.get("preparation")
+    if preparation:
+        tokens = preparation["result"].get("tokens", {})
+        lines.insert(1, f"  {preparation['step']}: " + (
+            "skipped (Pipelines step caching: same arguments and code as an earlier run)" if preparation["skipped"]
+            else f"tokenized {', '.join(f'{k} {v:,} tokens' for k, v in tokens.items())} in {preparation['seconds']} s")
+            + f" (key {preparation['result'].get('key', '?')[:12]})")
     return "\n".join(lines)
 
 
@@ -589,7 +726,8 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     finished one is replaced."""
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
-    job, _ = build_job(config, steps, trainer_dir)
+    job, definition = build_job(config, steps, trainer_dir)
+    preparation = ProcessingJob.from_definition(with_overrides(definition, {**CPU_PARAMETERS, "MaxSteps": steps}))
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
         if not 0 < step < steps:
@@ -603,11 +741,12 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
                                 "choose another --out") from None
         previous = _previous_attempts(out, given, job, restart)
         if not previous:
-            for leftover in ("instances", "s3", "logs", "report.json", STATE_FILE):
+            for leftover in ("instances", "processing", "logs", "report.json", STATE_FILE):
                 path = out / leftover
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            _clear_s3_but_prepared(out / "s3")
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
-                       previous_attempts=previous)
+                       previous_attempts=previous, preparation=preparation)
         if previous:
             last = previous[-1]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
@@ -625,6 +764,20 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
             signal.signal(signal.SIGTERM, handler)
         _write_json(out / "report.json", report)
     return report
+
+
+def _clear_s3_but_prepared(root: Path) -> None:
+    """A new run starts from an empty local S3, except what the step cache may reuse: prepared/ (in S3 too,
+    a new execution of the pipeline finds what earlier ones prepared)."""
+    from spot_training.layout import PREFIXES
+
+    bucket = root / LOCAL_BUCKET
+    for path in (root.iterdir() if root.is_dir() else []):
+        if path != bucket:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in (bucket.iterdir() if bucket.is_dir() else []):
+        if path.name != PREFIXES["prepared"].rstrip("/"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _previous_attempts(out: Path, given: Path, job: TrainingJob, restart: bool) -> list[Attempt]:

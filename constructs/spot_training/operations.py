@@ -81,20 +81,30 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
 
 # ---- state of a run ---------------------------------------------------------------------------------
 def snapshot(sagemaker, arn: str) -> dict[str, Any]:
-    """The execution, its steps and the training job behind its training step."""
+    """The execution, its steps, the training job behind its training step and, when the preparation step
+    failed, its processing job (whose ExitMessage carries the preparation's one-line reason)."""
     execution = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
     steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn, SortOrder="Ascending")[
         "PipelineExecutionSteps"]
-    job = None
+    job = processing = None
     for step in steps:
-        job_arn = step.get("Metadata", {}).get("TrainingJob", {}).get("Arn")
+        metadata = step.get("Metadata", {})
+        job_arn = metadata.get("TrainingJob", {}).get("Arn")
         if job_arn:
             job = sagemaker.describe_training_job(TrainingJobName=job_arn.rsplit("/", 1)[-1])
-    return {"execution": execution, "steps": steps, "job": job}
+        processing_arn = metadata.get("ProcessingJob", {}).get("Arn")
+        if processing_arn and step.get("StepStatus") == "Failed":
+            processing = sagemaker.describe_processing_job(ProcessingJobName=processing_arn.rsplit("/", 1)[-1])
+    return {"execution": execution, "steps": steps, "job": job, "processing": processing}
 
 
 def failure_reasons(state: Mapping[str, Any]) -> list[str]:
     reasons = [f"step {s['StepName']}: {s['FailureReason']}" for s in state["steps"] if s.get("FailureReason")]
+    processing = state.get("processing")
+    if processing:  # the container's own words first (/opt/ml/output/message -> ExitMessage), then SageMaker's
+        for field in ("ExitMessage", "FailureReason"):
+            if processing.get(field):
+                reasons.append(f"processing job {processing['ProcessingJobName']}: {processing[field].strip()}")
     job = state["job"]
     if job and job.get("FailureReason"):
         reasons.append(f"training job {job['TrainingJobName']}: {job['FailureReason']}")
