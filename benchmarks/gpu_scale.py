@@ -120,9 +120,6 @@ def run(name: str, shape: memory.ModelShape, args: argparse.Namespace, device: t
     print(f"  save/resume: {size:.1f} GiB saved in {saved:.1f} s, loaded in {loaded:.1f} s, parameters "
           f"identical: {exact}")
     shutil.rmtree(folder, ignore_errors=True)
-    del model, optimizer, state, model_state, optim_state
-    if bf16:
-        torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -153,10 +150,12 @@ def main() -> int:
         gpu = torch.cuda.get_device_properties(0).total_memory
         print(f"device {torch.cuda.get_device_name()}, {gpu / 2**30:.0f} GiB, torch {torch.__version__}")
         eight = memory.LLAMA3["8B"]
-        shapes = {"1B": memory.LLAMA3["1B"],
-                  "8B-shaped": dataclasses.replace(eight, layers=layers_that_fit(eight, gpu, args.batch, args.sequence))}
+        layers = layers_that_fit(eight, gpu, args.batch, args.sequence)
+        shapes = {"1B": memory.LLAMA3["1B"], "8B-shaped": dataclasses.replace(eight, layers=layers)}
     for name, shape in shapes.items():
-        run(name, shape, args, device)
+        run(name, shape, args, device)  # its model and optimizer are freed when it returns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     dist.destroy_process_group()
     return 0
 

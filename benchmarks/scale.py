@@ -118,7 +118,7 @@ def main() -> int:
     if len(ranks) != args.processes:
         print(f"error: {len(ranks)} of {args.processes} ranks reported their start-up", file=sys.stderr)
         return 1
-    print(f"start-up per rank (peak RSS during start-up above RSS before the model was built, / full fp32 model):")
+    print("start-up per rank (peak RSS during start-up above RSS before the model was built, / full fp32 model):")
     for rank in sorted(ranks):
         r = ranks[rank]
         above = int(r["peak"]) - int(r["before"])

@@ -67,11 +67,11 @@ def without_side_effects() -> Iterator[None]:
 
 
 with without_side_effects():
+    import boto3
     import sagemaker
     import sagemaker.config
     import sagemaker.session
     import sagemaker.utils
-    import boto3
     from sagemaker import image_uris
     from sagemaker.inputs import TrainingInput
     from sagemaker.network import NetworkConfig
