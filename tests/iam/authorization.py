@@ -174,22 +174,30 @@ def job_arn(region: str, step_name: str) -> str:
     return f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:training-job/pipelines-{EXECUTION_ID_STAND_IN}-{step_name}-a1b2c3d4e5".lower()
 
 
-def create_training_job_context(args: dict[str, Any]) -> dict[str, Any]:
-    """The condition keys SageMaker sets on CreateTrainingJob from the request's own fields."""
-    context: dict[str, Any] = {"sagemaker:InstanceTypes": [args["ResourceConfig"]["InstanceType"]],
-                               "sagemaker:MaxRuntimeInSeconds": str(args["StoppingCondition"]["MaxRuntimeInSeconds"])}
-    if "VpcConfig" in args:
-        context["sagemaker:VpcSubnets"] = list(args["VpcConfig"]["Subnets"])
-        context["sagemaker:VpcSecurityGroupIds"] = list(args["VpcConfig"]["SecurityGroupIds"])
+def job_context(*, instance_type: str, max_runtime: Any, vpc: dict[str, Any] | None, flags: dict[str, Any],
+                output_key: str | None, volume_key: str | None) -> dict[str, Any]:
+    """The condition keys SageMaker sets on CreateTrainingJob / CreateProcessingJob from the request's fields."""
+    context: dict[str, Any] = {"sagemaker:InstanceTypes": [instance_type],
+                               "sagemaker:MaxRuntimeInSeconds": str(max_runtime)}
+    if vpc:
+        context["sagemaker:VpcSubnets"] = list(vpc["Subnets"])
+        context["sagemaker:VpcSecurityGroupIds"] = list(vpc["SecurityGroupIds"])
     for field, key in (("EnableNetworkIsolation", "sagemaker:NetworkIsolation"),
                        ("EnableInterContainerTrafficEncryption", "sagemaker:InterContainerTrafficEncryption")):
-        if field in args:
-            context[key] = str(bool(args[field])).lower()
-    if args.get("OutputDataConfig", {}).get("KmsKeyId"):
-        context["sagemaker:OutputKmsKeyArn"] = args["OutputDataConfig"]["KmsKeyId"]
-    if args["ResourceConfig"].get("VolumeKmsKeyId"):
-        context["sagemaker:VolumeKmsKeyArn"] = args["ResourceConfig"]["VolumeKmsKeyId"]
+        if field in flags:
+            context[key] = str(bool(flags[field])).lower()
+    if output_key:
+        context["sagemaker:OutputKmsKeyArn"] = output_key
+    if volume_key:
+        context["sagemaker:VolumeKmsKeyArn"] = volume_key
     return context
+
+
+def create_training_job_context(args: dict[str, Any]) -> dict[str, Any]:
+    resources = args["ResourceConfig"]
+    return job_context(instance_type=resources["InstanceType"], max_runtime=args["StoppingCondition"]["MaxRuntimeInSeconds"],
+                       vpc=args.get("VpcConfig"), flags=args, output_key=args.get("OutputDataConfig", {}).get("KmsKeyId"),
+                       volume_key=resources.get("VolumeKmsKeyId"))
 
 
 def pipeline_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:
@@ -331,22 +339,11 @@ def processing_job_arn(region: str, step_name: str) -> str:
 
 
 def create_processing_job_context(args: dict[str, Any]) -> dict[str, Any]:
-    """The condition keys SageMaker sets on CreateProcessingJob from the request's own fields."""
     cluster, network = args["ProcessingResources"]["ClusterConfig"], args.get("NetworkConfig", {})
-    context: dict[str, Any] = {"sagemaker:InstanceTypes": [cluster["InstanceType"]],
-                               "sagemaker:MaxRuntimeInSeconds": str(args["StoppingCondition"]["MaxRuntimeInSeconds"])}
-    if "VpcConfig" in network:
-        context["sagemaker:VpcSubnets"] = list(network["VpcConfig"]["Subnets"])
-        context["sagemaker:VpcSecurityGroupIds"] = list(network["VpcConfig"]["SecurityGroupIds"])
-    for field, key in (("EnableNetworkIsolation", "sagemaker:NetworkIsolation"),
-                       ("EnableInterContainerTrafficEncryption", "sagemaker:InterContainerTrafficEncryption")):
-        if field in network:
-            context[key] = str(bool(network[field])).lower()
-    if args.get("ProcessingOutputConfig", {}).get("KmsKeyId"):
-        context["sagemaker:OutputKmsKeyArn"] = args["ProcessingOutputConfig"]["KmsKeyId"]
-    if cluster.get("VolumeKmsKeyId"):
-        context["sagemaker:VolumeKmsKeyArn"] = cluster["VolumeKmsKeyId"]
-    return context
+    return job_context(instance_type=cluster["InstanceType"], max_runtime=args["StoppingCondition"]["MaxRuntimeInSeconds"],
+                       vpc=network.get("VpcConfig"), flags=network,
+                       output_key=args.get("ProcessingOutputConfig", {}).get("KmsKeyId"),
+                       volume_key=cluster.get("VolumeKmsKeyId"))
 
 
 def processing_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:

@@ -135,9 +135,9 @@ def test_raw_text_above_the_limit_is_refused_in_one_line(tmp_path):
 def test_training_on_prepared_shards_gives_the_losses_of_training_on_the_text(job, prepared, tmp_path):
     out, result = prepared
     folder = out
-    on_text = Run(job, tmp_path / "text", max_steps=4)
+    on_text = Run(job, tmp_path / "text", max_steps=3)
     on_text.run()
     on_shards = Run({**job, "train_dir": folder / "train", "validation_dir": folder / "validation"},
-                    tmp_path / "shards", max_steps=4)
+                    tmp_path / "shards", max_steps=3)
     on_shards.run()
-    assert on_shards.losses() == on_text.losses() and len(on_text.losses()) == 4
+    assert on_shards.losses() == on_text.losses() and len(on_text.losses()) == 3

@@ -152,7 +152,7 @@ def test_a_checkpoint_of_an_unknown_layout_stops_the_job_in_one_line(job, tmp_pa
     shutil.copytree(FIXTURES / "checkpoint_v1" / "step-4", step)
     marker = json.loads((step / "COMPLETE.json").read_text())
     (step / "COMPLETE.json").write_text(json.dumps({**marker, "layout": 2}))
-    process = run.start()
+    process = run.start(nproc=1)  # the marker is read before any rank loads: one rank shows it
     out, _ = process.communicate(timeout=240)
     assert process.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error:")]
