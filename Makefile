@@ -62,9 +62,11 @@ synth: setup
 	@echo "Templates: $(CURDIR)/cdk.out/*.template.json"
 
 # The four environments install side by side (the training image's packages dominate: torch 2.8.0 is 3 GB).
+# Two pytest workers, one test file each at a time (requirements-dev.txt says why); PYTEST_XDIST= runs serially.
+PYTEST_XDIST ?= -n 2 --dist loadfile
 test:
 	$(MAKE) -j4 test-setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) tests $(PYTEST_ARGS)
 
 test-setup: setup $(VENV)/.dev .venv-checkov/.installed $(WHEEL_VENV)/.installed
 
