@@ -119,3 +119,23 @@ def test_weights_that_do_not_match_the_config_stop_the_job_with_one_line(models,
                       "they do not match config.json"], done.stderr[-2000:]
     # torchrun itself prints a traceback of its own (ChildFailedError) when a rank exits non-zero; none of ours.
     assert not any(name in done.stderr for name in ("modeling.py", "loop.py", "train.py\", line"))
+
+
+def test_the_gpu_mixed_precision_policy_trains_with_fp32_master_shards(models, tmp_path):
+    """What runs on GPU, on CPU: FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (bf16
+    gathers and compute, no autocast), activation checkpointing; the checkpoint keeps fp32 master weights."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tests.trainer.harness import Run
+
+    job = {"model_dir": models["tied"], "train_dir": models["random"].parent / "train",
+           "validation_dir": models["random"].parent / "validation"}
+    run = Run(job, tmp_path, strategy="fsdp", mixed_precision="bf16", max_steps=4)
+    out = run.run()
+    assert "strategy fsdp (set), activation checkpointing on, bf16, weights from 1 safetensors file(s)" in out
+    losses = run.losses()
+    assert len(losses) == 4 and all(0 < v < 20 for v in losses.values())
+    metadata = FileSystemReader(str(run.outputs["checkpoint_dir"] / "step-4")).read_metadata()
+    dtypes = {k: m.properties.dtype for k, m in metadata.state_dict_metadata.items()
+              if k.startswith("model.") and hasattr(m, "properties")}
+    assert dtypes and set(dtypes.values()) == {torch.float32}
