@@ -122,7 +122,7 @@ class Checkpointer:
     newest complete and intact checkpoint. Call `poll(step, stop)` once per step on every rank."""
 
     def __init__(self, folder: str, topology: Topology, *, keep: int, interval_minutes: float, every_steps: int,
-                 async_save: bool, device: torch.device,
+                 async_save: bool, device: torch.device, group: dist.ProcessGroup | None = None,
                  on_complete: Callable[[int, float], None] | None = None) -> None:
         self.folder, self.topology = Path(folder), topology
         self.keep, self.interval_s, self.every_steps = keep, interval_minutes * 60, every_steps
@@ -135,7 +135,7 @@ class Checkpointer:
             use_non_blocking_copy=device.type == "cuda"))
         # Checkpoint I/O runs on its own gloo group: an async save's collectives must never interleave
         # with the training collectives (NCCL on GPU) of the main thread.
-        self.group = dist.new_group(backend="gloo")
+        self.group = group if group is not None else dist.new_group(backend="gloo")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.last_save_time = time.monotonic()
         self.pending: _PendingSave | None = None

@@ -46,6 +46,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        # Weight loading and checkpoint I/O run on a gloo group of their own (see Checkpointer).
+        self.io_group = dist.new_group(backend="gloo")
         self.bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto"
                                                             and self.device.type == "cuda")
         before = _resident_bytes()
@@ -78,7 +80,7 @@ class Trainer:
         self.checkpointer = Checkpointer(settings.checkpoint_dir, topology, keep=settings.keep_checkpoints,
                                          interval_minutes=settings.checkpoint_interval_minutes,
                                          every_steps=settings.checkpoint_every_steps,
-                                         async_save=settings.async_checkpoint, device=self.device,
+                                         async_save=settings.async_checkpoint, device=self.device, group=self.io_group,
                                          on_complete=self.tracker.log_checkpoint)
         self.step, self.samples_seen, self.resumed_from = 0, 0, None
         self.stop_requested = False
@@ -97,17 +99,15 @@ class Trainer:
             model = modeling.empty_model(self.model_config)
         self.parameter_count = modeling.parameter_count(model)
         self.strategy, why = self._choose_strategy()
-        self.activation_checkpointing = s.activation_checkpointing == "true" or (
-            s.activation_checkpointing == "auto" and self.strategy == "fsdp")
+        self.activation_checkpointing = memory.checkpointing_on(s.activation_checkpointing, self.strategy)
         if self.activation_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.strategy == "fsdp":
             model = modeling.shard(model, bf16=self.bf16)
         modeling.materialize(model, self.device)
-        load_group = dist.new_group(backend="gloo")
         if files:
-            modeling.load_weights(model, s.model_dir, load_group)
+            modeling.load_weights(model, s.model_dir, self.io_group)
         else:
             log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json (seed %d)",
                         s.model_dir, s.seed)
@@ -133,14 +133,11 @@ class Trainer:
             shape = memory.ModelShape.from_config(self.model_config.to_dict())
         except memory.PlanError as error:
             return ("fsdp" if t.world_size > 1 else "ddp"), f"auto, no memory plan: {error}"
-        strategy = memory.choose_strategy(shape, world_size=t.world_size, batch=s.per_device_batch_size,
-                                          sequence_length=s.sequence_length, bf16=self.bf16, gpu_bytes=gpu_bytes,
-                                          activation_checkpointing=s.activation_checkpointing)
         ddp = memory.plan(shape, strategy="ddp", world_size=t.world_size, batch=s.per_device_batch_size,
                           sequence_length=s.sequence_length, activation_checkpointing=s.activation_checkpointing == "true",
                           bf16=self.bf16, gpu_bytes=gpu_bytes)
-        return strategy, (f"auto: ddp needs {ddp.total / memory.GIB:.1f} GiB per device of "
-                          f"{gpu_bytes / memory.GIB:.1f} GiB")
+        return memory.strategy_for(ddp, t.world_size), (f"auto: ddp needs {ddp.total / memory.GIB:.1f} GiB per device "
+                                                         f"of {gpu_bytes / memory.GIB:.1f} GiB")
 
     def _on_sigterm(self, signum, frame) -> None:
         # SageMaker's stop signal (120 s grace on StopTrainingJob). Finish the step in progress, then

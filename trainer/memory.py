@@ -175,4 +175,14 @@ def choose_strategy(shape: ModelShape, *, world_size: int, batch: int, sequence_
     """`ddp` when the whole model's state fits every GPU (DDP is faster: no per-block gathers), else `fsdp`."""
     ddp = plan(shape, strategy="ddp", world_size=world_size, batch=batch, sequence_length=sequence_length,
                activation_checkpointing=activation_checkpointing == "true", bf16=bf16, gpu_bytes=gpu_bytes)
+    return strategy_for(ddp, world_size)
+
+
+def checkpointing_on(setting: str, strategy: str) -> bool:
+    """What `activation_checkpointing` (true, false, auto) means for `strategy`: auto is on with FSDP."""
+    return setting == "true" or (setting == "auto" and strategy == "fsdp")
+
+
+def strategy_for(ddp: Plan, world_size: int) -> str:
+    """The choice `choose_strategy` makes, from its DDP plan (for a caller that reports that plan too)."""
     return "ddp" if ddp.fits or world_size == 1 else "fsdp"

@@ -124,10 +124,6 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
     model.tie_weights()  # moving a meta parameter makes a new one: tie the copies again (a no-op under FSDP)
 
 
-def _local(parameter: torch.Tensor) -> torch.Tensor:
-    return parameter.to_local() if isinstance(parameter, DTensor) else parameter
-
-
 @torch.no_grad()
 def init_random(model: torch.nn.Module, seed: int) -> None:
     """Hugging Face's own per-module initialisation (`_init_weights`), one module at a time on a full CPU copy of
@@ -182,7 +178,6 @@ class SlicedSafetensorsReader(HuggingFaceStorageReader):
             target = planner.resolve_tensor(request).detach()
             target.copy_(source)
             planner.commit_tensor(request, target)
-            del source
         done: Future = Future()
         done.set_result(None)
         return done

@@ -86,20 +86,22 @@ class TokenSequence:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _pieces(self, start: int, stop: int):
+        """(array, lo, hi) for each shard that tokens [start, stop) touch, in order; start < stop."""
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
+        for i in range(first, last + 1):
+            base = int(self.offsets[i])
+            yield self.arrays[i], max(start, base) - base, min(stop, int(self.offsets[i + 1])) - base
+
     def __getitem__(self, index: slice) -> np.ndarray:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("TokenSequence supports contiguous slices only")
         start, stop, _ = index.indices(len(self))
         if stop <= start:
             return np.empty(0, dtype=self.dtype)
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
-        if first == last:
-            base = self.offsets[first]
-            return self.arrays[first][start - base:stop - base]
-        pieces = [self.arrays[i][max(start, self.offsets[i]) - self.offsets[i]:min(stop, self.offsets[i + 1]) -
-                                 self.offsets[i]] for i in range(first, last + 1)]
-        return np.concatenate(pieces)
+        pieces = [array[lo:hi] for array, lo, hi in self._pieces(start, stop)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # a view within one shard
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """A copy of tokens [start, stop), with the mapped pages it touched given back to the kernel (madvise
@@ -107,12 +109,9 @@ class TokenSequence:
         needs however much of the corpus has been read. Without it, every page ever touched counts in the
         RSS, and kernels that map whole large folios on a fault bring in up to 2 MiB per block read."""
         copy = np.array(self[start:stop])
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for i in range(first, len(self.arrays)):
-            if self.offsets[i] >= stop:
-                break
-            lo, hi = max(start, self.offsets[i]) - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
-            release(self.arrays[i], int(lo), int(hi))
+        if start < stop:
+            for array, lo, hi in self._pieces(start, stop):
+                release(array, lo, hi)
         return copy
 
 
