@@ -294,6 +294,11 @@ class TrainingConfig:
         """SageMaker rejects VolumeKmsKeyId on local-NVMe types; decided over every allowed type."""
         return not any(instance_types.has_local_storage(t) for t in self.instance_type_allow_list)
 
+    @property
+    def preparation_volume_encryption_allowed(self) -> bool:
+        """The same rule for the preparation step's one instance type."""
+        return not instance_types.has_local_storage(self.preparation_instance_type)
+
     def for_team(self, team: TeamConfig) -> TrainingConfig:
         """This deployment as seen by one team's pipeline: its name, instance types, caps and defaults."""
         where = f"{_PREFIX.get()}.teams.{team.name}"
@@ -342,11 +347,9 @@ class TrainingConfig:
                                               sequence_length=self.sequence_length, bf16=True,
                                               gpu_bytes=gpu_bytes or 0,
                                               activation_checkpointing=self.activation_checkpointing)
-        checkpointing = self.activation_checkpointing == "true" or (self.activation_checkpointing == "auto"
-                                                                     and strategy == "fsdp")
         return memory.plan(shape, strategy=strategy, world_size=world_size, batch=self.per_device_batch_size,
-                           sequence_length=self.sequence_length, activation_checkpointing=checkpointing, bf16=True,
-                           gpu_bytes=gpu_bytes)
+                           sequence_length=self.sequence_length, bf16=True, gpu_bytes=gpu_bytes,
+                           activation_checkpointing=memory.checkpointing_on(self.activation_checkpointing, strategy))
 
     def memory_findings(self) -> list[str]:
         """With `model_parameters` set: one finding when the defaults cannot fit GPU memory."""

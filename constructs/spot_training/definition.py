@@ -331,8 +331,6 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
     """The preparation step (trainer/prepare.py in the same image, on a CPU instance, in the same subnets and
     security group, isolated, KMS for volume and output): tokenizes the train channel once into token shards
     under prepared/<execution id>/; the training step reads them. Cached by Pipelines on its arguments."""
-    from spot_training import instance_types
-
     bucket = placeholders.bucket_name
     processor = Processor(
         role=placeholders.role_arn, image_uri=image_uri, instance_count=1,
@@ -342,8 +340,7 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
         entrypoint=["/bin/bash", "-c", f"set -e; mkdir -p {PREPARE_CODE_DIR}; tar -xzf {PROCESSING_ROOT}/input/code/* "
                     f"-C {PREPARE_CODE_DIR}; exec python3 {PREPARE_CODE_DIR}/prepare.py \"$@\"", "prepare"],
         volume_size_in_gb=config.volume_size_gb,
-        volume_kms_key=None if instance_types.has_local_storage(config.preparation_instance_type)
-        else placeholders.kms_key_arn,
+        volume_kms_key=placeholders.kms_key_arn if config.preparation_volume_encryption_allowed else None,
         output_kms_key=placeholders.kms_key_arn, max_runtime_in_seconds=config.preparation_max_run_seconds,
         env={**TRAINING_ENVIRONMENT, "TOKENIZERS_PARALLELISM": "true", **(environment or {})},
         network_config=NetworkConfig(enable_network_isolation=config.network_isolation,

@@ -120,15 +120,8 @@ def _operation_shape(operation: str) -> Any:
 def _processing_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]:
     """The preparation step runs like training: private subnets, isolation and encryption as configured, KMS."""
     args, out = step["Arguments"], []
-    network = args.get("NetworkConfig", {})
-    vpc = network.get("VpcConfig", {})
-    if not vpc.get("Subnets") or not vpc.get("SecurityGroupIds"):
-        out.append(Violation("Arguments.NetworkConfig.VpcConfig", "subnets and security groups are required: the "
-                             "preparation runs in the training subnets"))
-    for flag, wanted in (("EnableNetworkIsolation", expect.network_isolation),
-                         ("EnableInterContainerTrafficEncryption", expect.inter_container_encryption)):
-        if network.get(flag, False) != wanted:
-            out.append(Violation(f"Arguments.NetworkConfig.{flag}", f"is {network.get(flag, False)}, configured {wanted}"))
+    out += _network_rules(args.get("NetworkConfig", {}), "Arguments.NetworkConfig.", expect,
+                          "the preparation runs in the training subnets")
     if not args.get("ProcessingOutputConfig", {}).get("KmsKeyId"):
         out.append(Violation("Arguments.ProcessingOutputConfig.KmsKeyId", "is required: outputs are KMS-encrypted"))
     volume_key = args.get("ProcessingResources", {}).get("ClusterConfig", {}).get("VolumeKmsKeyId")
@@ -230,14 +223,7 @@ def _own_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]
     elif stopping["MaxRuntimeInSeconds"] > MAX_RUNTIME_SECONDS:
         out.append(Violation("Arguments.StoppingCondition.MaxRuntimeInSeconds",
                              f"{stopping['MaxRuntimeInSeconds']} is above SageMaker's 28-day limit ({MAX_RUNTIME_SECONDS})"))
-    vpc = args.get("VpcConfig", {})
-    if not vpc.get("Subnets") or not vpc.get("SecurityGroupIds"):
-        out.append(Violation("Arguments.VpcConfig", "subnets and security groups are required: training runs in "
-                             "private subnets"))
-    for flag, wanted in (("EnableNetworkIsolation", expect.network_isolation),
-                         ("EnableInterContainerTrafficEncryption", expect.inter_container_encryption)):
-        if args.get(flag, False) != wanted:
-            out.append(Violation(f"Arguments.{flag}", f"is {args.get(flag, False)}, configured {wanted}"))
+    out += _network_rules(args, "Arguments.", expect, "training runs in private subnets")
     if not args.get("OutputDataConfig", {}).get("KmsKeyId"):
         out.append(Violation("Arguments.OutputDataConfig.KmsKeyId", "is required: outputs are KMS-encrypted"))
     volume_key = args.get("ResourceConfig", {}).get("VolumeKmsKeyId")
@@ -250,6 +236,20 @@ def _own_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]
     missing = [e for e in _RETRYABLE_JOB_ERRORS if e not in retried]
     if missing:
         out.append(Violation("RetryPolicies", f"must retry {', '.join(missing)}"))
+    return out
+
+
+def _network_rules(holder: Mapping[str, Any], path: str, expect: Expectations, why: str) -> list[Violation]:
+    """VpcConfig, EnableNetworkIsolation and EnableInterContainerTrafficEncryption of a job request: at the top
+    of CreateTrainingJob, under NetworkConfig in CreateProcessingJob (`holder`, at `path`)."""
+    out = []
+    vpc = holder.get("VpcConfig", {})
+    if not vpc.get("Subnets") or not vpc.get("SecurityGroupIds"):
+        out.append(Violation(f"{path}VpcConfig", f"subnets and security groups are required: {why}"))
+    for flag, wanted in (("EnableNetworkIsolation", expect.network_isolation),
+                         ("EnableInterContainerTrafficEncryption", expect.inter_container_encryption)):
+        if holder.get(flag, False) != wanted:
+            out.append(Violation(f"{path}{flag}", f"is {holder.get(flag, False)}, configured {wanted}"))
     return out
 
 

@@ -114,15 +114,12 @@ class TrainingJob:
         return {k: _decoded(v) for k, v in sorted(self.hyperparameters.items()) if not k.startswith("sagemaker_")}
 
     @staticmethod
-    def from_definition(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainingJob:
+    def from_definition(resolved: Mapping[str, Any]) -> TrainingJob:
+        """From the definition resolved as one execution (`with_overrides`)."""
         from spot_training import definition as sdk
-        from spot_training.definition_rules import EXECUTION_ID_STAND_IN, resolve
+        from spot_training.definition_rules import EXECUTION_ID_STAND_IN
 
-        with_overrides = json.loads(json.dumps(definition))
-        for parameter in with_overrides["Parameters"]:
-            if parameter["Name"] in overrides:
-                parameter["DefaultValue"] = overrides[parameter["Name"]]
-        args = sdk.training_step(resolve(with_overrides))["Arguments"]
+        args = sdk.training_step(resolved)["Arguments"]
         # A channel fed by the preparation step reads its output under the execution's prefix.
         channels = json.loads(json.dumps(args["InputDataConfig"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
         return TrainingJob(
@@ -179,6 +176,7 @@ def _decoded(text: str) -> Any:
 
 
 def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`definition` resolved as one execution started with these parameter values."""
     from spot_training.definition_rules import resolve
 
     copy = json.loads(json.dumps(definition))
@@ -197,7 +195,12 @@ def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[Tr
                                        code_bucket_name=LOCAL_ASSET_BUCKET, code_object_key=LOCAL_CODE_KEY)
     definition = sdk.generate(config, metric_definitions=load_metric_definitions(trainer_dir),
                               placeholders=placeholders)
-    return TrainingJob.from_definition(definition, {**CPU_PARAMETERS, "MaxSteps": steps}), definition
+    return TrainingJob.from_definition(with_overrides(definition, local_parameters(steps))), definition
+
+
+def local_parameters(steps: int) -> dict[str, Any]:
+    """The pipeline parameters of one local execution: CPU-sized, `steps` optimizer steps."""
+    return {**CPU_PARAMETERS, "MaxSteps": steps}
 
 
 class LocalS3:
@@ -727,7 +730,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     job, definition = build_job(config, steps, trainer_dir)
-    preparation = ProcessingJob.from_definition(with_overrides(definition, {**CPU_PARAMETERS, "MaxSteps": steps}))
+    preparation = ProcessingJob.from_definition(with_overrides(definition, local_parameters(steps)))
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
         if not 0 < step < steps:

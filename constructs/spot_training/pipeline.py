@@ -111,6 +111,7 @@ class TrainingPipeline(Construct):
             store = ArtifactStore.for_config(self, "Store", config)
             bucket, key = store.bucket, store.key
         self.bucket, self.key = bucket, key
+        self.preparation = preparation_limits(config)
         self.roles = self._roles(training_role, pipeline_role, grant_roles)
         self.training_role, self.pipeline_role = self.roles.training_role, self.roles.pipeline_role
         self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
@@ -124,8 +125,7 @@ class TrainingPipeline(Construct):
                                          inter_container_encryption=config.inter_container_encryption,
                                          volume_encryption=config.volume_encryption_allowed,
                                          preparation_volume_encryption=(
-                                             limits.volume_encryption if (limits := preparation_limits(config))
-                                             else None))
+                                             self.preparation.volume_encryption if self.preparation else None))
         self.pipeline = sagemaker.CfnPipeline(
             self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
             pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",
@@ -194,7 +194,7 @@ class TrainingPipeline(Construct):
                              max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,
                              inter_container_encryption=config.inter_container_encryption,
                              volume_encryption=config.volume_encryption_allowed,
-                             preparation=preparation_limits(config))
+                             preparation=self.preparation)
 
     def _package_trainer(self, source_dir: Path) -> s3_assets.Asset:
         archive = deterministic_tarball(source_dir)
@@ -230,13 +230,11 @@ class TrainingPipeline(Construct):
 
 def preparation_limits(config: TrainingConfig) -> PreparationLimits | None:
     """What the pipeline role must allow for the preparation step, or None without one."""
-    from spot_training import instance_types
-
     if not config.prepare_data:
         return None
     return PreparationLimits(instance_type=config.preparation_instance_type,
                              max_run_seconds=config.preparation_max_run_seconds,
-                             volume_encryption=not instance_types.has_local_storage(config.preparation_instance_type))
+                             volume_encryption=config.preparation_volume_encryption_allowed)
 
 
 def config_for_stack(config: TrainingConfig, stack: cdk.Stack) -> TrainingConfig:
