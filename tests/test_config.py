@@ -92,10 +92,15 @@ def test_training_context_must_be_an_object():
         TrainingConfig.from_context({"training": 3})
 
 
-def test_synth_with_a_bad_value_exits_nonzero_with_one_line_and_no_traceback():
-    context = {**cdk_json_context(), "training.max_wait_seconds": "60"}
+def _run_app(overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    """`app.py` as `cdk synth` runs it, with cdk.json's context plus `overrides` (it must stop before writing)."""
+    context = {**cdk_json_context(), **overrides}
     env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
-    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_synth_with_a_bad_value_exits_nonzero_with_one_line_and_no_traceback():
+    done = _run_app({"training.max_wait_seconds": "60"})
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: training.max_wait_seconds=60: must be >= training.max_run_seconds "
                                    "(43200) when training.use_spot=true")
@@ -120,9 +125,7 @@ def test_guardrails_find_limits_the_sizing_model_says_will_not_hold(overrides, f
 
 
 def test_guardrails_refuse_stops_synth_with_one_line_per_finding():
-    context = {**cdk_json_context(), "training.guardrails": "refuse", "training.retry_attempts": "5"}
-    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
-    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = _run_app({"training.guardrails": "refuse", "training.retry_attempts": "5"})
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: guardrail: retry_attempts=5 x expected_run_hours=6 = 30 h exceeds "
                                    "slo_hours=24 (training.guardrails=refuse)")
@@ -143,9 +146,7 @@ def test_guardrails_warn_annotates_the_pipeline_stack(tmp_path_factory):
 @pytest.mark.parametrize("override", ["training.transformers_version=4.99.0", "training.region=xx-foo-9"])
 def test_a_default_image_the_sdk_does_not_know_stops_synth_in_one_line(override):
     name, value = override.split("=")
-    context = {**cdk_json_context(), name: value}
-    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
-    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = _run_app({name: value})
     assert done.returncode == 2, done.stderr[-2000:]
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: training.transformers_version=") and "no AWS Hugging Face training image" in line
@@ -175,9 +176,7 @@ def test_python_numbers_and_lists_are_normalized_to_the_field_types():
 
 
 def test_the_app_without_a_region_stops_in_one_line():
-    context = {**cdk_json_context(), "training.region": ""}
-    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(context), "CDK_OUTDIR": "/tmp/never-written"}
-    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = _run_app({"training.region": ""})
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: training.region: empty; the app needs the region its stacks deploy to "
                                    "(cdk.json, or -c training.region=...)")

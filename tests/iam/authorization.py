@@ -248,13 +248,18 @@ def execution_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> li
             Request(f"{name}: execution role cloudwatch:PutMetricData", role, "cloudwatch:PutMetricData", "*",
                     {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"})]
     if "VpcConfig" in args:
-        out += eni_requests(f"{name}: execution role", role, region, args["VpcConfig"]["Subnets"],
-                            args["VpcConfig"]["SecurityGroupIds"],
-                            ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
-                             "ec2:DeleteNetworkInterfacePermission"],
-                            ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
-                             "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"])
+        out += job_eni_requests(f"{name}: execution role", role, region, args["VpcConfig"])
     return out
+
+
+def job_eni_requests(prefix: str, role: str, region: str, vpc: dict[str, Any]) -> list[Request]:
+    """A SageMaker job's ENI calls in VPC mode ("Give SageMaker AI Training Jobs Access to Resources in Your
+    Amazon VPC"; processing jobs the same)."""
+    return eni_requests(prefix, role, region, vpc["Subnets"], vpc["SecurityGroupIds"],
+                        ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                         "ec2:DeleteNetworkInterfacePermission"],
+                        ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                         "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"])
 
 
 def eni_requests(prefix: str, role: str, region: str, subnets: list[str], groups: list[str],
@@ -377,12 +382,7 @@ def processing_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[R
                 Request(f"{name}: {step_name} logs:PutLogEvents", role, "logs:PutLogEvents", stream)]
         network = args.get("NetworkConfig", {})
         if "VpcConfig" in network:
-            out += eni_requests(f"{name}: {step_name}", role, region, network["VpcConfig"]["Subnets"],
-                                network["VpcConfig"]["SecurityGroupIds"],
-                                ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
-                                 "ec2:DeleteNetworkInterfacePermission"],
-                                ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
-                                 "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"])
+            out += job_eni_requests(f"{name}: {step_name}", role, region, network["VpcConfig"])
     return out
 
 
