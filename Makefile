@@ -10,6 +10,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
+# No pip cache: the training image's packages are ~4 GB of wheels that a cache would keep a second copy of
+# (CI installs from nothing every time, so a cache only costs disk there).
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup test-setup synth test local bootstrap deploy destroy clean
 
@@ -27,7 +30,14 @@ $(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
 	touch $@
 
 # The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
+# Installed, they take ~7 GB, and pip holds the downloaded wheels beside them until it finishes: refuse in one
+# line, before downloading, when the disk cannot hold both (a full disk half-way leaves a broken .venv).
+TRAINER_DISK_GB ?= 11
 $(VENV)/.trainer: $(VENV)/.package requirements-image.txt
+	@for d in $(VENV) "$${TMPDIR:-/tmp}"; do \
+	  free=$$(df -P -BG "$$d" | awk 'NR==2 {print $$4+0}'); \
+	  [ "$$free" -ge $(TRAINER_DISK_GB) ] || { echo "error: $$d: $${free} GB free; installing the training image's packages (requirements-image.txt) needs $(TRAINER_DISK_GB) GB (set TRAINER_DISK_GB to override)" >&2; exit 1; }; \
+	done
 	$(PY) -m pip install -q -r requirements.txt -r requirements-image.txt
 	touch $@
 
