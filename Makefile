@@ -30,9 +30,9 @@ $(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
 	touch $@
 
 # The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
-# Installed, they take ~7 GB, and pip holds the downloaded wheels beside them until it finishes (measured peak of `make test` from nothing:
-# 12.8 GB, 9.0 GB at the end): refuse in one
-# line, before downloading, when the disk cannot hold both (a full disk half-way leaves a broken .venv).
+# Installed, they take ~7 GB, and pip holds the downloaded wheels beside them until it finishes (measured:
+# `make test` from nothing peaks at 12.8 GB, 9.0 GB at the end): refuse in one line, before downloading,
+# when the disk cannot hold that (a disk that fills half-way leaves a broken .venv).
 TRAINER_DISK_GB ?= 12
 $(VENV)/.trainer: $(VENV)/.package requirements-image.txt
 	@for d in $(VENV) "$${TMPDIR:-/tmp}"; do \
