@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 
 from spot_training.cli import load_config
 from spot_training.local_run import CPU_PARAMETERS, build_job
+from spot_training.local_run import local_run as run_in_process
 from spot_training.trainer_code import default_trainer_dir
 from tests.conftest import ROOT
 from tests.trainer.harness import SLOW_IO
@@ -246,3 +248,18 @@ def test_the_preparation_step_ran_from_the_definition_and_a_second_run_skips_it(
     assert again["preparation"]["skipped"] is True
     assert "PrepareData: skipped: Pipelines step caching" in stdout
     assert again["final_parameters_sha256"] == report["final_parameters_sha256"]
+
+
+def test_a_validation_channel_is_prepared_and_read_by_the_trainer(tmp_path):
+    """validation_data=true: the PrepareData step tokenizes the validation prefix too, the training step's
+    `validation` channel holds its shards, and the trainer validates on them instead of a held-out slice."""
+    config = dataclasses.replace(load_config(ROOT / "cdk.json"), validation_data=True)
+    report = run_in_process(config, steps=4, interrupt_at=[], out=tmp_path, trainer_dir=default_trainer_dir())
+    tokens = report["preparation"]["result"]["tokens"]
+    assert set(tokens) == {"train", "validation"} and tokens["validation"] > 1000
+    channel = tmp_path / "instances" / "algo-1" / "opt" / "ml" / "input" / "data" / "validation"
+    assert json.loads((channel / "manifest.json").read_text())["tokens"] == tokens["validation"]
+    log = (tmp_path / "logs" / "attempt-1-algo-1.log").read_text()
+    assert re.search(r"^\[data\] train=\d+ blocks of 33 tokens validation=\d+ blocks from the validation channel$",
+                     log, re.M), log[-2000:]
+    assert re.search(r"^\[validation\] step=4 loss=", log, re.M)

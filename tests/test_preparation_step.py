@@ -9,7 +9,11 @@ import json
 
 import pytest
 
-from tests.conftest import pipeline_body, synth, training_step
+from spot_training import definition as sdk
+from spot_training.config import TrainingConfig
+from spot_training.definition_rules import Expectations, all_steps, check
+from spot_training.pipeline import load_metric_definitions
+from tests.conftest import ROOT, pipeline_body, synth, training_step
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +90,40 @@ def test_without_preparation_the_training_reads_the_channel_as_given(tmp_path_fa
     statements = [s for p in app.resources("security", "AWS::IAM::ManagedPolicy").values()
                   for s in p["Properties"]["PolicyDocument"]["Statement"]]
     assert not any("CreateProcessingJob" in json.dumps(s) for s in statements)
+
+
+@pytest.mark.parametrize("prepare_data", [True, False])
+def test_a_validation_channel_is_prepared_like_train_and_read_as_validation_dir(prepare_data):
+    """validation_data adds the ValidationDataUri parameter; with preparation it is a processing input whose
+    shards the training step's `validation` channel reads (the toolkit's SM_CHANNEL_VALIDATION is the trainer's
+    validation_dir), without it the channel reads the parameter as given. The definition rules still pass."""
+    config = TrainingConfig(region="us-east-1", validation_data=True, prepare_data=prepare_data)
+    definition = sdk.generate(config, metric_definitions=load_metric_definitions(ROOT / "trainer"),
+                              placeholders=sdk.Placeholders.for_counts(2, 1))
+    parameters = {p["Name"]: p.get("DefaultValue") for p in definition["Parameters"]}
+    assert parameters["ValidationDataUri"].endswith("/data/validation/")
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+                for c in sdk.training_step(definition)["Arguments"]["InputDataConfig"]}
+    steps = {s["Name"]: s for s in all_steps(definition)}
+    if prepare_data:
+        args = steps["PrepareData"]["Arguments"]
+        inputs = {i["InputName"]: i["S3Input"] for i in args["ProcessingInputs"]}
+        assert inputs["validation"]["S3Uri"] == {"Get": "Parameters.ValidationDataUri"}
+        assert inputs["validation"]["LocalPath"] == "/opt/ml/processing/input/validation"
+        arguments = args["AppSpecification"]["ContainerArguments"]
+        assert arguments[arguments.index("--validation_dir") + 1] == "/opt/ml/processing/input/validation"
+        output = "Steps.PrepareData.ProcessingOutputConfig.Outputs['prepared'].S3Output.S3Uri"
+        assert channels["validation"] == {"Std:Join": {"On": "/", "Values": [{"Get": output}, "validation", ""]}}
+        assert channels["train"] == {"Std:Join": {"On": "/", "Values": [{"Get": output}, "train", ""]}}
+    else:
+        assert "PrepareData" not in steps
+        assert channels["validation"] == {"Get": "Parameters.ValidationDataUri"}
+    expect = Expectations(use_spot=True, network_isolation=True, inter_container_encryption=True,
+                          volume_encryption=False)
+    assert check(definition, expect) == []
+
+
+def test_without_validation_data_there_is_no_validation_channel(steps):
+    channels = {c["ChannelName"] for c in steps["Train"]["Arguments"]["InputDataConfig"]}
+    assert "validation" not in channels
+    assert "--validation_dir" not in steps["PrepareData"]["Arguments"]["AppSpecification"]["ContainerArguments"]

@@ -74,8 +74,14 @@ class Trainer:
         if settings.validation_dir:
             self.validation = BlockDataset(load_tokens(settings.validation_dir, self.tokenizer, **source),
                                            settings.sequence_length, settings.seed)
+            origin = "the validation channel"
         else:
             self.data, self.validation = self.data.split(settings.validation_holdout_fraction)
+            origin = f"held out of train ({settings.validation_holdout_fraction:g})"
+        if topology.is_main:
+            validation = f"{self.validation.num_blocks} blocks from {origin}" if self.validation else "none"
+            print(f"[data] train={self.data.num_blocks} blocks of {self.data.block} tokens validation={validation}",
+                  flush=True)
         self.tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings, topology.is_main)
         self.checkpointer = Checkpointer(settings.checkpoint_dir, topology, keep=settings.keep_checkpoints,
                                          interval_minutes=settings.checkpoint_interval_minutes,

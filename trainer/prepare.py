@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         "128 MiB of uint16)")
     args = parser.parse_args(argv)
     channels = {"train": Path(args.train_dir)}
-    if args.validation_dir and Path(args.validation_dir).exists():
+    if args.validation_dir:  # given means expected: a missing or empty folder stops here, in one line
         channels["validation"] = Path(args.validation_dir)
     try:
         if args.tokens_per_shard < 1024:

@@ -158,6 +158,10 @@ class TrainingConfig:
     prepare_data: bool = _field(True, "Run the preparation step before training: tokenize the train channel "
                                 "once into memory-mapped token shards (false: the trainer reads the channel as "
                                 "is: prepared shards, *.npy, or at most 64 MiB of *.jsonl).")
+    validation_data: bool = _field(False, "Give runs a validation channel: the pipeline parameter "
+                                   "ValidationDataUri (default data/validation/ in the bucket), prepared like train "
+                                   "and read by the trainer as validation_dir; the prefix must hold data. false: "
+                                   "the trainer holds out validation_holdout_fraction of train.")
     preparation_instance_type: str = _field("ml.m5.2xlarge", "CPU instance type of the preparation step.")
     preparation_max_run_seconds: int = _field(21600, "MaxRuntimeInSeconds of the preparation step.",
                                               min=60, max=5 * 24 * 3600)

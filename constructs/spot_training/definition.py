@@ -176,8 +176,12 @@ def check_default_image(config: TrainingConfig) -> None:
 
 def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[PipelineParameter]:
     """Per-run values a user can override at start-pipeline-execution; defaults come from config."""
+    validation = [PipelineParameter("ValidationDataUri", ParameterString,
+                                    f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
+        if config.validation_data else []
     return [
         PipelineParameter("TrainingDataUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
+        *validation,
         PipelineParameter("BaseModelUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['models']}base/"),
         PipelineParameter("InstanceType", ParameterString, config.instance_type),
         PipelineParameter("InstanceCount", ParameterInteger, config.instance_count),
@@ -294,10 +298,17 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
     )
     prepare = _prepare_step(config, params, placeholders, image_uri or default_image_uri(config), session,
                             environment) if config.prepare_data else None
-    train_uri = Join(on="/", values=[prepare.properties.ProcessingOutputConfig.Outputs["prepared"].S3Output.S3Uri,
-                                     "train", ""]) if prepare else params["TrainingDataUri"]
-    inputs = {"train": TrainingInput(s3_data=train_uri, input_mode="File"),
+    def data_uri(split: str, parameter: str) -> Any:
+        """The channel a split's training reads: the preparation step's shards, else the raw prefix."""
+        if prepare is None:
+            return params[parameter]
+        return Join(on="/", values=[prepare.properties.ProcessingOutputConfig.Outputs["prepared"].S3Output.S3Uri,
+                                    split, ""])
+
+    inputs = {"train": TrainingInput(s3_data=data_uri("train", "TrainingDataUri"), input_mode="File"),
               "model": TrainingInput(s3_data=params["BaseModelUri"], input_mode="File")}
+    if config.validation_data:  # the toolkit sets SM_CHANNEL_VALIDATION, the trainer's validation_dir
+        inputs["validation"] = TrainingInput(s3_data=data_uri("validation", "ValidationDataUri"), input_mode="File")
     retry_policies = [
         SageMakerJobStepRetryPolicy(
             exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
@@ -329,8 +340,9 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
 def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholders: Placeholders, image_uri: str,
                   session: Any, environment: Mapping[str, str] | None) -> Any:
     """The preparation step (trainer/prepare.py in the same image, on a CPU instance, in the same subnets and
-    security group, isolated, KMS for volume and output): tokenizes the train channel once into token shards
-    under prepared/<execution id>/; the training step reads them. Cached by Pipelines on its arguments."""
+    security group, isolated, KMS for volume and output): tokenizes the train channel (and the validation one
+    when configured) once into token shards under prepared/<execution id>/<split>/; the training step reads
+    them. Cached by Pipelines on its arguments."""
     bucket = placeholders.bucket_name
     processor = Processor(
         role=placeholders.role_arn, image_uri=image_uri, instance_count=1,
@@ -350,9 +362,12 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
         sagemaker_session=session)
     prepared = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['prepared'].rstrip('/')}",
                                     ExecutionVariables.PIPELINE_EXECUTION_ID])
+    validation = [ProcessingInput(input_name="validation", source=params["ValidationDataUri"],
+                                  destination=f"{PROCESSING_ROOT}/input/validation")] if config.validation_data else []
     step_args = processor.run(
         inputs=[ProcessingInput(input_name="train", source=params["TrainingDataUri"],
                                 destination=f"{PROCESSING_ROOT}/input/train"),
+                *validation,
                 ProcessingInput(input_name="model", source=params["BaseModelUri"],
                                 destination=f"{PROCESSING_ROOT}/input/model"),
                 ProcessingInput(input_name="code",
@@ -361,6 +376,7 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
         outputs=[ProcessingOutput(output_name="prepared", source=f"{PROCESSING_ROOT}/output/prepared",
                                   destination=prepared)],
         arguments=["--model_dir", f"{PROCESSING_ROOT}/input/model", "--train_dir", f"{PROCESSING_ROOT}/input/train",
+                   *(["--validation_dir", f"{PROCESSING_ROOT}/input/validation"] if config.validation_data else []),
                    "--output_dir", f"{PROCESSING_ROOT}/output/prepared"])
     cache = CacheConfig(enable_caching=True, expire_after=f"P{config.preparation_cache_days}D") \
         if config.preparation_cache_days else None

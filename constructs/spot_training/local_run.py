@@ -331,13 +331,17 @@ class LocalRun:
         from spot_training.tiny import corpus, make_model_dir, make_text_channel
         from spot_training.trainer_code import deterministic_tarball
 
-        raw_train = self.preparation.inputs["train"][0] if self.preparation else self.job.channels["train"]
-        model, train = self.s3.path(self.job.channels["model"]), self.s3.path(raw_train)
-        texts = corpus(400)
+        raw = {name: uri for name, (uri, _) in self.preparation.inputs.items()} if self.preparation \
+            else self.job.channels
+        model, texts = self.s3.path(self.job.channels["model"]), corpus(400)
         if not (model.exists() and any(model.iterdir())):
             make_model_dir(model, text_corpus=texts)
-        if not (train.exists() and any(train.iterdir())):
-            make_text_channel(train, texts)
+        # The validation channel exists when the config asks for one (TrainingConfig.validation_data).
+        splits = {"train": texts, "validation": corpus(40, seed=11)}
+        for split in (name for name in splits if name in raw):
+            folder = self.s3.path(raw[split])
+            if not (folder.exists() and any(folder.iterdir())):
+                make_text_channel(folder, splits[split])
         code = self.s3.path(self.job.channels["code"])
         code.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(deterministic_tarball(self.trainer_dir), code)

@@ -103,6 +103,18 @@ def test_bad_text_stops_the_step_with_one_line_naming_the_object_and_the_line(jo
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+def test_a_validation_folder_without_text_stops_the_step_in_one_line(job, tmp_path, capsys):
+    """--validation_dir given means the pipeline has a validation channel: nothing there is an error, not a
+    silently missing validation set."""
+    empty = tmp_path / "validation"
+    empty.mkdir()
+    code = prepare.main(["--model_dir", str(job["model_dir"]), "--train_dir", str(job["train_dir"]),
+                         "--validation_dir", str(empty), "--output_dir", str(tmp_path / "out")])
+    assert code == 1
+    assert capsys.readouterr().err == (f"error: {empty}: no *.jsonl files (each line a JSON object with a `text` "
+                                       "string)\n")
+
+
 def test_prepared_shards_of_another_tokenizer_or_truncated_are_refused(job, prepared, tmp_path):
     out, result = prepared
     source = out / "train"
