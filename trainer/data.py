@@ -15,7 +15,6 @@ the job consumed, so a resumed run reads exactly the batches an uninterrupted ru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tokens import (
     MANIFEST,
     DataError,
     TokenSequence,
+    documents,
     open_shards,
     random_access,
     token_dtype,
@@ -68,19 +68,14 @@ def load_tokens(folder: str, tokenizer=None, *, model_dir: str | None = None,
 
 
 def _tokenize_jsonl(file: Path, tokenizer) -> np.ndarray:
+    """The same checked reading as the preparation step (tokens.documents), so bad text gets the same one line
+    on either path."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    with file.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise DataError(f"{file}:{number}: expected a JSON object with a `text` field ({error})") from None
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
+    for text in documents(file, str(file)):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
     return np.asarray(ids, dtype=token_dtype(len(tokenizer)))
 
 

@@ -34,6 +34,7 @@ from tokens import (  # noqa: E402
     MANIFEST,
     DataError,
     ShardWriter,
+    documents,
     open_shards,
     read_manifest,
     tokenizer_fingerprint,
@@ -57,36 +58,6 @@ def sources_of(folder: Path) -> list[Path]:
     if not files:
         raise DataError(f"{folder}: no *.jsonl files (each line a JSON object with a `text` string)")
     return files
-
-
-def documents(file: Path, shown: str):
-    """Each line's text, checked: UTF-8, a JSON object, a `text` string. Blank lines are skipped."""
-    if file.stat().st_size == 0:
-        raise DataError(f"{shown}: empty file")
-    seen = 0
-    with file.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{shown}:{number}: invalid UTF-8 at byte column {error.start + 1}") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{shown}:{number}: not JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{shown}:{number}: a JSON object with a `text` string expected, got "
-                                f"{type(record).__name__}")
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise DataError(f"{shown}:{number}: no `text` string in the object"
-                                + (f" (`text` is {type(text).__name__})" if "text" in record else ""))
-            seen += 1
-            yield text
-    if not seen:
-        raise DataError(f"{shown}: no documents (only blank lines)")
 
 
 def work_key(fingerprint: str, splits: dict[str, list[dict]], tokens_per_shard: int) -> str:

@@ -80,13 +80,16 @@ def test_unchanged_sources_and_tokenizer_skip_the_work_and_a_changed_source_does
     assert other["skipped"] is False and other["key"] != first["key"]
 
 
-@pytest.mark.parametrize("content, message", [
+BAD_TEXT = [
     (b"", "train/part-000.jsonl: empty file"),
     (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "train/part-000.jsonl:2: invalid UTF-8 at byte column 14"),
     (b'{"text": "fine"}\n{"title": "no text"}\n', "train/part-000.jsonl:2: no `text` string in the object"),
     (b'["a", "list"]\n', "train/part-000.jsonl:1: a JSON object with a `text` string expected, got list"),
     (b'{"text": "fine"}\n{"text": \n', "train/part-000.jsonl:2: not JSON (Expecting value at column 10)"),
-])
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_TEXT)
 def test_bad_text_stops_the_step_with_one_line_naming_the_object_and_the_line(job, tmp_path, monkeypatch, capsys,
                                                                               content, message):
     folder = tmp_path / "train"
@@ -101,6 +104,20 @@ def test_bad_text_stops_the_step_with_one_line_naming_the_object_and_the_line(jo
     assert capsys.readouterr().err == f"error: {message}\n"
     assert exit_message.read_text() == f"error: {message}"  # DescribeProcessingJob's ExitMessage
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+@pytest.mark.parametrize("content, message", BAD_TEXT)
+def test_the_trainers_small_data_path_refuses_bad_text_with_the_same_line(job, tmp_path, content, message):
+    """Raw *.jsonl read by the trainer (prepare_data=false) goes through the same checks as the preparation
+    step: the same one line, not a UnicodeDecodeError or KeyError traceback on every rank."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "part-000.jsonl").write_bytes(content)
+    with pytest.raises(tokens.DataError) as refused:
+        data.load_tokens(str(folder), AutoTokenizer.from_pretrained(job["model_dir"]))
+    assert str(refused.value) == f"{tmp_path}/{message}"
 
 
 def test_a_validation_folder_without_text_stops_the_step_in_one_line(job, tmp_path, capsys):
