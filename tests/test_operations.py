@@ -115,6 +115,67 @@ def test_start_reads_the_pipeline_name_from_the_outputs_file(pipeline, tmp_path,
     assert capsys.readouterr().out.strip().startswith(PIPELINE_ARN + "/execution/")
 
 
+@pytest.fixture
+def prepared_pipeline(aws):
+    """A pipeline with the preparation step's parameters (TrainingDataUri, DataFingerprint) and data in S3."""
+    sagemaker, s3 = boto3.client("sagemaker", region_name=REGION), boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="artifacts")
+    for part in ("part-000", "part-001"):
+        s3.put_object(Bucket="artifacts", Key=f"data/train/{part}.jsonl", Body=b'{"text": "a"}\n')
+    definition = {"Version": "2020-12-01", "Steps": [], "Parameters": [
+        {"Name": "TrainingDataUri", "Type": "String", "DefaultValue": "s3://artifacts/data/train/"},
+        {"Name": "DataFingerprint", "Type": "String", "DefaultValue": "unlisted"}]}
+    sagemaker.create_pipeline(PipelineName="distributed-training", PipelineDefinition=json.dumps(definition),
+                              RoleArn="arn:aws:iam::123456789012:role/pipeline-role")
+    started = []
+    original = sagemaker.start_pipeline_execution
+    sagemaker.start_pipeline_execution = lambda **request: started.append(request) or original(**request)
+    return sagemaker, s3, started
+
+
+def _fingerprint_of(request):
+    return {p["Name"]: p["Value"] for p in request.get("PipelineParameters", [])}.get("DataFingerprint")
+
+
+def test_start_passes_a_fingerprint_of_the_data_that_changes_when_an_object_does(prepared_pipeline):
+    """The preparation step's cache keys on its arguments, DataFingerprint among them: the same objects give the
+    same fingerprint (the cached shards are reused), a rewritten object under the same prefix a new one."""
+    sagemaker, s3, started = prepared_pipeline
+    for _ in range(2):
+        start(sagemaker, "distributed-training", parameters={}, s3=s3)
+    s3.put_object(Bucket="artifacts", Key="data/train/part-001.jsonl", Body=b'{"text": "b"}\n')
+    start(sagemaker, "distributed-training", parameters={}, s3=s3)
+    first, again, changed = (_fingerprint_of(r) for r in started)
+    assert first == again and len(first) == 32 and changed != first
+    start(sagemaker, "distributed-training", parameters={"TrainingDataUri": "s3://artifacts/data/train/part-000"},
+          s3=s3)
+    assert _fingerprint_of(started[-1]) not in (first, changed)  # the overridden URI is the one listed
+    start(sagemaker, "distributed-training", parameters={"DataFingerprint": "v7"}, s3=s3)
+    assert _fingerprint_of(started[-1]) == "v7"  # the caller's own data version wins
+
+
+def test_start_refuses_a_data_prefix_without_objects_before_any_job_starts(prepared_pipeline):
+    sagemaker, s3, started = prepared_pipeline
+    with pytest.raises(OperationError, match=r"^TrainingDataUri=s3://artifacts/data/other/: no objects there; upload "
+                                             r"the data first"):
+        start(sagemaker, "distributed-training", parameters={"TrainingDataUri": "s3://artifacts/data/other/"}, s3=s3)
+    assert started == []
+
+
+def test_start_without_list_rights_warns_and_starts_on_the_uri_alone(prepared_pipeline):
+    sagemaker, _, started = prepared_pipeline
+    denied = boto3.client("s3", region_name=REGION)
+    warnings = []
+    with Stubber(denied) as stub:
+        stub.add_client_error("list_objects_v2", "AccessDenied", "Access Denied",
+                              expected_params={"Bucket": "artifacts", "Prefix": "data/train/"})
+        start(sagemaker, "distributed-training", parameters={}, s3=denied, warn=warnings.append)
+    (warning,) = warnings
+    assert warning.startswith("warning: TrainingDataUri=s3://artifacts/data/train/: cannot list it (AccessDenied); ")
+    assert "--parameter DataFingerprint=" in warning
+    assert _fingerprint_of(started[0]) is None  # the definition's default ("unlisted") applies
+
+
 def test_start_without_outputs_file_says_how_to_get_one(capsys, tmp_path):
     assert cli.main(["start", "--outputs", str(tmp_path / "missing.json"), "--region", REGION]) == 2
     assert "no such file; deploy with `make deploy` or pass --pipeline-name" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def _write_batch(writer: ShardWriter, tokenizer, texts: list[str], eos: int | No
 
 
 def prepare(model_dir: Path, channels: dict[str, Path], output_dir: Path, previous_dir: Path | None,
-            tokens_per_shard: int) -> dict:
+            tokens_per_shard: int, data_fingerprint: str = "unlisted") -> dict:
     from transformers import AutoTokenizer
 
     fingerprint = tokenizer_fingerprint(model_dir)
@@ -108,7 +108,7 @@ def prepare(model_dir: Path, channels: dict[str, Path], output_dir: Path, previo
         manifest = read_manifest(folder)
         sources[name] = [{"prepared": manifest["tokenizer"], "shards": manifest["shards"]}]
     key = work_key(fingerprint, sources, tokens_per_shard)
-    result = {"key": key, "tokenizer": fingerprint, "skipped": False}
+    result = {"key": key, "tokenizer": fingerprint, "data_fingerprint": data_fingerprint, "skipped": False}
     if previous_dir is not None and (previous_dir / f"{key}.json").is_file():
         result["skipped"] = True
         _write_result(output_dir, result)
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation_dir", help="optional validation texts")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--previous_dir", help="manifests of earlier preparations (<key>.json)")
+    parser.add_argument("--data_fingerprint", default="unlisted", help="the data objects' digest the run was "
+                        "started with (a pipeline parameter, so part of the step's cache key); recorded in result.json")
     parser.add_argument("--tokens_per_shard", type=int, default=2**26, help="tokens per shard file (default 2^26: "
                         "128 MiB of uint16)")
     args = parser.parse_args(argv)
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokens_per_shard < 1024:
             raise DataError(f"tokens_per_shard={args.tokens_per_shard}: must be at least 1024")
         result = prepare(Path(args.model_dir), channels, Path(args.output_dir),
-                         Path(args.previous_dir) if args.previous_dir else None, args.tokens_per_shard)
+                         Path(args.previous_dir) if args.previous_dir else None, args.tokens_per_shard,
+                         args.data_fingerprint)
     except DataError as error:
         message = f"error: {error}"
         print(message, file=sys.stderr)

@@ -123,9 +123,9 @@ def _pipeline_name(args: argparse.Namespace) -> str:
 def cmd_start(args: argparse.Namespace) -> int:
     from spot_training.operations import parse_parameters, start
 
-    sagemaker = aws_client("sagemaker", _region(args))
-    arn = start(sagemaker, _pipeline_name(args), parameters=parse_parameters(args.parameter or []),
-                resume_from=args.resume_from, display_name=args.display_name)
+    region = _region(args)
+    arn = start(aws_client("sagemaker", region), _pipeline_name(args), parameters=parse_parameters(args.parameter or []),
+                resume_from=args.resume_from, display_name=args.display_name, s3=aws_client("s3", region))
     print(arn)
     return 0
 

@@ -179,9 +179,13 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[Pipeli
     validation = [PipelineParameter("ValidationDataUri", ParameterString,
                                     f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
         if config.validation_data else []
+    # An argument of the preparation step, so its cache key: `spot-training start` passes a digest of the data
+    # objects (operations.data_fingerprint), and changed data under the same prefix is prepared again.
+    fingerprint = [PipelineParameter("DataFingerprint", ParameterString, "unlisted")] if config.prepare_data else []
     return [
         PipelineParameter("TrainingDataUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
         *validation,
+        *fingerprint,
         PipelineParameter("BaseModelUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['models']}base/"),
         PipelineParameter("InstanceType", ParameterString, config.instance_type),
         PipelineParameter("InstanceCount", ParameterInteger, config.instance_count),
@@ -377,7 +381,7 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
                                   destination=prepared)],
         arguments=["--model_dir", f"{PROCESSING_ROOT}/input/model", "--train_dir", f"{PROCESSING_ROOT}/input/train",
                    *(["--validation_dir", f"{PROCESSING_ROOT}/input/validation"] if config.validation_data else []),
-                   "--output_dir", f"{PROCESSING_ROOT}/output/prepared"])
+                   "--output_dir", f"{PROCESSING_ROOT}/output/prepared", "--data_fingerprint", params["DataFingerprint"]])
     cache = CacheConfig(enable_caching=True, expire_after=f"P{config.preparation_cache_days}D") \
         if config.preparation_cache_days else None
     return ProcessingStep(name=PREPARE_STEP_NAME, step_args=step_args, cache_config=cache)

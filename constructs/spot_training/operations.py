@@ -9,6 +9,7 @@ training job's `Interrupted` secondary status; realized spot savings are
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import sys
 import time
@@ -53,10 +54,50 @@ def execution_arn(sagemaker, pipeline_name: str, execution: str) -> str:
 
 
 # ---- start ------------------------------------------------------------------------------------------
+# The preparation step's cache (Pipelines step caching) keys on the step's arguments; DataFingerprint is one of
+# them, so a start that passes a digest of the data objects re-prepares changed data under an unchanged prefix.
+FINGERPRINT_PARAMETER = "DataFingerprint"
+DATA_PARAMETERS = ("TrainingDataUri", "ValidationDataUri")
+
+
+def data_fingerprint(s3, uris: Mapping[str, str], *, warn: Callable[[str], None]) -> str | None:
+    """A digest of every object (key, size, ETag; S3 ListObjectsV2) under each data URI. An empty prefix is
+    refused (the run would fail in its preparation step); without list rights, `warn` says what that costs and
+    None is returned (the step cache then keys on the URIs alone)."""
+    import botocore.exceptions
+
+    digest = hashlib.sha256()
+    for name, uri in uris.items():
+        if not str(uri).startswith("s3://"):
+            raise OperationError(f"{name}={uri}: must be an s3:// URI")
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        count = 0
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    digest.update(f"{name}\t{item['Key']}\t{item['Size']}\t{item['ETag']}\n".encode())
+                    count += 1
+        except botocore.exceptions.ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "error")
+            if code not in ("AccessDenied", "AllAccessDisabled"):
+                raise OperationError(f"{name}={uri}: cannot list it ({code})") from None
+            warn(f"warning: {name}={uri}: cannot list it ({code}); the preparation step's cache keys on the URI "
+                 f"alone, so changed objects under it would reuse old shards (pass --parameter "
+                 f"{FINGERPRINT_PARAMETER}=<a data version> or put changed data under a new prefix)")
+            return None
+        if not count:
+            raise OperationError(f"{name}={uri}: no objects there; upload the data first (the run's preparation "
+                                 "step would fail on it)")
+    return digest.hexdigest()[:32]
+
+
 def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resume_from: str | None = None,
-          display_name: str | None = None) -> str:
+          display_name: str | None = None, s3=None, warn: Callable[[str], None] = lambda line: print(
+              line, file=sys.stderr)) -> str:
     """Start a run, or resume one: a resumed execution keeps its id, so its training step finds the
-    checkpoints it wrote under `checkpoints/<execution id>/` (RetryPipelineExecution)."""
+    checkpoints it wrote under `checkpoints/<execution id>/` (RetryPipelineExecution). With `s3`, a start of
+    a pipeline with a DataFingerprint parameter passes the data's fingerprint (`data_fingerprint`) unless
+    the caller gave one."""
     if resume_from:
         if parameters:
             raise OperationError("--resume-from reruns an execution with its own parameters; drop --parameter")
@@ -72,6 +113,12 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
     for name in parameters:
         if name not in known:
             raise OperationError(f"--parameter {name}: not a parameter of {pipeline_name}; allowed: {', '.join(known)}")
+    if s3 is not None and FINGERPRINT_PARAMETER in known and FINGERPRINT_PARAMETER not in parameters:
+        defaults = {p["Name"]: p.get("DefaultValue") for p in definition["Parameters"]}
+        uris = {name: parameters.get(name, defaults[name]) for name in DATA_PARAMETERS if name in defaults}
+        fingerprint = data_fingerprint(s3, uris, warn=warn)
+        if fingerprint:
+            parameters = {**parameters, FINGERPRINT_PARAMETER: fingerprint}
     request = {"PipelineName": pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
                "PipelineExecutionDisplayName": display_name or datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")}
     if parameters:

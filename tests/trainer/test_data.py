@@ -120,6 +120,13 @@ def test_the_trainers_small_data_path_refuses_bad_text_with_the_same_line(job, t
     assert str(refused.value) == f"{tmp_path}/{message}"
 
 
+def test_the_run_s_data_fingerprint_is_recorded_in_the_result(job, tmp_path):
+    code = prepare.main(["--model_dir", str(job["model_dir"]), "--train_dir", str(job["train_dir"]),
+                         "--output_dir", str(tmp_path / "out"), "--data_fingerprint", "0f" * 16])
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["data_fingerprint"] == "0f" * 16
+
+
 def test_a_validation_folder_without_text_stops_the_step_in_one_line(job, tmp_path, capsys):
     """--validation_dir given means the pipeline has a validation channel: nothing there is an error, not a
     silently missing validation set."""
