@@ -54,8 +54,10 @@ def execution_arn(sagemaker, pipeline_name: str, execution: str) -> str:
 
 
 # ---- start ------------------------------------------------------------------------------------------
-# The preparation step's cache (Pipelines step caching) keys on the step's arguments; DataFingerprint is one of
-# them, so a start that passes a digest of the data objects re-prepares changed data under an unchanged prefix.
+# The preparation step's cache (Pipelines step caching) keys on a processing step's AppSpecification, Environment
+# and ProcessingInputs (https://docs.aws.amazon.com/sagemaker/latest/dg/pipelines-default-keys.html), not on the
+# objects under an input's S3 URI. DataFingerprint is one of the step's ContainerArguments (AppSpecification), so a
+# start that passes a digest of the data objects re-prepares changed data under an unchanged prefix.
 FINGERPRINT_PARAMETER = "DataFingerprint"
 DATA_PARAMETERS = ("TrainingDataUri", "ValidationDataUri")
 
