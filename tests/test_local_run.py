@@ -263,3 +263,23 @@ def test_a_validation_channel_is_prepared_and_read_by_the_trainer(tmp_path):
     assert re.search(r"^\[data\] train=\d+ blocks of 33 tokens validation=\d+ blocks from the validation channel$",
                      log, re.M), log[-2000:]
     assert re.search(r"^\[validation\] step=4 loss=", log, re.M)
+
+
+def test_changed_data_under_the_same_prefix_is_prepared_again(tmp_path, monkeypatch):
+    """local-run fingerprints its data as `spot-training start` does (operations.data_fingerprint over the
+    local S3), and the fingerprint is a step argument: the same data is skipped, rewritten data prepared again."""
+    import spot_training.tiny
+
+    config = load_config(ROOT / "cdk.json")
+
+    def run():
+        return run_in_process(config, steps=2, interrupt_at=[], out=tmp_path, trainer_dir=default_trainer_dir())
+
+    first, same = run()["preparation"], run()["preparation"]
+    assert first["skipped"] is False and same["skipped"] is True
+    assert re.fullmatch(r"[0-9a-f]{32}", first["result"]["data_fingerprint"])
+    original = spot_training.tiny.corpus
+    monkeypatch.setattr(spot_training.tiny, "corpus", lambda documents=400, seed=7: original(documents, seed + 1))
+    changed = run()["preparation"]
+    assert changed["skipped"] is False
+    assert changed["result"]["data_fingerprint"] != first["result"]["data_fingerprint"]

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,9 @@ def local_parameters(steps: int) -> dict[str, Any]:
 
 
 class LocalS3:
-    """`s3://bucket/key` <-> `DIR/s3/bucket/key`."""
+    """`s3://bucket/key` <-> `DIR/s3/bucket/key`; also answers ListObjectsV2 through the slice of a boto3 S3
+    client's interface that `operations.data_fingerprint` uses, so local-run fingerprints its data with the
+    code `spot-training start` runs."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -212,6 +214,19 @@ class LocalS3:
     def path(self, uri: str) -> Path:
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         return self.root / bucket / key
+
+    def get_paginator(self, operation: str) -> LocalS3:
+        if operation != "list_objects_v2":
+            raise NotImplementedError(operation)
+        return self
+
+    def paginate(self, *, Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:  # noqa: N803 (boto3's names)
+        """One page of every object under the prefix; the ETag stands in as the content's MD5 (S3's ETag of
+        an object written by a single unencrypted or SSE-S3 PUT; here only its changing with the bytes counts)."""
+        base = self.root / Bucket
+        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+        yield {"Contents": [{"Key": key, "Size": f.stat().st_size, "ETag": f'"{hashlib.md5(f.read_bytes()).hexdigest()}"'}
+                            for f in files if (key := f.relative_to(base).as_posix()).startswith(Prefix)]}
 
 
 class CheckpointSync:
@@ -308,9 +323,11 @@ class Attempt:
 class LocalRun:
     def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int], *,
                  processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = (),
-                 preparation: ProcessingJob | None = None) -> None:
+                 preparation: ProcessingJob | None = None,
+                 preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None) -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
         self.preparation = preparation
+        self.preparation_with = preparation_with  # the step resolved with more parameter values
         self.preparation_report: dict[str, Any] | None = None
         self.interrupt_at = sorted(interrupt_at)
         self.processes_per_host = processes_per_host
@@ -403,6 +420,7 @@ class LocalRun:
         if not self.attempts:
             self.prepare_inputs()
             if self.preparation is not None:
+                self._fingerprint_data()
                 self.preparation_report = self.run_preparation()
         reached = max((a.last_step for a in self.attempts), default=0)
         pending = [step for step in self.interrupt_at if step > reached]
@@ -465,6 +483,18 @@ class LocalRun:
         return True
 
     # ---- the preparation step ---------------------------------------------------------------------------
+    def _fingerprint_data(self) -> None:
+        """What `spot-training start` does before StartPipelineExecution: list the data URIs and pass their
+        digest as DataFingerprint, so the step cache sees changed data under an unchanged prefix."""
+        from spot_training.operations import DATA_PARAMETERS, FINGERPRINT_PARAMETER, data_fingerprint
+
+        if self.preparation_with is None:
+            return
+        uris = dict(zip(DATA_PARAMETERS, (self.preparation.inputs[split][0] for split in ("train", "validation")
+                                          if split in self.preparation.inputs)))
+        fingerprint = data_fingerprint(self.s3, uris, warn=print)
+        self.preparation = self.preparation_with({FINGERPRINT_PARAMETER: fingerprint})
+
     def _cache_key(self) -> str:
         """Pipelines step caching keys on the step's arguments; the code archive's CDK asset key is its hash,
         so the archive's bytes stand in for that key here."""
@@ -527,7 +557,9 @@ class LocalRun:
             shutil.copytree(local(path), target)
         result_file = self.s3.path(job.outputs["prepared"][1]) / "result.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        cache[key] = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+        # Every local execution writes the same prefix (prepared/local-execution/), so only the newest entry
+        # still has its output; in SageMaker each execution's output stays under its own id.
+        cache = {key: {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}}
         _write_json(cache_path, cache)
         seconds = round(time.monotonic() - started, 2)
         print(f"{job.name}: prepared {result.get('tokens', {})} tokens in {seconds} s", flush=True)
@@ -734,7 +766,11 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     job, definition = build_job(config, steps, trainer_dir)
-    preparation = ProcessingJob.from_definition(with_overrides(definition, local_parameters(steps)))
+
+    def preparation_with(overrides: Mapping[str, Any]) -> ProcessingJob | None:
+        return ProcessingJob.from_definition(with_overrides(definition, {**local_parameters(steps), **overrides}))
+
+    preparation = preparation_with({})
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
         if not 0 < step < steps:
@@ -753,7 +789,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             _clear_s3_but_prepared(out / "s3")
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
-                       previous_attempts=previous, preparation=preparation)
+                       previous_attempts=previous, preparation=preparation, preparation_with=preparation_with)
         if previous:
             last = previous[-1]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
