@@ -284,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     aws.add_argument("--region", help="AWS region (default: AWS_REGION, else the region in ./cdk.json)")
 
     start = commands.add_parser("start", parents=[aws], help="start a training run (or resume a failed one)",
-                                description="Starts one pipeline execution and prints its ARN.")
+                                description="Starts one pipeline execution and prints its ARN. With a preparation "
+                                "step, it first lists the data URIs (s3:ListBucket) and passes their fingerprint as "
+                                "DataFingerprint, so the step's cache re-prepares rewritten data; a data URI without "
+                                "objects is refused.")
     where = start.add_mutually_exclusive_group()
     where.add_argument("--pipeline-name", help="the pipeline (default: PipelineName in --outputs)")
     where.add_argument("--outputs", default="outputs.json", help="a `cdk deploy --outputs-file` file")
