@@ -193,6 +193,26 @@ def test_the_unchanged_request_is_allowed_so_each_denial_is_the_guardrail(defaul
         "create {}": "Allowed", "prepare {}": "Allowed"}
 
 
+def test_a_teams_principals_may_list_the_data_prefix_for_the_fingerprint_and_nothing_more(tmp_path_factory):
+    """`spot-training start` lists TrainingDataUri before starting (operations.data_fingerprint): the team's
+    start policy allows exactly that listing, not the bucket's other prefixes, not its objects."""
+    auth = authorization(VARIANTS["two teams"](tmp_path_factory.mktemp("teams-start")))
+    nlp = next(p for p in pipelines(auth.deployment) if p["name"].endswith("-nlp"))
+    data = next(p["DefaultValue"] for p in nlp["definition"]["Parameters"] if p["Name"] == "TrainingDataUri")
+    bucket = data.removeprefix("s3://").split("/")[0]
+    scientist = f"arn:aws:iam::{ACCOUNT}:role/nlp-scientists"
+
+    requests = {f"list {prefix or '(whole bucket)'}": auth.s3_requests(
+        scientist, "start:", f"s3://{bucket}/{prefix}", ["s3:ListBucket"], "")[0]
+        for prefix in ("data/train/", "data/", "checkpoints/", "")}
+    requests["read an object"] = auth.s3_requests(scientist, "start:", data, ["s3:GetObject"], "part-000.jsonl")[0]
+    for name, request in requests.items():
+        request.id = name
+    assert verdicts(auth, list(requests.values())) == {
+        "list data/train/": "Allowed", "list data/": "Allowed", "list checkpoints/": "ImplicitlyDenied",
+        "list (whole bucket)": "ImplicitlyDenied", "read an object": "ImplicitlyDenied"}
+
+
 # ---- no dead keys ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_condition_key_is_defined_for_its_action_and_every_action_exists(variant, tmp_path_factory):

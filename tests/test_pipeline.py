@@ -149,10 +149,12 @@ def test_construct_creates_what_it_is_not_given(standalone):
 def test_grant_start_execution_allows_starting_and_following_this_pipeline_only(standalone):
     _, template = standalone
     (policy,) = [r for k, r in template["Resources"].items() if r["Type"] == "AWS::IAM::Policy" and "Starter" in k]
-    (statement,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    statement, listing = policy["Properties"]["PolicyDocument"]["Statement"]
     assert "sagemaker:StartPipelineExecution" in statement["Action"]
     resources = json.dumps(statement["Resource"])
     assert ":pipeline/distributed-training" in resources and ":pipeline/distributed-training/execution/*" in resources
+    # `spot-training start` lists the data prefix for the fingerprint: keys under data/ only, nothing read
+    assert listing["Action"] == "s3:ListBucket" and listing["Condition"] == {"StringLike": {"s3:prefix": ["data/*"]}}
 
 
 def test_a_bring_your_own_pipeline_role_alone_is_granted_and_an_execution_role_is_created():

@@ -87,10 +87,11 @@ def test_team_principals_may_start_their_own_pipeline_only(teams_app):
                 if "StartPolicy" in k]
     (policy,) = policies
     assert policy["Roles"] == ["nlp-scientists"]
-    (statement,) = policy["PolicyDocument"]["Statement"]
+    statement, listing = policy["PolicyDocument"]["Statement"]
     assert "sagemaker:StartPipelineExecution" in statement["Action"]
     resources = json.dumps(statement["Resource"])
     assert ":pipeline/distributed-training-nlp" in resources and "vision" not in resources
+    assert listing["Action"] == "s3:ListBucket"  # the data fingerprint of `spot-training start`; simulated in IAM
 
 
 def test_team_outputs_name_their_pipelines(teams_app):

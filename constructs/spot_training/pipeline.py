@@ -139,16 +139,27 @@ class TrainingPipeline(Construct):
             endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
 
+    def _start_grants(self) -> list[dict[str, Any]]:
+        """Start and follow runs of this pipeline; and list the data prefix of the artifact bucket, which
+        `spot-training start` does to fingerprint the data (operations.data_fingerprint): keys only, no
+        object reads. `s3:prefix` is ListBucket's condition key for the requested prefix (Service Authorization
+        Reference, Amazon S3: list_amazons3.html)."""
+        return [{"actions": START_ACTIONS, "resource_arns": [self.pipeline_arn, f"{self.pipeline_arn}/execution/*"]},
+                {"actions": ["s3:ListBucket"], "resource_arns": [self.bucket.bucket_arn],
+                 "conditions": {"StringLike": {"s3:prefix": [f"{PREFIXES['data']}*"]}}}]
+
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
-        """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop)."""
-        return iam.Grant.add_to_principal(grantee=grantee, actions=START_ACTIONS,
-                                          resource_arns=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])
+        """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop),
+        with `spot-training start`'s listing of the data prefix."""
+        grants = [iam.Grant.add_to_principal(grantee=grantee, **grant) for grant in self._start_grants()]
+        return grants[0].combine(grants[1])
 
     def start_execution_policy(self, id: str, roles: Sequence[iam.IRole]) -> iam.ManagedPolicy:
         """The same rights as `grant_start_execution`, as a managed policy attached to `roles` (for roles this
         app does not own: no inline policy is written onto them)."""
-        policy = iam.ManagedPolicy(self, id, roles=list(roles), statements=[iam.PolicyStatement(
-            actions=START_ACTIONS, resources=[self.pipeline_arn, f"{self.pipeline_arn}/execution/*"])])
+        policy = iam.ManagedPolicy(self, id, roles=list(roles), statements=[
+            iam.PolicyStatement(actions=g["actions"], resources=g["resource_arns"], conditions=g.get("conditions"))
+            for g in self._start_grants()])
         acknowledge(policy, {
             f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'pipeline/{self.pipeline_name.lower()}')}"
             "/execution/*]": "Execution ids are created at start; the wildcard covers executions of this one "
