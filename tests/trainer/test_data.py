@@ -70,7 +70,8 @@ def test_unchanged_sources_and_tokenizer_skip_the_work_and_a_changed_source_does
     out, first = prepared
     again = prepare.prepare(job["model_dir"], {"train": job["train_dir"], "validation": job["validation_dir"]},
                             tmp_path / "again", out / "manifests", tokens_per_shard=1024)
-    assert again == {"key": first["key"], "tokenizer": first["tokenizer"], "skipped": True}
+    assert again == {"key": first["key"], "tokenizer": first["tokenizer"], "data_fingerprint": "unlisted",
+                     "skipped": True}
     assert not (tmp_path / "again" / "train").exists()
     changed = tmp_path / "train"
     changed.mkdir()
