@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spot_training.cli import load_config
-from spot_training.local_run import CPU_PARAMETERS, build_job
+from spot_training.local_run import CPU_PARAMETERS, LocalRun, build_job, preparation_resolver
 from spot_training.local_run import local_run as run_in_process
 from spot_training.trainer_code import default_trainer_dir
 from tests.conftest import ROOT
@@ -263,23 +263,30 @@ def test_a_validation_channel_is_prepared_and_read_by_the_trainer(tmp_path):
     assert re.search(r"^\[data\] train=\d+ blocks of 33 tokens validation=\d+ blocks from the validation channel$",
                      log, re.M), log[-2000:]
     assert re.search(r"^\[validation\] step=4 loss=", log, re.M)
+    assert re.fullmatch(r"[0-9a-f]{32}", report["preparation"]["result"]["data_fingerprint"])
 
 
-def test_changed_data_under_the_same_prefix_is_prepared_again(tmp_path, monkeypatch):
-    """local-run fingerprints its data as `spot-training start` does (operations.data_fingerprint over the
-    local S3), and the fingerprint is a step argument: the same data is skipped, rewritten data prepared again."""
-    import spot_training.tiny
-
+def test_rewritten_data_under_the_same_prefix_gets_a_new_preparation_cache_key(tmp_path):
+    """local-run fingerprints its data as `spot-training start` does (operations.data_fingerprint over the local
+    S3) and the fingerprint is a step argument, so part of the emulated step cache's key: the same data keeps
+    the key (skipped, as test_the_preparation_step_ran_from_the_definition_and_a_second_run_skips_it shows),
+    one rewritten object under the same prefix changes it (prepared again)."""
     config = load_config(ROOT / "cdk.json")
+    job, definition = build_job(config, 4, default_trainer_dir())
+    preparation_with = preparation_resolver(definition, 4)
+    run = LocalRun(job, tmp_path, default_trainer_dir(), [], preparation=preparation_with({}),
+                   preparation_with=preparation_with)
+    run.prepare_inputs()
 
-    def run():
-        return run_in_process(config, steps=2, interrupt_at=[], out=tmp_path, trainer_dir=default_trainer_dir())
+    def key_and_fingerprint():
+        run.preparation = preparation_with({})
+        run._fingerprint_data()
+        command = run.preparation.command
+        return run._cache_key(), command[command.index("--data_fingerprint") + 1]
 
-    first, same = run()["preparation"], run()["preparation"]
-    assert first["skipped"] is False and same["skipped"] is True
-    assert re.fullmatch(r"[0-9a-f]{32}", first["result"]["data_fingerprint"])
-    original = spot_training.tiny.corpus
-    monkeypatch.setattr(spot_training.tiny, "corpus", lambda documents=400, seed=7: original(documents, seed + 1))
-    changed = run()["preparation"]
-    assert changed["skipped"] is False
-    assert changed["result"]["data_fingerprint"] != first["result"]["data_fingerprint"]
+    first, same = key_and_fingerprint(), key_and_fingerprint()
+    assert first == same and re.fullmatch(r"[0-9a-f]{32}", first[1])
+    (part,) = run.s3.path(run.preparation.inputs["train"][0]).glob("*.jsonl")
+    part.write_text(part.read_text() + '{"text": "one more document"}\n')
+    changed = key_and_fingerprint()
+    assert changed[0] != first[0] and changed[1] != first[1]

@@ -198,6 +198,16 @@ def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[Tr
     return TrainingJob.from_definition(with_overrides(definition, local_parameters(steps))), definition
 
 
+def preparation_resolver(definition: Mapping[str, Any], steps: int) -> Callable[[Mapping[str, Any]],
+                                                                                ProcessingJob | None]:
+    """The preparation step of one local execution, resolved with these parameter values on top of the
+    local ones (None when the pipeline has no preparation step)."""
+    def resolve(overrides: Mapping[str, Any]) -> ProcessingJob | None:
+        return ProcessingJob.from_definition(with_overrides(definition, {**local_parameters(steps), **overrides}))
+
+    return resolve
+
+
 def local_parameters(steps: int) -> dict[str, Any]:
     """The pipeline parameters of one local execution: CPU-sized, `steps` optimizer steps."""
     return {**CPU_PARAMETERS, "MaxSteps": steps}
@@ -766,10 +776,7 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     job, definition = build_job(config, steps, trainer_dir)
-
-    def preparation_with(overrides: Mapping[str, Any]) -> ProcessingJob | None:
-        return ProcessingJob.from_definition(with_overrides(definition, {**local_parameters(steps), **overrides}))
-
+    preparation_with = preparation_resolver(definition, steps)
     preparation = preparation_with({})
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
