@@ -496,12 +496,12 @@ class LocalRun:
     def _fingerprint_data(self) -> None:
         """What `spot-training start` does before StartPipelineExecution: list the data URIs and pass their
         digest as DataFingerprint, so the step cache sees changed data under an unchanged prefix."""
-        from spot_training.operations import DATA_PARAMETERS, FINGERPRINT_PARAMETER, data_fingerprint
+        from spot_training.operations import FINGERPRINT_PARAMETER, data_fingerprint
 
         if self.preparation_with is None:
             return
-        uris = dict(zip(DATA_PARAMETERS, (self.preparation.inputs[split][0] for split in ("train", "validation")
-                                          if split in self.preparation.inputs)))
+        parameters = {"train": "TrainingDataUri", "validation": "ValidationDataUri"}  # the step's input names
+        uris = {parameters[name]: uri for name, (uri, _) in self.preparation.inputs.items() if name in parameters}
         fingerprint = data_fingerprint(self.s3, uris, warn=print)
         self.preparation = self.preparation_with({FINGERPRINT_PARAMETER: fingerprint})
 
