@@ -257,6 +257,21 @@ def test_watch_exits_0_when_the_run_succeeds():
     assert "succeeded" in out.getvalue()
 
 
+def test_watch_says_when_the_preparation_step_reused_an_earlier_executions_shards():
+    sagemaker = stubbed_sagemaker()
+    out = io.StringIO()
+    cached = {"StepName": "PrepareData", "StepStatus": "Succeeded", "AttemptCount": 1,
+              "CacheHitResult": {"SourcePipelineExecutionArn": f"{PIPELINE_ARN}/execution/earlier42"}}
+    with Stubber(sagemaker) as stub:
+        run = steps("Succeeded")
+        queue_snapshot(stub, execution("Succeeded"), {"PipelineExecutionSteps": [cached, *run["PipelineExecutionSteps"]]},
+                       training_job("Completed", TRANSITIONS))
+        assert watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(7)) == 0
+    text = out.getvalue()
+    assert "step PrepareData: Succeeded (step cache: reuses the output of execution earlier42)" in text
+    assert "step Train: Succeeded\n" in text
+
+
 # ---- report -----------------------------------------------------------------------------------------
 @pytest.fixture
 def finished_run(aws):

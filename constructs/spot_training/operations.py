@@ -185,7 +185,11 @@ def watch(sagemaker, arn: str, *, out: TextIO = sys.stdout, interval: float = 30
             if seen_steps.get(step["StepName"]) != step["StepStatus"]:
                 seen_steps[step["StepName"]] = step["StepStatus"]
                 attempts = f" (attempt {step['AttemptCount']})" if step.get("AttemptCount", 1) > 1 else ""
-                _line(out, live, f"step {step['StepName']}: {step['StepStatus']}{attempts}")
+                # A step served by Pipelines step caching names the execution whose output it reuses
+                # (PipelineExecutionStep.CacheHitResult, SageMaker API reference).
+                source = step.get("CacheHitResult", {}).get("SourcePipelineExecutionArn")
+                cached = f" (step cache: reuses the output of execution {source.rsplit('/', 1)[-1]})" if source else ""
+                _line(out, live, f"step {step['StepName']}: {step['StepStatus']}{attempts}{cached}")
         if job:
             transitions = job.get("SecondaryStatusTransitions", [])
             for transition in transitions[seen_transitions:]:
