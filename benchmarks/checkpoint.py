@@ -26,12 +26,12 @@ os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WOR
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GPT2Config  # noqa: E402
 
 from checkpointing import Checkpointer, DefaultStager  # noqa: E402
 from environment import Topology, ensure_rendezvous_defaults  # noqa: E402
+import modeling  # noqa: E402
 from loop import Trainer  # noqa: E402
 from settings import TrainSettings  # noqa: E402
 
@@ -87,7 +87,7 @@ def bare_step_seconds(trainer: Trainer, steps: int) -> float:
         started = time.perf_counter()
         for _ in range(trainer.settings.gradient_accumulation_steps):
             logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            loss = modeling.next_token_loss(logits, batch)
             (loss / trainer.settings.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

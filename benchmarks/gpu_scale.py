@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
@@ -73,7 +72,7 @@ def run(name: str, shape: memory.ModelShape, args: argparse.Namespace, device: t
 
     def step() -> float:
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss = modeling.next_token_loss(logits, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

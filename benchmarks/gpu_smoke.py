@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+import modeling  # noqa: E402  (the trainer's loss)
 
 
 def main() -> None:
@@ -43,7 +47,7 @@ def main() -> None:
     def step() -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss = modeling.next_token_loss(logits, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

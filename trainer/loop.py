@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -241,7 +240,7 @@ class Trainer:
         """Next-token cross-entropy of a batch of `sequence_length + 1` token blocks."""
         with self.autocast:
             logits = self.model(input_ids=batch[:, :-1]).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        return modeling.next_token_loss(logits, batch)
 
     def _gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""

@@ -79,6 +79,11 @@ def empty_model(config) -> torch.nn.Module:
     return model
 
 
+def next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, in fp32, of a model's logits for `batch[:, :-1]` against `batch[:, 1:]`."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied ones once), from shapes: works on the meta device."""
     return sum(p.numel() for p in unique_parameters(model).values())
