@@ -27,7 +27,7 @@ from typing import Any
 
 from spot_training.config import CONTEXT_KEY, ConfigError, TrainingConfig
 from spot_training.definition_rules import all_steps
-from spot_training.layout import CHECKPOINT_LOCAL_PATH, PREFIXES
+from spot_training.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
 from spot_training.trainer_code import ENTRY_POINT
 
 _SDK_LOGGERS = ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry")
@@ -176,14 +176,14 @@ def check_default_image(config: TrainingConfig) -> None:
 
 def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[PipelineParameter]:
     """Per-run values a user can override at start-pipeline-execution; defaults come from config."""
-    validation = [PipelineParameter("ValidationDataUri", ParameterString,
+    validation = [PipelineParameter(DATA_PARAMETERS["validation"], ParameterString,
                                     f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
         if config.validation_data else []
     # An argument of the preparation step, so its cache key: `spot-training start` passes a digest of the data
     # objects (operations.data_fingerprint), and changed data under the same prefix is prepared again.
     fingerprint = [PipelineParameter("DataFingerprint", ParameterString, "unlisted")] if config.prepare_data else []
     return [
-        PipelineParameter("TrainingDataUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
+        PipelineParameter(DATA_PARAMETERS["train"], ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
         *validation,
         *fingerprint,
         PipelineParameter("BaseModelUri", ParameterString, f"s3://{bucket_name}/{PREFIXES['models']}base/"),
@@ -302,17 +302,17 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
     )
     prepare = _prepare_step(config, params, placeholders, image_uri or default_image_uri(config), session,
                             environment) if config.prepare_data else None
-    def data_uri(split: str, parameter: str) -> Any:
+    def data_uri(split: str) -> Any:
         """The channel a split's training reads: the preparation step's shards, else the raw prefix."""
         if prepare is None:
-            return params[parameter]
+            return params[DATA_PARAMETERS[split]]
         return Join(on="/", values=[prepare.properties.ProcessingOutputConfig.Outputs["prepared"].S3Output.S3Uri,
                                     split, ""])
 
-    inputs = {"train": TrainingInput(s3_data=data_uri("train", "TrainingDataUri"), input_mode="File"),
+    inputs = {"train": TrainingInput(s3_data=data_uri("train"), input_mode="File"),
               "model": TrainingInput(s3_data=params["BaseModelUri"], input_mode="File")}
     if config.validation_data:  # the toolkit sets SM_CHANNEL_VALIDATION, the trainer's validation_dir
-        inputs["validation"] = TrainingInput(s3_data=data_uri("validation", "ValidationDataUri"), input_mode="File")
+        inputs["validation"] = TrainingInput(s3_data=data_uri("validation"), input_mode="File")
     retry_policies = [
         SageMakerJobStepRetryPolicy(
             exception_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
@@ -366,10 +366,10 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
         sagemaker_session=session)
     prepared = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['prepared'].rstrip('/')}",
                                     ExecutionVariables.PIPELINE_EXECUTION_ID])
-    validation = [ProcessingInput(input_name="validation", source=params["ValidationDataUri"],
+    validation = [ProcessingInput(input_name="validation", source=params[DATA_PARAMETERS["validation"]],
                                   destination=f"{PROCESSING_ROOT}/input/validation")] if config.validation_data else []
     step_args = processor.run(
-        inputs=[ProcessingInput(input_name="train", source=params["TrainingDataUri"],
+        inputs=[ProcessingInput(input_name="train", source=params[DATA_PARAMETERS["train"]],
                                 destination=f"{PROCESSING_ROOT}/input/train"),
                 *validation,
                 ProcessingInput(input_name="model", source=params["BaseModelUri"],

@@ -10,5 +10,8 @@ PREFIXES = {
     "prepared": "prepared/",
     "mlflow": "mlflow/",
 }
+# Each data split: the pipeline parameter with its raw data, the name of its processing input, training
+# channel and prepared folder, and its default folder under data/ (validation only with validation_data).
+DATA_PARAMETERS = {"train": "TrainingDataUri", "validation": "ValidationDataUri"}
 # SageMaker syncs this folder with CheckpointConfig.S3Uri; the trainer saves and resumes here.
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from spot_training.config import TrainingConfig
-from spot_training.layout import CHECKPOINT_LOCAL_PATH
+from spot_training.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS
 from spot_training.processes import signal_tree
 
 LOCAL_BUCKET = "local-artifact-bucket"
@@ -500,8 +500,8 @@ class LocalRun:
 
         if self.preparation_with is None:
             return
-        parameters = {"train": "TrainingDataUri", "validation": "ValidationDataUri"}  # the step's input names
-        uris = {parameters[name]: uri for name, (uri, _) in self.preparation.inputs.items() if name in parameters}
+        uris = {DATA_PARAMETERS[name]: uri for name, (uri, _) in self.preparation.inputs.items()
+                if name in DATA_PARAMETERS}
         fingerprint = data_fingerprint(self.s3, uris, warn=print)
         self.preparation = self.preparation_with({FINGERPRINT_PARAMETER: fingerprint})
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from spot_training.layout import DATA_PARAMETERS
+
 TERMINAL = {"Succeeded", "Failed", "Stopped"}
 
 
@@ -59,7 +61,6 @@ def execution_arn(sagemaker, pipeline_name: str, execution: str) -> str:
 # objects under an input's S3 URI. DataFingerprint is one of the step's ContainerArguments (AppSpecification), so a
 # start that passes a digest of the data objects re-prepares changed data under an unchanged prefix.
 FINGERPRINT_PARAMETER = "DataFingerprint"
-DATA_PARAMETERS = ("TrainingDataUri", "ValidationDataUri")
 
 
 def data_fingerprint(s3, uris: Mapping[str, str], *, warn: Callable[[str], None]) -> str | None:
@@ -117,7 +118,7 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
             raise OperationError(f"--parameter {name}: not a parameter of {pipeline_name}; allowed: {', '.join(known)}")
     if s3 is not None and FINGERPRINT_PARAMETER in known and FINGERPRINT_PARAMETER not in parameters:
         defaults = {p["Name"]: p.get("DefaultValue") for p in definition["Parameters"]}
-        uris = {name: parameters.get(name, defaults[name]) for name in DATA_PARAMETERS if name in defaults}
+        uris = {name: parameters.get(name, defaults[name]) for name in DATA_PARAMETERS.values() if name in defaults}
         fingerprint = data_fingerprint(s3, uris, warn=warn)
         if fingerprint:
             parameters = {**parameters, FINGERPRINT_PARAMETER: fingerprint}
