@@ -21,7 +21,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from spot_training.nag import acknowledge, arn_finding
-from spot_training.network import https_between, keep_default_egress_closed
+from spot_training.network import https_between, keep_default_egress_closed, let_logs_use
 from spot_training.roles import network_interface_arns
 
 # EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
@@ -57,11 +57,11 @@ class PipelineAlarms(Construct):
             SageMaker and CloudWatch through it (@default - HTTPS to the VPC's CIDR block).
         """
         super().__init__(scope, id)
-        region = cdk.Stack.of(self).region
         if key is None:
             key = kms.Key(self, "Key", enable_key_rotation=True, description="Encrypts training alarm messages")
-            for service in ("events.amazonaws.com", "cloudwatch.amazonaws.com", f"logs.{region}.amazonaws.com"):
+            for service in ("events.amazonaws.com", "cloudwatch.amazonaws.com"):
                 key.grant_encrypt_decrypt(iam.ServicePrincipal(service))
+            let_logs_use(key)  # the monitor's log group
         self.key = key
         self.topic = topic or sns.Topic(self, "Topic", master_key=self.key, enforce_ssl=True,
                                         display_name=f"Training alarms: {pipeline_name}")
@@ -103,6 +103,27 @@ class PipelineAlarms(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD)
         self.monitor_errors_alarm.add_alarm_action(action)
+        self._let_alarms_publish([self.failed_alarm, self.age_alarm, self.monitor_errors_alarm])
+
+    def _let_alarms_publish(self, alarms: Sequence[cloudwatch.Alarm]) -> None:
+        """A topic policy replaces SNS's default one (`enforce_ssl` writes one), and then each service that
+        publishes needs its own Allow there: the EventBridge target adds events.amazonaws.com; CloudWatch alarm
+        actions need cloudwatch.amazonaws.com (aws-solutions/automated-security-response-on-aws#43), bound to
+        these alarms and this account against the confused deputy (CloudWatch user guide, "Confused deputy
+        prevention": aws:SourceArn and aws:SourceAccount). A topic passed in that is not part of this app keeps
+        its own policy: CDK cannot add to it, so synth warns and the README says what it needs."""
+        stack = cdk.Stack.of(self)
+        added = self.topic.add_to_resource_policy(iam.PolicyStatement(
+            sid="CloudWatchAlarmsPublish", principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=["sns:Publish"], resources=[self.topic.topic_arn],
+            conditions={"StringEquals": {"aws:SourceAccount": stack.account},
+                        "ArnEquals": {"aws:SourceArn": [alarm.alarm_arn for alarm in alarms]}}))
+        if not added.statement_added:
+            cdk.Annotations.of(self).add_warning_v2(
+                "spot-training:alarm-topic-policy",
+                "alarm_topic is imported: its topic policy must allow sns:Publish to cloudwatch.amazonaws.com "
+                "(alarm actions) and events.amazonaws.com (the Failed/Stopped rule), and its KMS key, if any, "
+                "kms:GenerateDataKey* and kms:Decrypt to both, or the alarms reach nobody (README, Alarms)")
 
     def _monitor_function(self, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
                           subnets: Sequence[ec2.ISubnet], endpoint_security_group: ec2.ISecurityGroup | None,

@@ -155,6 +155,12 @@ class TrainingConfig:
                                               "nodes (IPsec; slows NCCL traffic somewhat).")
     retry_attempts: int = _field(3, "Pipeline step retries on capacity, quota and internal errors.",
                                  min=1, max=20)
+    forward_stop_signal: bool = _field(True, "Start the training container with the platform's entry point, "
+                                       "which runs the image's command and passes SageMaker's stop signal "
+                                       "(StopTrainingJob, MaxRuntime) on to the trainer, so it stops after the "
+                                       "step in progress; needs an image built on the AWS PyTorch training image. "
+                                       "false: the image's own entry point, which forwards no signal (a stop is a "
+                                       "kill 120 s later).")
     prepare_data: bool = _field(True, "Run the preparation step before training: tokenize the train channel "
                                 "once into memory-mapped token shards (false: the trainer reads the channel as "
                                 "is: prepared shards, *.npy, or at most 64 MiB of *.jsonl).")

@@ -28,7 +28,7 @@ from typing import Any
 from spot_training.config import CONTEXT_KEY, ConfigError, TrainingConfig
 from spot_training.definition_rules import all_steps
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
-from spot_training.trainer_code import ENTRY_POINT
+from spot_training.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
 _SDK_LOGGERS = ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry")
 
@@ -100,6 +100,17 @@ PREPARE_STEP_NAME = "PrepareData"
 # "How Amazon SageMaker Processing Runs Your Processing Container Image").
 PROCESSING_ROOT = "/opt/ml/processing"
 PREPARE_CODE_DIR = "/tmp/prepare-code"
+# The training container's command. SageMaker runs the image's ENTRYPOINT with the argument `train`; in the
+# AWS PyTorch training images that is `bash -m start_with_right_hostname.sh train` (aws/deep-learning-containers
+# pytorch/training/docker/2.8/py3/cu129/Dockerfile.gpu). With forward_stop_signal the container starts with our
+# entry point instead (trainer_code.CONTAINER_ENTRY, from the code channel), which runs that same command as its
+# child and passes SageMaker's stop signal on to the trainer (container_entry.py says why). All of it is one
+# string after `bash -c`, so any argument SageMaker might append is ignored.
+IMAGE_COMMAND = "bash -m start_with_right_hostname.sh train"
+CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
+CONTAINER_ENTRY_DIR = "/tmp/spot-training-entry"
+TRAINING_ENTRYPOINT = ["/bin/bash", "-c", f"set -e; d={CONTAINER_ENTRY_DIR}; mkdir -p $d; tar -xzf {CODE_CHANNEL_DIR}/* "
+                       f"-C $d {CONTAINER_ENTRY}; exec python3 $d/{CONTAINER_ENTRY} {IMAGE_COMMAND}"]
 INSTANCE_COUNT_CHECK_STEP_NAME = "CheckInstanceCount"
 INSTANCE_COUNT_FAIL_STEP_NAME = "RefuseInstanceCountAboveCap"
 
@@ -296,6 +307,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         },
         metric_definitions=[dict(m) for m in metric_definitions],
         environment={**TRAINING_ENVIRONMENT, **(environment or {})},
+        container_entry_point=TRAINING_ENTRYPOINT if config.forward_stop_signal else None,
         disable_profiler=True,
         debugger_hook_config=False,
         sagemaker_session=session,
@@ -311,6 +323,11 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
 
     inputs = {"train": TrainingInput(s3_data=data_uri("train"), input_mode="File"),
               "model": TrainingInput(s3_data=params["BaseModelUri"], input_mode="File")}
+    if config.forward_stop_signal and not config.network_isolation:
+        # Under network isolation the SDK already sends the code through this channel; without it the toolkit
+        # downloads the code itself, after the container started: the entry point needs it before.
+        inputs["code"] = TrainingInput(s3_data=f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
+                                       input_mode="File")
     if config.validation_data:  # the toolkit sets SM_CHANNEL_VALIDATION, the trainer's validation_dir
         inputs["validation"] = TrainingInput(s3_data=data_uri("validation"), input_mode="File")
     retry_policies = [

@@ -40,6 +40,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ from typing import Any
 
 from spot_training.config import TrainingConfig
 from spot_training.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS
+from spot_training.container_entry import GRACE_VARIABLE as STOP_GRACE_VARIABLE
 from spot_training.processes import signal_tree
 
 LOCAL_BUCKET = "local-artifact-bucket"
@@ -99,6 +101,7 @@ class TrainingJob:
     checkpoint_s3_uri: str
     checkpoint_local_path: str
     metric_definitions: list[dict[str, str]]
+    container_command: tuple[str, ...] = ()  # ContainerEntrypoint + ContainerArguments; () runs the image's own
 
     @property
     def entry_point(self) -> str:
@@ -130,7 +133,9 @@ class TrainingJob:
             environment=dict(args.get("Environment", {})),
             checkpoint_s3_uri=args["CheckpointConfig"]["S3Uri"].replace(EXECUTION_ID_STAND_IN, EXECUTION_ID),
             checkpoint_local_path=args["CheckpointConfig"].get("LocalPath", CHECKPOINT_LOCAL_PATH),
-            metric_definitions=args["AlgorithmSpecification"]["MetricDefinitions"])
+            metric_definitions=args["AlgorithmSpecification"]["MetricDefinitions"],
+            container_command=(*args["AlgorithmSpecification"].get("ContainerEntrypoint", []),
+                               *args["AlgorithmSpecification"].get("ContainerArguments", [])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +355,7 @@ class LocalRun:
         # Progress comes from the same regex the pipeline's `train:step` metric definition uses.
         self.step_regex = next(m["Regex"] for m in job.metric_definitions if m["Name"] == "train:step")
         self.launcher = _launcher_command()
+        self.phase = "the start"  # what local-run is doing, for the message of a stop
 
     # ---- setup ------------------------------------------------------------------------------------
     def prepare_inputs(self) -> None:
@@ -421,15 +427,31 @@ class LocalRun:
     def _environment(self, base: Path) -> dict[str, str]:
         """The container's environment with the step's Environment, for this instance."""
         return {**container_environment(base), **self.job.environment,
-                "TRAINING_JOB_NAME": f"pipelines-{EXECUTION_ID}", "OMP_NUM_THREADS": "1"}
+                "TRAINING_JOB_NAME": f"pipelines-{EXECUTION_ID}", "OMP_NUM_THREADS": "1",
+                # The entry point's share of the stop grace (SageMaker: 120 s, of which it keeps 100 s).
+                STOP_GRACE_VARIABLE: str(GRACE_SECONDS * 0.75)}
+
+    def _container_command(self, base: Path) -> list[str]:
+        """The container's first process on this instance: the step's ContainerEntrypoint with its container
+        paths inside this instance and the image's command as this machine runs it (the toolkit's `train`),
+        or, without one, the image's command itself."""
+        from spot_training.definition import CONTAINER_ENTRY_DIR, IMAGE_COMMAND
+
+        if not self.job.container_command:
+            return list(self.launcher)
+        scratch = base.parent.parent / "tmp" / Path(CONTAINER_ENTRY_DIR).name
+        return [part.replace(IMAGE_COMMAND, shlex.join(self.launcher)).replace(CONTAINER_ENTRY_DIR, str(scratch))
+                .replace(OPT_ML, str(base)) for part in self.job.container_command]
 
     # ---- running ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.attempts:
+            self.phase = "the inputs' creation"
             self.prepare_inputs()
             if self.preparation is not None:
+                self.phase = f"the {self.preparation.name} step"
                 self._fingerprint_data()
                 self.preparation_report = self.run_preparation()
         reached = max((a.last_step for a in self.attempts), default=0)
@@ -447,6 +469,7 @@ class LocalRun:
         return self.report(time.monotonic() - started)
 
     def _run_attempt(self, attempt: Attempt, interrupt_at: int | None) -> bool:
+        self.phase = f"the set-up of attempt {attempt.number}'s instances"
         instances = [self._fresh_instance(i) for i in range(self.job.instance_count)]
         logs = [(self.logs / f"attempt-{attempt.number}-algo-{i + 1}.log").open("w") for i in range(len(instances))]
         sync = CheckpointSync([self._in_instance(b, self.job.checkpoint_local_path) for b in instances],
@@ -454,11 +477,10 @@ class LocalRun:
         self.processes = []
         try:
             for base, log in zip(instances, logs):
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "spot_training.supervisor", "--", *self.launcher],
-                    env=self._environment(base), cwd=base, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))
+                self.processes.append(start_container(self._container_command(base), env=self._environment(base),
+                                                      cwd=base, log=log))
             sync.start()
+            self.phase = f"training (attempt {attempt.number})"
             main_log = self.logs / f"attempt-{attempt.number}-algo-1.log"
             while any(p.poll() is None for p in self.processes):
                 self._read_progress(attempt, main_log)
@@ -489,6 +511,7 @@ class LocalRun:
         if silent:  # the toolkit writes output/success when the job succeeded (sagemaker-training files.py)
             raise LocalRunError(f"the launcher on {', '.join(silent)} exited 0 without reporting success "
                                 f"(no /opt/ml/output/success); logs: {self.logs}")
+        self.phase = "the model upload"
         self._upload_outputs(instances[0])
         return True
 
@@ -549,14 +572,16 @@ class LocalRun:
                        "PREPARE_EXIT_MESSAGE": str(root / "opt" / "ml" / "output" / "message")}
         log_path = self.logs / "prepare.log"
         with log_path.open("w") as log:
-            process = subprocess.Popen([local(part) for part in job.command], env=environment, cwd=container,
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # In a container of its own, as the instances: a SIGKILL of local-run still ends it.
+            process = start_container([local(part) for part in job.command], env=environment, cwd=container, log=log)
+            self.processes = [process]
             try:
                 code = process.wait()
             except BaseException:
-                signal_tree(process.pid, signal.SIGKILL)
-                process.wait()
+                self.stop()
                 raise
+            finally:
+                self.processes = []
         if code != 0:
             message = root / "opt" / "ml" / "output" / "message"
             reason = message.read_text().strip() if message.is_file() else f"exit code {code}"
@@ -586,10 +611,11 @@ class LocalRun:
         return f"the training job failed (exit codes {attempt.returncodes}); logs: {self.logs}"
 
     def stop(self, sync: CheckpointSync | None = None) -> None:
-        """End every process of every instance: SIGTERM, a grace period, then SIGKILL."""
+        """Stop every instance as SageMaker stops a training job: SIGTERM to each container's first process only
+        (the supervisor passes it on so), a grace period, then SIGKILL to everything."""
         for process in self.processes:
-            signal_tree(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS + 1.0  # the supervisors' own grace, then their SIGKILL
         while time.monotonic() < deadline and any(p.poll() is None for p in self.processes):
             time.sleep(0.02)
         if sync is not None:
@@ -682,6 +708,12 @@ def job_fingerprint(job: TrainingJob) -> dict[str, Any]:
             "instance_type": job.instance_type}
 
 
+def start_container(command: Sequence[str], *, env: Mapping[str, str], cwd: Path, log) -> subprocess.Popen:
+    """`command` as the first process of an emulated container (spot_training.supervisor)."""
+    return subprocess.Popen([sys.executable, "-m", "spot_training.supervisor", "--", *command], env=dict(env),
+                            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def container_environment(opt_ml: Path) -> dict[str, str]:
     """What the image's launcher sees in its container, with `/opt/ml` at `opt_ml`: the image's variables,
     this environment's Python first on PATH, and none of this machine's pip settings (the container has no
@@ -761,8 +793,26 @@ def summary_text(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _raise_stop(signum, frame) -> None:
-    raise KeyboardInterrupt
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM stop local-run in every phase: the first one raises KeyboardInterrupt wherever
+    local-run is, later ones are ignored while it ends what it started (a SIGKILL still ends it, and the
+    supervisors then stop their containers themselves). SIGINT is caught even when local-run was started with
+    it ignored, as a non-interactive shell starts its background jobs: a `kill -INT` must stop it there too."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {signum: signal.signal(signum, self._raise) for signum in self.SIGNALS}
+        return self
+
+    def _raise(self, signum, frame) -> None:
+        for other in self.SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int], out: Path,
@@ -775,13 +825,28 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     finished one is replaced."""
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
-    job, definition = build_job(config, steps, trainer_dir)
-    preparation_with = preparation_resolver(definition, steps)
-    preparation = preparation_with({})
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
     for step in interrupt_at:
         if not 0 < step < steps:
             raise LocalRunError(f"--interrupt-at-step {step}: must be between 1 and --steps - 1 ({steps - 1})")
+    with StopSignals():
+        try:
+            job, definition = build_job(config, steps, trainer_dir)
+        except KeyboardInterrupt:
+            raise LocalRunStopped("stopped while building the pipeline definition; nothing was started") from None
+        try:
+            return _run_locked(job, definition, steps=steps, interrupt_at=interrupt_at, out=out, given=given,
+                               trainer_dir=trainer_dir, processes_per_host=processes_per_host, restart=restart,
+                               on_resume=on_resume)
+        except KeyboardInterrupt:  # between phases: nothing of this run is running
+            raise LocalRunStopped(f"stopped; run again with --out {given} to go on") from None
+
+
+def _run_locked(job: TrainingJob, definition: Mapping[str, Any], *, steps: int, interrupt_at: Sequence[int],
+                out: Path, given: Path, trainer_dir: Path, processes_per_host: int, restart: bool,
+                on_resume) -> dict[str, Any]:
+    preparation_with = preparation_resolver(definition, steps)
+    preparation = preparation_with({})
     out.mkdir(parents=True, exist_ok=True)
     with (out / LOCK_FILE).open("a+") as lock:
         try:
@@ -802,16 +867,13 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
             on_resume(f"resuming the unfinished run in {given} (stopped after step {last.last_step}) from its "
                       "checkpoints; pass --restart to start over")
-        handler = signal.signal(signal.SIGTERM, _raise_stop)
         try:
             report = run.run()
         except KeyboardInterrupt:
             run._save_state(finished=False)
             raise LocalRunStopped(
-                f"stopped: ended {len(run.processes)} instance(s) and every process they started; run again "
-                f"with --out {given} to resume from the newest checkpoint") from None
-        finally:
-            signal.signal(signal.SIGTERM, handler)
+                f"stopped during {run.phase}: ended every process it started; run again with --out {given} to "
+                "resume from the newest checkpoint") from None
         _write_json(out / "report.json", report)
     return report
 

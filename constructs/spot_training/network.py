@@ -43,6 +43,14 @@ def https_between(scope: Construct, id: str, source: ec2.ISecurityGroup, target:
                                 description=description)
 
 
+def let_logs_use(key: kms.IKey) -> None:
+    """What CloudWatch Logs needs on the key of an encrypted log group (CloudWatch Logs user guide, "Encrypt log
+    data in CloudWatch Logs using AWS KMS": Encrypt*, Decrypt*, ReEncrypt*, GenerateDataKey* and Describe*)."""
+    logs_service = iam.ServicePrincipal(f"logs.{cdk.Stack.of(key).region}.amazonaws.com")
+    key.grant_encrypt_decrypt(logs_service)
+    key.grant(logs_service, "kms:DescribeKey")
+
+
 def retention(days: int) -> logs.RetentionDays:
     """CloudWatch retention in days -> the CDK enum (same order as the allowed values)."""
     return list(logs.RetentionDays)[LOG_RETENTION_DAYS.index(days)]
@@ -84,8 +92,7 @@ class TrainingNetwork(Construct):
             for name, (service, prefix, _reason) in interface_endpoints(mlflow_endpoint).items()}
         self.flow_log_key = kms.Key(self, "FlowLogKey", enable_key_rotation=True,
                                     description="Encrypts the training VPC's flow log group")
-        self.flow_log_key.grant_encrypt_decrypt(
-            iam.ServicePrincipal(f"logs.{cdk.Stack.of(self).region}.amazonaws.com"))
+        let_logs_use(self.flow_log_key)
         self.flow_log_group = logs.LogGroup(self, "FlowLogGroup", encryption_key=self.flow_log_key,
                                             retention=retention(flow_log_retention_days),
                                             removal_policy=cdk.RemovalPolicy.RETAIN)

@@ -5,24 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`, parents before children."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
+from spot_training.container_entry import descendants
 
 
 def signal_tree(pid: int, signum: int = signal.SIGKILL) -> None:

@@ -1,10 +1,14 @@
-"""One emulated instance of `local-run`: runs a command and takes every process it starts down with it.
+"""One emulated instance of `local-run`: a container runtime for one command, taking every process the
+command starts down with it.
 
 `python -m spot_training.supervisor -- COMMAND...` makes itself a child subreaper, so the processes the
 command starts (the toolkit, torchrun, its workers) stay its descendants even when their parents die, and
-asks the kernel for SIGTERM when local-run, its parent, dies (a SIGKILL of local-run included). On SIGTERM
-it passes SIGTERM to all of them, waits `GRACE_SECONDS`, SIGKILLs what is left and exits, like a container
-that is stopped. Linux only (prctl), like the SageMaker containers it stands in for.
+asks the kernel for SIGTERM when local-run, its parent, dies (a SIGKILL of local-run included). On SIGTERM it
+does what stopping a container does (`docker stop`, and SageMaker's StopTrainingJob): SIGTERM to the container's
+first process only (COMMAND), `GRACE_SECONDS` for everything to end, then SIGKILL to whatever is left. What
+reaches the trainer is what the first process passes on: the platform's entry point (container_entry.py)
+forwards it, the image's own command does not. Linux only (prctl), like the SageMaker containers it stands in
+for.
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
-def stop_descendants(grace_seconds: float) -> None:
-    """SIGTERM every descendant, wait up to `grace_seconds` for them to end, then SIGKILL the rest."""
+def stop_container(first: int, grace_seconds: float) -> None:
+    """SIGTERM the container's first process, wait up to `grace_seconds` for every descendant to end, then
+    SIGKILL the rest."""
     me = os.getpid()
-    for pid in descendants(me):
-        _signal(pid, signal.SIGTERM)
+    _signal(first, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while descendants(me) and time.monotonic() < deadline:
         _reap()
         time.sleep(0.05)
+    kill_descendants()
+
+
+def kill_descendants() -> None:
+    me = os.getpid()
     for pid in descendants(me):
         _signal(pid, signal.SIGKILL)
     while descendants(me):
@@ -83,10 +92,10 @@ def main(argv: list[str]) -> int:
     while child.poll() is None and not stopping:
         time.sleep(0.05)
     if stopping:
-        stop_descendants(GRACE_SECONDS)
+        stop_container(child.pid, GRACE_SECONDS)
         child.wait()
         return 143
-    stop_descendants(0.0)  # anything the command left behind
+    kill_descendants()  # anything the command left behind
     return child.returncode
 
 

@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 
 ENTRY_POINT = "train.py"
+# The training container's first process (container_entry.py), shipped in every code archive under this name:
+# the pipeline's ContainerEntrypoint unpacks the archive and runs it before the image's own command.
+CONTAINER_ENTRY = "spot_training_container_entry.py"
+CONTAINER_ENTRY_SOURCE = Path(__file__).resolve().parent / "container_entry.py"
 _EXCLUDED = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 # Files that make the image's launcher run pip when the job starts (sagemaker-training `entry_point.install`
 # and `modules.py`): requirements.txt -> `pip install -r requirements.txt`, setup.py -> `pip install .`. The
@@ -28,6 +32,9 @@ def check_trainer_dir(source_dir: Path) -> None:
         raise ValueError(f"trainer_source_dir={source_dir}: not a folder")
     if not (source_dir / ENTRY_POINT).is_file():
         raise ValueError(f"trainer_source_dir={source_dir}: has no {ENTRY_POINT} (the entry point the pipeline runs)")
+    if (source_dir / CONTAINER_ENTRY).exists():
+        raise ValueError(f"trainer_source_dir={source_dir}: holds {CONTAINER_ENTRY}, the name the pipeline gives its "
+                         "container entry point in the code archive; rename the file")
     for name in TOOLKIT_INSTALL_TRIGGERS:
         if (source_dir / name).exists():
             raise ValueError(f"trainer_source_dir={source_dir}: holds {name}, which the training image's launcher "
@@ -58,17 +65,19 @@ def load_metric_definitions(source_dir: Path) -> list[dict[str, str]]:
 
 
 def deterministic_tarball(source_dir: Path) -> Path:
-    """`source_dir` as a `.tar.gz` whose bytes depend only on file names and contents (sorted entries,
-    zero mtimes and owners), so the asset hash changes only when the code does."""
+    """`source_dir` and the container entry point as a `.tar.gz` whose bytes depend only on file names and
+    contents (sorted entries, zero mtimes and owners), so the asset hash changes only when the code does."""
     check_trainer_dir(source_dir)
     files = sorted(p for p in source_dir.rglob("*")
                    if p.is_file() and not _EXCLUDED.intersection(p.relative_to(source_dir).parts)
                    and p.suffix != ".pyc")
+    entries = sorted([(p.relative_to(source_dir).as_posix(), p) for p in files]
+                     + [(CONTAINER_ENTRY, CONTAINER_ENTRY_SOURCE)])
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
+        for name, path in entries:
             data = path.read_bytes()
-            info = tarfile.TarInfo(path.relative_to(source_dir).as_posix())
+            info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o755 if path.stat().st_mode & 0o111 else 0o644
             tar.addfile(info, io.BytesIO(data))
     packed = io.BytesIO()

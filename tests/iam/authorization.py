@@ -19,6 +19,15 @@ Sources for the requests (each is what the named AWS service does on the named p
 - KMS through S3 (kms:ViaService = s3.<region>.amazonaws.com): AWS KMS developer guide, "kms:ViaService".
 - A VPC Lambda's ENI calls: Lambda developer guide, "Giving Lambda functions access to resources in an Amazon
   VPC" (the rights of AWSLambdaVPCAccessExecutionRole).
+- AWS services calling our resources (service_requests), each authorized by the resource's own policy alone:
+  CloudWatch alarm actions publish to SNS as cloudwatch.amazonaws.com with aws:SourceArn = the alarm and
+  aws:SourceAccount (CloudWatch user guide, "Confused deputy prevention"); EventBridge delivers to SNS, SQS
+  (dead letters) and Lambda as events.amazonaws.com with aws:SourceArn = the rule (EventBridge user guide,
+  "Using resource-based policies for Amazon EventBridge"); on a KMS-encrypted topic or queue the publishing
+  service itself calls kms:GenerateDataKey and kms:Decrypt (SNS developer guide, "Enable compatibility between
+  event sources from AWS services and encrypted topics"); CloudWatch Logs encrypts a log group with its key as
+  logs.<region>.amazonaws.com with kms:EncryptionContext:aws:logs:arn = the log group (CloudWatch Logs user
+  guide, "Encrypt log data in CloudWatch Logs using AWS KMS").
 """
 
 from __future__ import annotations
@@ -335,6 +344,70 @@ def platform_requests(auth: Authorization) -> list[Request]:
     return out
 
 
+def service_requests(auth: Authorization) -> list[Request]:
+    """What AWS services do to our resources for the stacks to work: alarm actions, rule targets, log
+    encryption (see the module docstring). The principal is the service; only resource policies apply."""
+    d, region, out = auth.deployment, auth.region, []
+    topics = {d.ref(s, l): p for s, l, p in d.resources("AWS::SNS::Topic")}
+    topic_policies = {topic: p["PolicyDocument"] for _, _, p in d.resources("AWS::SNS::TopicPolicy")
+                      for topic in p["Topics"]}
+    queues = {d.get_att(s, l, "Arn"): (d.ref(s, l), p) for s, l, p in d.resources("AWS::SQS::Queue")}
+    queue_policies = {url: p["PolicyDocument"] for _, _, p in d.resources("AWS::SQS::QueuePolicy") for url in p["Queues"]}
+    functions = {d.get_att(s, l, "Arn") for s, l, _ in d.resources("AWS::Lambda::Function")}
+    permissions: dict[str, list[dict[str, Any]]] = {}
+    for _, logical, p in d.resources("AWS::Lambda::Permission"):
+        condition = {"ArnLike": {"AWS:SourceArn": p["SourceArn"]}} if "SourceArn" in p else {}
+        permissions.setdefault(p["FunctionName"], []).append({
+            "Sid": logical, "Effect": "Allow", "Principal": {"Service": p["Principal"]}, "Action": p["Action"],
+            "Resource": p["FunctionName"], **({"Condition": condition} if condition else {})})
+
+    def encrypted(prefix: str, service: str, key: str | None, context: dict[str, Any]) -> list[Request]:
+        if not key:
+            return []
+        key_arn = key if key.startswith("arn:") else f"arn:{PARTITION}:kms:{region}:{ACCOUNT}:key/{key}"
+        return [Request(f"{prefix} {a}", service, a, key_arn, context, auth.key_policies.get(key_arn))
+                for a in ("kms:GenerateDataKey", "kms:Decrypt")]
+
+    def deliver(prefix: str, service: str, target: str, source_arn: str) -> list[Request]:
+        context = {"aws:SourceArn": source_arn, "aws:SourceAccount": ACCOUNT}
+        if target in topics:
+            return [Request(f"{prefix} sns:Publish", service, "sns:Publish", target, context,
+                            topic_policies.get(target))] + encrypted(prefix, service, topics[target].get("KmsMasterKeyId"),
+                                                                     context)
+        if target in queues:
+            url, props = queues[target]
+            return [Request(f"{prefix} sqs:SendMessage", service, "sqs:SendMessage", target, context,
+                            queue_policies.get(url))] + encrypted(prefix, service, props.get("KmsMasterKeyId"), context)
+        if target in functions:
+            policy = {"Version": "2012-10-17", "Statement": permissions.get(target, [])}
+            return [Request(f"{prefix} lambda:InvokeFunction", service, "lambda:InvokeFunction", target, context,
+                            policy)]
+        raise AssertionError(f"{prefix}: a target of unknown type {target}")
+
+    for stack, logical, props in d.resources("AWS::CloudWatch::Alarm"):
+        alarm = d.get_att(stack, logical, "Arn")
+        for action in props.get("AlarmActions", []) + props.get("OKActions", []):
+            out += deliver(f"alarm {logical} -> {action.rsplit(':', 1)[-1]}:", "cloudwatch.amazonaws.com", action, alarm)
+    for stack, logical, props in d.resources("AWS::Events::Rule"):
+        rule = d.get_att(stack, logical, "Arn")
+        for target in props.get("Targets", []):
+            out += deliver(f"rule {logical} -> {target['Id']}:", "events.amazonaws.com", target["Arn"], rule)
+            if "DeadLetterConfig" in target:
+                out += deliver(f"rule {logical} -> {target['Id']} dead letters:", "events.amazonaws.com",
+                               target["DeadLetterConfig"]["Arn"], rule)
+    logs = f"logs.{region}.amazonaws.com"
+    for stack, logical, props in d.resources("AWS::Logs::LogGroup"):
+        if "KmsKeyId" not in props:
+            continue
+        group = d.get_att(stack, logical, "Arn").removesuffix(":*")
+        context = {"kms:EncryptionContext:aws:logs:arn": group, "aws:SourceAccount": ACCOUNT}
+        out += [Request(f"log group {logical}: {a}", logs, a, props["KmsKeyId"],
+                        context if a != "kms:DescribeKey" else {"aws:SourceAccount": ACCOUNT},
+                        auth.key_policies.get(props["KmsKeyId"]))
+                for a in ("kms:Encrypt", "kms:Decrypt", "kms:ReEncryptFrom", "kms:GenerateDataKey", "kms:DescribeKey")]
+    return out
+
+
 def processing_arguments(pipeline: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(s["Name"], s["Arguments"]) for s in _steps(pipeline["resolved"]["Steps"]) if s["Type"] == "Processing"]
 
@@ -391,7 +464,7 @@ def all_run_requests(auth: Authorization) -> list[Request]:
     for pipeline in pipelines(auth.deployment):
         out += pipeline_role_requests(auth, pipeline) + execution_role_requests(auth, pipeline)
         out += processing_requests(auth, pipeline)
-    return out + platform_requests(auth)
+    return out + platform_requests(auth) + service_requests(auth)
 
 
 def policy_key_checks(auth: Authorization) -> tuple[list[dict[str, str]], list[str]]:

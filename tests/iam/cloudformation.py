@@ -101,6 +101,8 @@ class Deployment:
                 "AWS::Logs::LogGroup": f"{arn}:logs:{self.region}:{ACCOUNT}:log-group:{ref}:*",
                 "AWS::Lambda::Function": f"{arn}:lambda:{self.region}:{ACCOUNT}:function:{ref}",
                 "AWS::SQS::Queue": f"{arn}:sqs:{self.region}:{ACCOUNT}:{ref.rsplit('/', 1)[-1]}",
+                "AWS::CloudWatch::Alarm": f"{arn}:cloudwatch:{self.region}:{ACCOUNT}:alarm:{ref}",
+                "AWS::Events::Rule": f"{arn}:events:{self.region}:{ACCOUNT}:rule/{ref}",
             }.get(resource_type, f"{arn}:unknown:{self.region}:{ACCOUNT}:{ref}")
         if resource_type == "AWS::EC2::SecurityGroup" and attribute == "GroupId":
             return ref

@@ -1,0 +1,133 @@
+"""The training container's first process: runs the image's own command and hands SageMaker's stop to the trainer.
+
+StopTrainingJob and the end of MaxRuntimeInSeconds send SIGTERM to the container's first process and SIGKILL
+120 s later (SageMaker API reference, StopTrainingJob). In the default image that process is
+`bash -m start_with_right_hostname.sh train` (aws/deep-learning-containers, pytorch/training Dockerfile
+ENTRYPOINT, and SageMaker's `train` argument); the sagemaker-training toolkit under it starts torchrun through
+`asyncio.create_subprocess_shell` (process.py) and forwards no signal (sagemaker-training-toolkit issues 125 and
+173), so without this process the trainer only ever sees the SIGKILL.
+
+Every code archive carries this file (trainer_code.py) and the pipeline makes it the container's entry point
+(ContainerEntrypoint, definition.py); it needs only Python's standard library, as the image has it. It runs the
+image's command as its child and, on SIGTERM, sends SIGTERM to the trainer processes (torchrun's workers) only:
+they finish the step in progress and stop together (loop.py), torchrun sees its workers end and exits, and the
+toolkit after it. torchrun itself is not signalled: a signalled torchrun kills its workers 30 s later
+(torch/distributed/elastic). A SIGTERM before any worker runs (set-up, data download) stops the whole tree at
+once; whatever is still alive `STOP_GRACE_SECONDS` after the signal gets SIGTERM, then SIGKILL, before
+SageMaker's own kill. Linux only (/proc, prctl), like the containers it runs in.
+
+    python3 spot_training_container_entry.py COMMAND [ARG...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRACE_VARIABLE = "STOP_GRACE_SECONDS"
+DEFAULT_GRACE_SECONDS = 100.0  # of SageMaker's 120 s: room for the last SIGTERM/SIGKILL round and the uploads
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, parents before children."""
+    children, found, queue = _children(), [], [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def is_launcher(pid: int) -> bool:
+    """torchrun, as the console script or as `python -m torch.distributed.run`."""
+    return any(part.endswith("torchrun") or part == "torch.distributed.run" for part in _command_line(pid)[:3])
+
+
+def trainer_processes(root: int) -> list[int]:
+    """The workers: children of every torchrun under `root`."""
+    children = _children()
+    return [worker for pid in descendants(root) if is_launcher(pid) for worker in children.get(pid, [])]
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _reap_orphans(me: int, child: int) -> None:
+    """Collect the exited orphans this subreaper adopted (never `child`: Popen waits for that one)."""
+    for pid in _children().get(me, []):
+        if pid != child:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python3 spot_training_container_entry.py COMMAND [ARG...]", file=sys.stderr)
+        return 2
+    grace = float(os.environ.get(GRACE_VARIABLE, DEFAULT_GRACE_SECONDS))
+    # Orphans (a shell's children whose shell ended) stay ours, so the stop reaches them.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    stop_at: list[float] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_at.append(time.monotonic()))
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_at.append(time.monotonic()))
+    child = subprocess.Popen(argv)
+    me = os.getpid()
+    forwarded = False
+    while child.poll() is None:
+        if stop_at and not forwarded:
+            forwarded = True
+            workers = trainer_processes(me)
+            print(f"[container] SIGTERM: {'passed to the trainer processes ' + str(workers) if workers else 'no trainer running yet; stopping every process'}",
+                  file=sys.stderr, flush=True)
+            if workers:
+                _signal(workers, signal.SIGTERM)
+            else:
+                _signal(descendants(me), signal.SIGTERM)
+                grace = min(grace, 5.0)
+        if stop_at and time.monotonic() - stop_at[0] > grace:
+            _signal(descendants(me), signal.SIGTERM)
+            time.sleep(2.0)
+            _signal(descendants(me), signal.SIGKILL)
+            child.wait()
+            break
+        _reap_orphans(me, child.pid)
+        time.sleep(0.05)
+    # Nothing the command started outlives the container's first process.
+    _signal(descendants(me), signal.SIGKILL)
+    _reap_orphans(me, child.pid)
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
