@@ -114,6 +114,11 @@ def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_end
     assert report["final_loss"] == reference["final_loss"]
     assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
     assert "resumed from steps" in stdout
+    # The interruption signalled each container's first process only, as SageMaker does: the platform's entry
+    # point passed it to the trainer, which stopped after its step (no SIGTERM reached it any other way).
+    interrupted = (tmp_path / "run" / "logs" / "attempt-2-algo-1.log").read_text()
+    assert re.search(r"^\[container\] SIGTERM: passed to the trainer processes \[\d+\]$", interrupted, re.M)
+    assert re.search(r"^\[stop\] SIGTERM: stopped after step \d+", interrupted, re.M)
 
 
 def test_every_metric_definition_matches_the_trainers_log_lines(uninterrupted):
@@ -153,21 +158,32 @@ def processes_working_in(folder: Path) -> list[str]:
     return found
 
 
-def start_local_run(out: Path, steps: int) -> subprocess.Popen:
-    # Ctrl-C reaches a foreground program as SIGINT with the default handler; a test's child may inherit
-    # SIGINT ignored, so it is restored first.
-    return subprocess.Popen([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", str(steps),
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def start_local_run(out: Path, steps: int, *, pause_in: str | None = None, sigint: object = signal.SIG_DFL
+                    ) -> subprocess.Popen:
+    """local-run in a process of its own; `pause_in` holds it inside that phase (tests/local_run_paused.py) until
+    it is signalled. Ctrl-C reaches a foreground program as SIGINT with the default handler (`sigint`); a
+    non-interactive shell starts background jobs with it ignored (signal.SIG_IGN)."""
+    command = [sys.executable, "-m", "spot_training.cli", "local-run"]
+    env = dict(os.environ)
+    if pause_in:
+        command = [sys.executable, str(ROOT / "tests" / "local_run_paused.py")]
+        env.update(PAUSE_IN=pause_in, PAUSE_FLAG=str(out.parent / f"{out.name}-{pause_in}"), PYTHONPATH=str(ROOT))
+    return subprocess.Popen([*command, "--steps", str(steps), "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def wait_for_step(out: Path, attempt: int, step: int, process: subprocess.Popen) -> None:
     log = out / "logs" / f"attempt-{attempt}-algo-1.log"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and f"step={step} " in log.read_text(errors="replace")):
+    wait_for(lambda: log.exists() and f"step={step} " in log.read_text(errors="replace"), process)
+
+
+def wait_for(ready, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not ready():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the step was never reached"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, "the point to stop at was never reached"
+        time.sleep(0.02)
 
 
 def wait_until_no_process_works_in(out: Path, seconds: float) -> float:
@@ -178,26 +194,49 @@ def wait_until_no_process_works_in(out: Path, seconds: float) -> float:
     return time.monotonic() - started
 
 
-def test_ctrl_c_and_sigkill_end_every_process_and_the_next_run_resumes_bit_identically(uninterrupted, tmp_path):
+def next_attempt(out: Path) -> int:
+    state = out / "run.json"
+    return len(json.loads(state.read_text())["attempts"]) + 1 if state.is_file() else 1
+
+
+def stop_in(out: Path, phase: str, signum: int = signal.SIGINT, **kwargs) -> str:
+    """Start local-run, stop it with `signum` inside `phase`; returns its last line. It must end at once with
+    130, leaving no process behind."""
+    process = start_local_run(out, 8, pause_in=None if phase == "training" else phase, **kwargs)
+    if phase == "training":
+        wait_for_step(out, next_attempt(out), 2, process)
+    else:
+        wait_for((out.parent / f"{out.name}-{phase}").exists, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr[-3000:]
+    assert processes_working_in(out) == []
+    return stderr.strip().splitlines()[-1]
+
+
+def test_a_stop_in_every_phase_ends_every_process_and_the_next_run_resumes_bit_identically(uninterrupted, tmp_path):
+    """Ctrl-C or SIGTERM while the definition is built, while the preparation step's container runs (SIGINT
+    inherited ignored, as a background job gets it), while the instances are set up, while they train, and while
+    the model is uploaded; a SIGKILL of local-run too. Each run in the same --out goes on from the last."""
     reference, _ = uninterrupted
     out = tmp_path / "stopped"
-    first = start_local_run(out, 8)
-    wait_for_step(out, 1, 2, first)
-    first.send_signal(signal.SIGINT)
-    _, stderr = first.communicate(timeout=30)
-    assert first.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("stopped: ended 2 instance(s) and every process they started")
-    assert processes_working_in(out) == []
+    assert stop_in(out, "definition") == "stopped while building the pipeline definition; nothing was started"
+    assert stop_in(out, "preparation", sigint=signal.SIG_IGN) == (
+        f"stopped during the PrepareData step: ended every process it started; run again with --out {out} to "
+        "resume from the newest checkpoint")
+    assert stop_in(out, "set-up", signal.SIGTERM).startswith("stopped during the set-up of attempt 1's instances: ")
+    assert stop_in(out, "training").startswith("stopped during training (attempt 2): ")
 
-    killed = start_local_run(out, 8)
-    wait_for_step(out, 2, 5, killed)
+    killed, attempt = start_local_run(out, 8), next_attempt(out)
+    wait_for_step(out, attempt, 5, killed)
     killed.kill()  # SIGKILL: local-run cannot clean up; its instances must still go
     killed.communicate()
     assert wait_until_no_process_works_in(out, 10) < 10
 
+    assert stop_in(out, "upload").startswith("stopped during the model upload: ")
     report, stdout = local_run(out, "--steps", "8")
     assert "resuming the unfinished run" in stdout
-    assert report["stops"] == 2 and report["interruptions"] == 0
+    assert report["stops"] == 4 and report["interruptions"] == 0
     assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
     assert report["final_loss"] == reference["final_loss"]
 

@@ -115,6 +115,7 @@ class _PendingSave:
     started: float = 0.0
     blocked_seconds: float = 0.0
     error: BaseException | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Checkpointer:
@@ -144,7 +145,8 @@ class Checkpointer:
         self.on_complete = on_complete
 
     # ---- saving -----------------------------------------------------------------------------------
-    def poll(self, step: int, state: Callable[[], dict[str, Any]], *, stop_requested: bool) -> bool:
+    def poll(self, step: int, state: Callable[[], dict[str, Any]], *, stop_requested: bool,
+             metadata: dict[str, Any] | None = None) -> bool:
         """Once per finished step. Returns True when any rank asked to stop (SIGTERM). Saves when due."""
         due_by_time = self.interval_s > 0 and time.monotonic() - self.last_save_time >= self.interval_s
         busy = self.pending is not None and self.pending.local_files is None and self.pending.error is None
@@ -157,10 +159,11 @@ class Checkpointer:
             self._complete(self.pending)
         due = due_by_time or (self.every_steps > 0 and step % self.every_steps == 0)
         if due and not stop:
-            self.save(step, state)
+            self.save(step, state, metadata=metadata)
         return stop
 
-    def save(self, step: int, state: Callable[[], dict[str, Any]]) -> None:
+    def save(self, step: int, state: Callable[[], dict[str, Any]], *, metadata: dict[str, Any] | None = None) -> None:
+        """Save `state()` as step-<step>; `metadata` (small, JSON) goes into the completion marker."""
         if step in self.completed or (self.pending is not None and self.pending.step == step):
             return
         if self.pending is not None:  # one save in flight at a time
@@ -172,7 +175,7 @@ class Checkpointer:
             path.mkdir(parents=True)
         dist.barrier(group=self.group)
         started = time.perf_counter()
-        pending = _PendingSave(step=step, path=path, started=started)
+        pending = _PendingSave(step=step, path=path, started=started, metadata=dict(metadata or {}))
         writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
         if self.async_save:
             if self.stager is None:
@@ -241,8 +244,8 @@ class Checkpointer:
             return
         if self.topology.is_main:
             files = {name: meta for r in reports for name, meta in r["files"].items()}
-            manifest = {"step": pending.step, "layout": LAYOUT, "world_size": self.topology.world_size,
-                        "files": files, "saved_unix_time": time.time()}
+            manifest = {**pending.metadata, "step": pending.step, "layout": LAYOUT,
+                        "world_size": self.topology.world_size, "files": files, "saved_unix_time": time.time()}
             tmp = pending.path / f".{MARKER}.tmp"
             with tmp.open("w") as handle:
                 json.dump(manifest, handle)

@@ -177,6 +177,7 @@ class Trainer:
         else:
             self._seed_dropout()
         self.resumed_from = self.step
+        self.last_loss = float(manifest.get("last_loss", self.last_loss))  # a run resumed at its end reports it
 
     def _seed_dropout(self) -> None:
         torch.manual_seed(self.settings.seed + 7919 * (self.topology.rank + 1) + self.step)
@@ -197,7 +198,8 @@ class Trainer:
                 self._log_step(loss, time.perf_counter() - started)
             if self.settings.eval_every_steps and self.validation and self.step % self.settings.eval_every_steps == 0:
                 self._evaluate()
-            if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested):
+            if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested,
+                                      metadata={"last_loss": self.last_loss}):
                 self.checkpointer.wait()
                 if self.topology.is_main:
                     print(f"[stop] SIGTERM: stopped after step {self.step}; the next start resumes from the newest "
@@ -206,7 +208,8 @@ class Trainer:
                 return 0
         if self.validation:
             self._evaluate()
-        self.checkpointer.save(self.step, self._state)  # a restart after this point only rewrites the model
+        # A restart after this point only rewrites the model.
+        self.checkpointer.save(self.step, self._state, metadata={"last_loss": self.last_loss})
         self.checkpointer.wait()
         self._save_model()
         self.tracker.finish("FINISHED")

@@ -1,0 +1,36 @@
+"""`spot-training local-run` held inside one phase, so that a test can stop it there for certain: PAUSE_IN names
+the phase (definition, preparation, set-up, upload), PAUSE_FLAG the file touched once local-run is inside it.
+Training needs no hold: a test waits for a step in the trainer's log."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from spot_training import cli, definition, local_run
+
+
+def _inside(original, *, hold: bool = True):
+    def held(*args, **kwargs):
+        result = original(*args, **kwargs)
+        Path(os.environ["PAUSE_FLAG"]).touch()
+        if hold:
+            time.sleep(120)
+        return result
+    return held
+
+
+phase = os.environ["PAUSE_IN"]
+if phase == "definition":
+    definition.generate = _inside(lambda *args, **kwargs: None)
+elif phase == "preparation":  # the step's container runs (a few seconds of tokenizer start-up and tokenizing)
+    local_run.start_container = _inside(local_run.start_container, hold=False)
+elif phase == "set-up":
+    local_run.LocalRun._fresh_instance = _inside(local_run.LocalRun._fresh_instance)
+elif phase == "upload":
+    local_run.LocalRun._upload_outputs = _inside(local_run.LocalRun._upload_outputs)
+else:
+    raise SystemExit(f"PAUSE_IN={phase}: not a phase this wrapper holds")
+sys.exit(cli.main(["local-run", *sys.argv[1:]]))
