@@ -36,7 +36,8 @@ class PipelineStack(cdk.Stack):
                       description="SageMaker pipeline that runs one training per execution")
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.training.alarm_topic.topic_arn,
                       description="SNS topic of failed, stopped and overlong executions")
-        cdk.CfnOutput(self, "StartExecutionCommand", description="Starts one training run",
-                      value=f"aws sagemaker start-pipeline-execution --region {self.region} "
-                            f"--pipeline-name {self.training.pipeline_name} "
-                            f"--pipeline-execution-display-name run-$(date +%Y%m%d-%H%M%S)")
+        # `spot-training start`, not `aws sagemaker start-pipeline-execution`: it lists the data and passes its
+        # DataFingerprint, without which the preparation step's cache serves old shards of rewritten data.
+        cdk.CfnOutput(self, "StartExecutionCommand", description="Starts one training run (pip install ./constructs "
+                      "for the command; it fingerprints the data so that rewritten data is prepared again)",
+                      value=f"spot-training start --region {self.region} --pipeline-name {self.training.pipeline_name}")

@@ -107,3 +107,24 @@ def test_monitor_publishes_the_oldest_running_execution_age(monitor):
             "Value": pytest.approx(13 * 3600, abs=5), "Unit": "Seconds"}]})
         result = monitor.handler({}, None, sagemaker=sagemaker, cloudwatch=cloudwatch)
     assert result["oldest_running_age_seconds"] == pytest.approx(13 * 3600, abs=5)
+
+
+def test_an_imported_alarm_topic_gets_a_warning_naming_what_its_policy_needs():
+    """CDK cannot add to the policy of a topic outside the app, so synth says what the alarms need from it."""
+    import aws_cdk as cdk
+    from aws_cdk import aws_ec2 as ec2
+    from aws_cdk import aws_sns as sns
+    from aws_cdk.assertions import Annotations, Match
+
+    from spot_training.config import TrainingConfig
+    from spot_training.pipeline import TrainingPipeline
+
+    app = cdk.App()
+    stack = cdk.Stack(app, "Imported", env=cdk.Environment(region="us-east-1", account="111122223333"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    topic = sns.Topic.from_topic_arn(stack, "Theirs", "arn:aws:sns:us-east-1:111122223333:oncall")
+    TrainingPipeline(stack, "Training", config=TrainingConfig(), vpc=vpc, alarm_topic=topic)
+    warnings = Annotations.from_stack(stack).find_warning("*", Match.string_like_regexp(
+        "alarm_topic is imported: its topic policy must allow sns:Publish to cloudwatch.amazonaws.com"))
+    assert len(warnings) == 1

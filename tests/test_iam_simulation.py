@@ -22,7 +22,8 @@ from spot_training.pipeline import TrainingPipeline
 from tests.conftest import synth
 from tests.iam.authorization import (Authorization, Request, all_run_requests, create_processing_job_context,
                                      create_training_job_context, job_arn, pipelines, policy_key_checks,
-                                     processing_arguments, processing_job_arn, run_simulator, training_arguments)
+                                     processing_arguments, processing_job_arn, run_simulator, service_requests,
+                                     training_arguments)
 from tests.iam.cloudformation import ACCOUNT, Deployment
 from tests.test_teams import TEAMS
 
@@ -211,6 +212,30 @@ def test_a_teams_principals_may_list_the_data_prefix_for_the_fingerprint_and_not
     assert verdicts(auth, list(requests.values())) == {
         "list data/train/": "Allowed", "list data/": "Allowed", "list checkpoints/": "ImplicitlyDenied",
         "list (whole bucket)": "ImplicitlyDenied", "read an object": "ImplicitlyDenied"}
+
+
+# ---- AWS services calling our resources ---------------------------------------------------------------
+def test_every_alarm_and_rule_delivers_as_its_service_and_only_for_this_account(default_auth):
+    """CloudWatch publishes each alarm's action and EventBridge each rule's target as the service principal,
+    authorized by the topic (and its key) alone. The same publish from another account's alarm is denied, and
+    so is ours without the topic policy's CloudWatch statement (the defect this test guards against)."""
+    requests = service_requests(default_auth)
+    alarms = {logical for _, logical, _ in default_auth.deployment.resources("AWS::CloudWatch::Alarm")}
+    publishing = {r.id.split(" ")[1] for r in requests if r.principal == "cloudwatch.amazonaws.com"
+                  and r.action == "sns:Publish"}
+    assert publishing == alarms and len(alarms) == 3
+    assert any(r.principal == "events.amazonaws.com" and r.action == "sns:Publish" for r in requests)
+    assert any(r.principal.startswith("logs.") and r.action == "kms:DescribeKey" for r in requests)
+    publish = next(r for r in requests if r.principal == "cloudwatch.amazonaws.com" and r.action == "sns:Publish")
+    foreign = "444455556666"
+    other_account = dataclasses.replace(publish, id="another account's alarm", context={
+        "aws:SourceAccount": foreign, "aws:SourceArn": publish.context["aws:SourceArn"].replace(ACCOUNT, foreign)})
+    without = dataclasses.replace(publish, id="without the CloudWatch statement", resource_policy={
+        **publish.resource_policy, "Statement": [s for s in publish.resource_policy["Statement"]
+                                                 if s.get("Sid") != "CloudWatchAlarmsPublish"]})
+    results = verdicts(default_auth, [*requests, other_account, without])
+    assert {i: v for i, v in results.items() if v != "Allowed"} == {
+        "another account's alarm": "ImplicitlyDenied", "without the CloudWatch statement": "ImplicitlyDenied"}
 
 
 # ---- no dead keys ------------------------------------------------------------------------------------

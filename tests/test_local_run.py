@@ -70,10 +70,13 @@ def test_each_instance_gets_the_opt_ml_tree_sagemaker_writes_and_the_toolkit_rea
         resources = json.loads((config / "resourceconfig.json").read_text())
         assert resources["current_host"] == host and resources["hosts"] == ["127.0.0.1", "127.0.0.2"]
         assert resources["current_instance_type"] == CPU_PARAMETERS["InstanceType"]
+        assert resources["network_interface_name"] == "lo"  # what the emulated instances share
         channels = json.loads((config / "inputdataconfig.json").read_text())
         assert set(channels) == {"train", "model", "code"}
         assert (opt_ml / "code" / "train.py").is_file(), "the toolkit extracted sagemaker_submit_directory"
         assert (opt_ml / "output" / "success").is_file(), "the toolkit reported success"
+    log = (out / "logs" / "attempt-1-algo-1.log").read_text()
+    assert "[network] gloo on interface lo" in log  # the toolkit's NCCL_SOCKET_IFNAME, followed by gloo
 
 
 def test_the_toolkit_built_the_torchrun_command_and_the_report_names_its_versions(uninterrupted):

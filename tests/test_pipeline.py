@@ -112,8 +112,9 @@ def test_nothing_starts_a_run_on_deploy(default_app):
 def test_outputs_give_the_pipeline_name_and_a_ready_start_command(default_app):
     outputs = default_app.templates["pipeline"]["Outputs"]
     assert outputs["PipelineName"]["Value"] == "distributed-training"
-    assert outputs["StartExecutionCommand"]["Value"].startswith(
-        "aws sagemaker start-pipeline-execution --region us-east-1 --pipeline-name distributed-training")
+    # spot-training start passes the data fingerprint; a bare start-pipeline-execution would not.
+    assert outputs["StartExecutionCommand"]["Value"] == (
+        "spot-training start --region us-east-1 --pipeline-name distributed-training")
 
 
 def test_trainer_archive_is_byte_identical_across_builds():

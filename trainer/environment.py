@@ -70,3 +70,17 @@ def ensure_rendezvous_defaults() -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+
+
+def bind_gloo_to_the_instance_network() -> str | None:
+    """The gloo groups (checkpoint I/O and weight loading; all of training on CPU) cross instances too. Gloo binds
+    the address the host name resolves to unless GLOO_SOCKET_IFNAME names an interface, and the toolkit sets the
+    interface only for NCCL (NCCL_SOCKET_IFNAME, from resourceconfig.json's network_interface_name; sagemaker-training
+    torch_distributed.py). Bind gloo to that same interface, the one SageMaker names for the instances' traffic.
+    Returns the interface gloo uses, or None when gloo chooses."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        name = os.environ.get("NCCL_SOCKET_IFNAME", "")
+        # NCCL also accepts ^exclusions and =exact prefixes; gloo takes plain interface names only.
+        if name and not name.startswith(("^", "=")):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+    return os.environ.get("GLOO_SOCKET_IFNAME")

@@ -39,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: mlflow_tracking_uri is set but the training image lacks mlflow (and, for a SageMaker "
               "tracking server, sagemaker-mlflow)", file=sys.stderr)
         return 2
-    from environment import Topology, ensure_rendezvous_defaults
+    from environment import Topology, bind_gloo_to_the_instance_network, ensure_rendezvous_defaults
     from loop import Trainer
 
     topology = Topology.from_environment()
     logging.basicConfig(level=logging.INFO if topology.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ensure_rendezvous_defaults()
+    interface = bind_gloo_to_the_instance_network()
+    if topology.is_main:
+        print(f"[network] gloo on {'interface ' + interface if interface else 'the host name address'}", flush=True)
     from checkpointing import CheckpointLayoutError
     from modeling import ModelError
     from tokens import DataError

@@ -417,7 +417,9 @@ class LocalRun:
         _write_json(config / "resourceconfig.json", {
             "current_host": self.hosts[index], "current_instance_type": self.job.instance_type,
             "current_group_name": "homogeneousCluster", "hosts": self.hosts, "instance_groups": [group],
-            "network_interface_name": "eth0"})
+            # The interface the emulated instances share (SageMaker names eth0); the toolkit passes it to NCCL
+            # and the trainer binds gloo to it.
+            "network_interface_name": "lo"})
         checkpoints = self._in_instance(base, self.job.checkpoint_local_path)
         checkpoints.mkdir(parents=True, exist_ok=True)
         if self.checkpoint_prefix.exists():

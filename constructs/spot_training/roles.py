@@ -213,16 +213,29 @@ class TrainingRoles(Construct):
             iam.PolicyStatement(sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"]),
             iam.PolicyStatement(sid="PublishTrainingMetrics", actions=["cloudwatch:PutMetricData"], resources=["*"],
                                 conditions={"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}),
-            iam.PolicyStatement(sid="VpcModeNetworkInterfaces",
-                                actions=["ec2:CreateNetworkInterface"], resources=create_eni_resources),
-            iam.PolicyStatement(sid="VpcModeNetworkInterfacePermissions",
-                                actions=["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
-                                         "ec2:DeleteNetworkInterfacePermission"], resources=[eni]),
+            *self._network_interface_statements(eni, create_eni_resources, preparation),
             iam.PolicyStatement(sid="VpcModeDescribe",
                                 actions=["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
                                          "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], resources=["*"]),
         ]
         return statements
+
+    @staticmethod
+    def _network_interface_statements(eni: str, create_eni_resources: list[str],
+                                      preparation: bool) -> list[iam.PolicyStatement]:
+        """The ENI rights of VPC mode. A training job's may be scoped to our subnets, security groups and
+        network interfaces. A processing job's may not: "Do not scope these permissions with conditions or resource
+        filters; otherwise the validation checks that occur when creating the job fail" (SageMaker developer
+        guide, "How to use SageMaker AI execution roles", CreateProcessingJob section). One role runs both, so
+        with a preparation step the documented unscoped shape applies; subnets and security groups stay bound by
+        the pipeline role's sagemaker:VpcSubnets/VpcSecurityGroupIds conditions on every job it creates."""
+        actions = ["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                   "ec2:DeleteNetworkInterfacePermission"]
+        if preparation:
+            return [iam.PolicyStatement(sid="VpcModeNetworkInterfacesUnscopedForProcessing", actions=actions,
+                                        resources=["*"])]
+        return [iam.PolicyStatement(sid="VpcModeNetworkInterfaces", actions=actions[:1], resources=create_eni_resources),
+                iam.PolicyStatement(sid="VpcModeNetworkInterfacePermissions", actions=actions[1:], resources=[eni])]
 
     def _acknowledge_training_policy(self, bucket_ref: str, preparation: bool) -> None:
         """Acknowledge the execution role's scoped wildcards, each by its exact finding id."""
@@ -235,7 +248,13 @@ class TrainingRoles(Construct):
                "SageMaker creates one log stream per job instance at run time, inside its fixed log group."
                for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))},
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (bound by a "
-            "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions.",
-            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates the training ENIs at run time in VPC mode; their ids are "
-            "not known in advance. Creation is tied to our subnets and security groups.",
+            "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions."
+            + (" The ENI rights of VPC mode are unscoped because the role also runs the preparation (processing) "
+               "job, whose creation-time validation fails on scoped ENI permissions (SageMaker developer guide, "
+               "'How to use SageMaker AI execution roles'); the pipeline role still binds every job to our subnets "
+               "and security groups." if preparation else ""),
+            **({} if preparation else {
+                f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates "
+                "the training ENIs at run time in VPC mode; their ids are not known in advance. Creation is tied to "
+                "our subnets and security groups."}),
         })

@@ -72,3 +72,19 @@ def test_missing_image_dependency_fails_with_one_clear_line(capsys, monkeypatch)
 ])
 def test_pruning_keeps_the_newest_complete_and_anything_newer(complete, present, keep, kept):
     assert keep_after_pruning(complete, present, keep) == kept
+
+
+@pytest.mark.parametrize(("nccl", "gloo", "bound"), [
+    ("eth0", None, "eth0"),  # the toolkit's NCCL_SOCKET_IFNAME: gloo follows it
+    ("^docker,lo", None, None),  # an NCCL exclusion list is no interface name: gloo keeps its own choice
+    ("eth0", "ens5", "ens5"),  # set by the user: kept
+    (None, None, None)])
+def test_gloo_binds_the_interface_the_toolkit_names_for_nccl(monkeypatch, nccl, gloo, bound):
+    from environment import bind_gloo_to_the_instance_network
+
+    for name, value in (("NCCL_SOCKET_IFNAME", nccl), ("GLOO_SOCKET_IFNAME", gloo)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert bind_gloo_to_the_instance_network() == bound
