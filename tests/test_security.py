@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -104,7 +106,24 @@ def test_training_role_reaches_only_its_prefixes_and_the_key_through_s3(default_
     assert statements["UseKeyThroughS3Only"]["Condition"] == {
         "StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}
     wildcard = {sid for sid, s in statements.items() if s["Resource"] == "*"}
-    assert wildcard == {"EcrLogin", "PublishTrainingMetrics", "VpcModeDescribe"}
+    assert wildcard == {"EcrLogin", "PublishTrainingMetrics", "VpcModeDescribe",
+                        "VpcModeNetworkInterfacesUnscopedForProcessing"}
+
+
+def test_processing_jobs_get_the_documented_unscoped_eni_rights_and_training_alone_keeps_them_scoped(
+        default_app, tmp_path_factory):
+    """The developer guide's processing section of "How to use SageMaker AI execution roles": no conditions or
+    resource filters on the ENI permissions of a processing job in a VPC, or its creation-time validation fails."""
+    from tests.conftest import synth
+
+    eni = _policy(default_app, "TrainingPolicy")["VpcModeNetworkInterfacesUnscopedForProcessing"]
+    assert sorted(eni["Action"]) == ["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
+                                     "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission"]
+    assert eni["Resource"] == "*" and "Condition" not in eni
+    training_only = _policy(synth(tmp_path_factory.getbasetemp(), prepare_data="false"), "TrainingPolicy")
+    assert "VpcModeNetworkInterfacesUnscopedForProcessing" not in training_only
+    assert "network-interface/*" in json.dumps(training_only["VpcModeNetworkInterfacePermissions"]["Resource"])
+    assert len(training_only["VpcModeNetworkInterfaces"]["Resource"]) > 1  # the ENI pattern, subnets, groups
 
 
 def test_training_role_pulls_only_the_training_image_repository(default_app):

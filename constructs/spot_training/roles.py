@@ -41,6 +41,12 @@ def network_interface_arns(stack: cdk.Stack, subnets: Sequence[ec2.ISubnet],
                    for g in security_groups]]
 
 
+UNSCOPED_ENI_REASON = ("The ENI rights of VPC mode are unscoped because the role also runs the preparation "
+                       "(processing) job, whose creation-time validation fails on scoped ENI permissions (SageMaker "
+                       "developer guide, 'How to use SageMaker AI execution roles'); the pipeline role still binds "
+                       "every job to our subnets and security groups.")
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparationLimits:
     """What the pipeline's preparation step (a processing job) may request."""
@@ -100,6 +106,9 @@ class TrainingRoles(Construct):
                 statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups,
                                                      preparation is not None))
             self._acknowledge_training_policy(bucket_ref, preparation is not None)
+            if preparation is not None:  # the same finding for checkov, on the policy itself
+                self.training_policy.node.default_child.add_metadata("checkov", {"skip": [
+                    {"id": check, "comment": UNSCOPED_ENI_REASON} for check in ("CKV_AWS_109", "CKV_AWS_111", "CKV_AWS_356")]})
         self.training_role = training_role
         if pipeline_role is None:
             pipeline_role, grant_pipeline_role = iam.Role(
@@ -249,10 +258,7 @@ class TrainingRoles(Construct):
                for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))},
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (bound by a "
             "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions."
-            + (" The ENI rights of VPC mode are unscoped because the role also runs the preparation (processing) "
-               "job, whose creation-time validation fails on scoped ENI permissions (SageMaker developer guide, "
-               "'How to use SageMaker AI execution roles'); the pipeline role still binds every job to our subnets "
-               "and security groups." if preparation else ""),
+            + (" " + UNSCOPED_ENI_REASON if preparation else ""),
             **({} if preparation else {
                 f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates "
                 "the training ENIs at run time in VPC mode; their ids are not known in advance. Creation is tied to "

@@ -83,8 +83,7 @@ def test_gloo_binds_the_interface_the_toolkit_names_for_nccl(monkeypatch, nccl, 
     from environment import bind_gloo_to_the_instance_network
 
     for name, value in (("NCCL_SOCKET_IFNAME", nccl), ("GLOO_SOCKET_IFNAME", gloo)):
+        monkeypatch.setenv(name, value or "")  # recorded, so what the function sets is undone afterwards
         if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+            monkeypatch.delenv(name)
     assert bind_gloo_to_the_instance_network() == bound
