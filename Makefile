@@ -8,25 +8,30 @@ IMAGE_PYTHON := $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/
 PYTHON ?= $(or $(IMAGE_PYTHON),python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+# Packages go into .venv through uv (from PyPI, like pip): it resolves what pip resolves (the same versions,
+# checked) and installs the ~4 GB of the training image's wheels in about 30 s instead of minutes.
+UV := $(VENV)/bin/uv
+UV_PIP := $(UV) pip install -q --python $(PY)
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
-# No pip cache: the training image's packages are ~4 GB of wheels that a cache would keep a second copy of
+# No pip or uv cache: the training image's packages are ~4 GB of wheels that a cache would keep a second copy of
 # (CI installs from nothing every time, so a cache only costs disk there).
 export PIP_NO_CACHE_DIR := 1
+export UV_NO_CACHE := 1
 
 .PHONY: setup test-setup synth test local bootstrap deploy destroy clean
 
 $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --upgrade pip uv==0.13.9
+	$(UV_PIP) -r requirements.txt
 	touch $@
 
 # The construct package is installed as other teams install it (a wheel, not an editable link), so synth and
 # the tests run what ships; any change to its sources or the trainer reinstalls it.
 PACKAGE_SOURCES := $(shell find constructs/spot_training/ trainer/ -type f -not -path '*/__pycache__/*' 2>/dev/null)
 $(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
-	$(PY) -m pip install -q --no-deps --force-reinstall ./constructs
+	$(UV_PIP) --no-deps --reinstall ./constructs
 	touch $@
 
 # The training image's packages at its versions (torch 2.8.0 is a ~3 GB CUDA build from PyPI; it runs on CPU).
@@ -39,16 +44,16 @@ $(VENV)/.trainer: $(VENV)/.package requirements-image.txt
 	  free=$$(df -P -BG "$$d" | awk 'NR==2 {print $$4+0}'); \
 	  [ "$$free" -ge $(TRAINER_DISK_GB) ] || { echo "error: $$d: $${free} GB free; installing the training image's packages (requirements-image.txt) needs $(TRAINER_DISK_GB) GB (set TRAINER_DISK_GB to override)" >&2; exit 1; }; \
 	done
-	$(PY) -m pip install -q -r requirements.txt -r requirements-image.txt
+	$(UV_PIP) -r requirements.txt -r requirements-image.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(UV_PIP) -r requirements-dev.txt
 	touch $@
 
-.venv-checkov/.installed: requirements-checkov.txt
+.venv-checkov/.installed: requirements-checkov.txt $(VENV)/.app
 	$(PYTHON) -m venv .venv-checkov
-	.venv-checkov/bin/python -m pip install -q -r requirements-checkov.txt
+	$(UV) pip install -q --python .venv-checkov/bin/python -r requirements-checkov.txt
 	touch $@
 
 # Another team's environment: a fresh virtualenv holding the built wheel and only what its declared ranges
