@@ -18,6 +18,9 @@ export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 # (CI installs from nothing every time, so a cache only costs disk there).
 export PIP_NO_CACHE_DIR := 1
 export UV_NO_CACHE := 1
+# Byte-compile at install as pip does: uv does not by default, and the image's environment for the emulated
+# containers (PYTHONDONTWRITEBYTECODE=1) would then compile torch and transformers again in every process.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: setup test-setup synth test local bootstrap deploy destroy clean
 
@@ -60,11 +63,11 @@ $(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
 # resolve to (no pins, no torch); the suite synthesizes examples/team_app in it. Rebuilt from nothing when
 # the package changes.
 WHEEL_VENV := .venv-wheel
-$(WHEEL_VENV)/.installed: constructs/pyproject.toml $(PACKAGE_SOURCES)
+$(WHEEL_VENV)/.installed: constructs/pyproject.toml $(PACKAGE_SOURCES) $(VENV)/.app
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip wheel -q --no-deps -w $(WHEEL_VENV)/dist ./constructs
-	$(WHEEL_VENV)/bin/python -m pip install -q $(WHEEL_VENV)/dist/spot_training-*.whl
+	$(UV) pip install -q --python $(WHEEL_VENV)/bin/python $(WHEEL_VENV)/dist/spot_training-*.whl
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

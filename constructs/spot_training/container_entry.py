@@ -81,14 +81,19 @@ def _signal(pids: list[int], signum: int) -> None:
             pass
 
 
-def _reap_orphans(me: int, child: int) -> None:
-    """Collect the exited orphans this subreaper adopted (never `child`: Popen waits for that one)."""
-    for pid in _children().get(me, []):
-        if pid != child:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+def _collect(child: int) -> int | None:
+    """Reap every exited child, the orphans this subreaper adopted included, without reading /proc; returns
+    `child`'s exit code once it has ended."""
+    code = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return code
+        if pid == 0:
+            return code
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
 
 
 def main(argv: list[str]) -> int:
@@ -101,14 +106,15 @@ def main(argv: list[str]) -> int:
     stop_at: list[float] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_at.append(time.monotonic()))
     signal.signal(signal.SIGINT, lambda signum, frame: stop_at.append(time.monotonic()))
-    child = subprocess.Popen(argv)
-    me = os.getpid()
-    forwarded = False
-    while child.poll() is None:
+    process = subprocess.Popen(argv)
+    child, me = process.pid, os.getpid()
+    forwarded, code = False, None
+    while code is None:
         if stop_at and not forwarded:
             forwarded = True
             workers = trainer_processes(me)
-            print(f"[container] SIGTERM: {'passed to the trainer processes ' + str(workers) if workers else 'no trainer running yet; stopping every process'}",
+            print("[container] SIGTERM: " + (f"passed to the trainer processes {workers}" if workers else
+                                             "no trainer running yet; stopping every process"),
                   file=sys.stderr, flush=True)
             if workers:
                 _signal(workers, signal.SIGTERM)
@@ -119,14 +125,14 @@ def main(argv: list[str]) -> int:
             _signal(descendants(me), signal.SIGTERM)
             time.sleep(2.0)
             _signal(descendants(me), signal.SIGKILL)
-            child.wait()
-            break
-        _reap_orphans(me, child.pid)
-        time.sleep(0.05)
+        code = _collect(child)
+        if code is None:
+            time.sleep(0.1)
     # Nothing the command started outlives the container's first process.
     _signal(descendants(me), signal.SIGKILL)
-    _reap_orphans(me, child.pid)
-    return child.returncode if child.returncode >= 0 else 128 - child.returncode
+    _collect(child)
+    process.returncode = code  # reaped here, not by Popen
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

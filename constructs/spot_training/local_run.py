@@ -491,7 +491,7 @@ class LocalRun:
                     return False
                 if any(p.poll() not in (None, 0) for p in self.processes):
                     break
-                time.sleep(0.01)
+                time.sleep(0.05)  # each look reads the trainer's log: often enough for a step of ~0.1 s
         except BaseException:
             attempt.stopped = True
             self.stop(sync)
