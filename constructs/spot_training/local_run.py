@@ -19,8 +19,11 @@ What SageMaker does, and what stands in for it here:
 - "S3" is the folder `DIR/s3/<bucket>/`. Each instance's checkpoint folder is synced to the checkpoint
   prefix continuously, as SageMaker does: new and changed files are copied (partial files included, as an
   upload in progress would be) and files deleted in the container are deleted from the prefix;
-- an interruption sends SIGTERM to every process of every instance, waits a grace period, syncs once more,
-  then SIGKILLs everything; fresh instances get the checkpoint prefix restored and the job starts again.
+- each instance's first process is the step's ContainerEntrypoint (the platform's entry point, which runs the
+  image's command) or, without one, the image's command, inside a supervisor that stands in for the container
+  runtime; an interruption or a stop signals each container's first process only, as StopTrainingJob does,
+  waits a grace period, syncs once more, then SIGKILLs everything; fresh instances get the checkpoint prefix
+  restored and the job starts again.
 - the preparation step (when the pipeline has one) runs first, from the same definition, the way SageMaker
   Processing runs a container: each ProcessingInput copied from "S3" to its LocalPath, the step's entrypoint
   and arguments run with the container's /opt/ml/processing (and /tmp) at folders of this run, each
