@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -296,9 +297,15 @@ class Trainer:
         out = Path(self.settings.output_model_dir)
         files = modeling.export(self.raw_model, self.model_config, str(out), rank=t.rank, writers=t.local_world_size)
         if t.is_main:
-            config = self.model_config
+            # The base model's config, not the live one: activation checkpointing set use_cache=False on that
+            # (transformers 4.56 keeps the object given to from_config), and generate() would then run without
+            # a KV cache. The base's generation_config.json (end-of-turn ids, sampling defaults) comes along.
+            config = modeling.read_config(self.settings.model_dir)
             config.architectures = [modeling.class_name(self.raw_model)]
             config.save_pretrained(out)
+            generation = Path(self.settings.model_dir) / "generation_config.json"
+            if generation.is_file():
+                shutil.copyfile(generation, out / "generation_config.json")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(out)
             summary = {"final_step": self.step, "final_loss": self.last_loss, "resumed_from": self.resumed_from,

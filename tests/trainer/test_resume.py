@@ -108,6 +108,22 @@ def test_fsdp_resumes_bit_exactly_too(job, tmp_path_factory):
     run.run()
     assert run.losses() == reference.losses()
     assert same_parameters(run.parameters(), reference.parameters())
+    _served_as_the_base_is(run.outputs["output_model_dir"], llama["model_dir"])
+
+
+def _served_as_the_base_is(exported: Path, base: Path) -> None:
+    """The exported folder loads with from_pretrained and generates as the base model does: with its KV cache
+    (activation checkpointing turned use_cache off on the live config only) and its generation config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    assert json.loads((exported / "config.json").read_text())["use_cache"] is True
+    assert GenerationConfig.from_pretrained(exported).to_dict() == GenerationConfig.from_pretrained(base).to_dict()
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    prompt = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert model.generation_config.use_cache is not False and torch.equal(cached, uncached)
 
 
 def _previous_losses(fixture: Path) -> dict[int, float]:
