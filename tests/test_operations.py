@@ -78,7 +78,7 @@ def training_job(status: str, transitions: list, failure: str | None = None) -> 
            "SecondaryStatusTransitions": transitions, "AlgorithmSpecification": {"TrainingInputMode": "File"},
            "ResourceConfig": {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 2, "VolumeSizeInGB": 500},
            "StoppingCondition": {"MaxRuntimeInSeconds": 43200, "MaxWaitTimeInSeconds": 86400},
-           "CreationTime": T0, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/outputs/model.tar.gz"},
+           "CreationTime": T0, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/outputs/job/output/model/"},
            "EnableManagedSpotTraining": True, "TrainingTimeInSeconds": 6 * 3600, "BillableTimeInSeconds": 2 * 3600,
            "CheckpointConfig": {"S3Uri": "s3://artifacts/checkpoints/abc123/", "LocalPath": "/opt/ml/checkpoints"}}
     if failure:

@@ -55,6 +55,7 @@ def test_network_isolation_and_inter_container_encryption_are_on(arguments):
 def test_outputs_are_kms_encrypted_and_p4d_volumes_use_the_instance_hardware_key(arguments):
     assert "StoreKey" in arguments["OutputDataConfig"]["KmsKeyId"]
     assert arguments["OutputDataConfig"]["S3OutputPath"].endswith("/outputs/")
+    assert arguments["OutputDataConfig"]["CompressionType"] == "NONE"  # no gzip of the weights on the GPU bill
     assert "VolumeKmsKeyId" not in arguments["ResourceConfig"], "p4d has local NVMe: SageMaker refuses a volume key"
 
 

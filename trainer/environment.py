@@ -1,8 +1,8 @@
 """The one place that knows the SageMaker training contract and torchrun's environment.
 
 SageMaker (sagemaker-training-toolkit) passes hyperparameters as `--name value` arguments, mounts each
-input channel at `SM_CHANNEL_<NAME>`, uploads `SM_MODEL_DIR` as model.tar.gz and `SM_OUTPUT_DATA_DIR` as
-output.tar.gz, and syncs `/opt/ml/checkpoints` with CheckpointConfig.S3Uri. torchrun sets RANK,
+input channel at `SM_CHANNEL_<NAME>`, uploads `SM_MODEL_DIR` (uncompressed: the pipeline sets
+CompressionType NONE) and `SM_OUTPUT_DATA_DIR` as output.tar.gz, and syncs `/opt/ml/checkpoints` with CheckpointConfig.S3Uri. torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every worker.
 """
 

@@ -33,7 +33,7 @@ class TrainSettings:
         "Base model: a Hugging Face folder (config.json, safetensors weights, tokenizer). Without weights "
         "the model is initialised randomly from config.json (seeded)."))
     output_model_dir: str = dataclasses.field(default="", metadata=_doc(
-        "Where rank 0 writes the fine-tuned model (safetensors); SageMaker uploads it as model.tar.gz."))
+        "Where rank 0 writes the fine-tuned model (safetensors); SageMaker uploads it, uncompressed, to <output path>/<job>/output/model/."))
     output_data_dir: str = dataclasses.field(default="", metadata=_doc(
         "Where rank 0 writes metrics.jsonl (one line per step)."))
     checkpoint_dir: str = dataclasses.field(default="/opt/ml/checkpoints", metadata=_doc(

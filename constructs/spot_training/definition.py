@@ -308,6 +308,9 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         metric_definitions=[dict(m) for m in metric_definitions],
         environment={**TRAINING_ENVIRONMENT, **(environment or {})},
         container_entry_point=TRAINING_ENTRYPOINT if config.forward_stop_signal else None,
+        # The model as the trainer wrote it (Hugging Face safetensors under output/model/): SageMaker would
+        # otherwise gzip it into model.tar.gz on the training instances' clock (141 GB for 70B).
+        disable_output_compression=True,
         disable_profiler=True,
         debugger_hook_config=False,
         sagemaker_session=session,

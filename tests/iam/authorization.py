@@ -240,7 +240,8 @@ def execution_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> li
     out += auth.s3_requests(role, f"{name}: execution role checkpoints", checkpoints,
                             ["s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "step-4/__0_0.distcp")
     output = args["OutputDataConfig"]["S3OutputPath"].rstrip("/") + f"/{job_name}/output/"
-    out += auth.s3_requests(role, f"{name}: execution role model upload", output, ["s3:PutObject"], "model.tar.gz")
+    out += auth.s3_requests(role, f"{name}: execution role model upload", output, ["s3:PutObject"],
+                            "model/model-00001-of-00002.safetensors")
     image = args["AlgorithmSpecification"]["TrainingImage"]
     registry, repository = image.split("/", 1)
     image_account, image_region = registry.split(".")[0], registry.split(".")[3]
