@@ -196,7 +196,7 @@ class Trainer:
             started = time.perf_counter()
             loss = self._run_step()
             if self.step % self.settings.log_every_steps == 0 or self.step == self.settings.max_steps:
-                self._log_step(loss, time.perf_counter() - started)
+                self._log_step(loss, started)
             if self.settings.eval_every_steps and self.validation and self.step % self.settings.eval_every_steps == 0:
                 self._evaluate()
             if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested,
@@ -253,9 +253,11 @@ class Trainer:
         self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    def _log_step(self, loss: torch.Tensor, seconds: float) -> None:
+    def _log_step(self, loss: torch.Tensor, started: float) -> None:
         dist.all_reduce(loss, op=dist.ReduceOp.SUM)
         value = loss.item() / self.topology.world_size
+        # Timed after .item(): on GPU the step's kernels run asynchronously, and only this sync says they ended.
+        seconds = time.perf_counter() - started
         self.last_loss = value
         s = self.settings
         tokens = self.topology.world_size * s.per_device_batch_size * s.gradient_accumulation_steps * s.sequence_length
