@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,9 +85,18 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=17, help="decoder layers (17: 0.53 B parameters)")
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps (micro-steps)")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scale-"))
+    try:
+        return run(args, work)
+    finally:
+        if not args.keep:  # the disk is shared: a benchmark leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
     model_dir = work / "model"
     parameters, file_bytes = write_model(model_dir, args.layers)
     from spot_training.tiny import make_text_channel
@@ -101,7 +111,7 @@ def main() -> int:
                "--train_dir", str(work / "train"), "--output_model_dir", str(work / "out" / "model"),
                "--output_data_dir", str(work / "out" / "data"), "--checkpoint_dir", str(work / "out" / "ckpt"),
                "--strategy", "fsdp", "--max_steps", str(args.steps), "--per_device_batch_size", "1",
-               "--gradient_accumulation_steps", "1", "--sequence_length", "128", "--warmup_ratio", "0",
+               "--gradient_accumulation_steps", str(args.accumulation), "--sequence_length", "128", "--warmup_ratio", "0",
                "--checkpoint_interval_minutes", "0", "--validation_holdout_fraction", "0", "--async_checkpoint",
                "false"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
@@ -130,6 +140,10 @@ def main() -> int:
     print(f"worst rank: {max(fractions):.3f} of the full fp32 model (target <= 0.35 with {args.processes} ranks)")
     print(f"start-up {startup:.1f} s (slowest rank: build, shard, read weights) vs raw read of the safetensors "
           f"files {raw:.1f} s ({file_bytes / 2**30 / max(raw, 1e-9):.2f} GiB/s, page cache warm)")
+    training = {int(m["rank"]): int(m["peak"]) for m in re.finditer(
+        r"\[memory\] rank=(?P<rank>\d+) training_peak_rss_bytes=(?P<peak>\d+)", done.stdout)}
+    print(f"training peak RSS per rank ({args.accumulation} micro-step(s) per step): " + ", ".join(
+        f"rank {rank} {peak / 2**30:.2f} GiB = {peak / full_fp32:.3f} of the model" for rank, peak in sorted(training.items())))
     metrics = [json.loads(line) for line in (work / "out" / "data" / "metrics.jsonl").read_text().splitlines()]
     tokens = args.processes * 128
     steps = [tokens / m["tokens_per_second"] for m in metrics if "tokens_per_second" in m]

@@ -192,6 +192,7 @@ class Trainer:
             start = f"resuming at step {self.step}" if self.resumed_from is not None else "starting at step 0"
             print(f"[start] {start} of {self.settings.max_steps}, world size {self.topology.world_size}, "
                   f"strategy {self.strategy}, device {self.device.type}", flush=True)
+        _reset_peak_resident()  # from here on the peak is training's (benchmarks/scale.py reads [memory])
         while self.step < self.settings.max_steps:
             started = time.perf_counter()
             loss = self._run_step()
@@ -207,6 +208,7 @@ class Trainer:
                           "complete checkpoint", flush=True)
                 self.tracker.finish("KILLED")
                 return 0
+        print(f"[memory] rank={self.topology.rank} training_peak_rss_bytes={_peak_resident()}", flush=True)
         if self.validation:
             self._evaluate()
         # A restart after this point only rewrites the model.
@@ -247,10 +249,14 @@ class Trainer:
         return modeling.next_token_loss(logits, batch)
 
     def _gradient_sync(self, enabled: bool):
-        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        """DDP: skip the gradient all-reduce on all but the last micro-step of an accumulation (its gradients
+        are whole on every rank anyway). FSDP: reduce-scatter on every micro-step, so that gradients accumulate
+        sharded. Skipping the sync there (`set_requires_gradient_sync(False)`) keeps a full unsharded fp32
+        gradient per parameter on every rank until the last micro-step (torch 2.8 `_fsdp_param.py`,
+        `unsharded_accumulated_grad`): the whole fp32 model more per rank, +30 GiB per GPU for 8B. torchtitan
+        reduce-scatters every micro-step too."""
         if isinstance(self.model, DDP):
             return contextlib.nullcontext() if enabled else self.model.no_sync()
-        self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
     def _log_step(self, loss: torch.Tensor, started: float) -> None:
