@@ -4,9 +4,10 @@ safetensors weights (random, bf16, two files, written here: nothing is downloade
 
 Prints, per rank, the peak resident memory during start-up above what the process held before the model was
 built, as a fraction of the full fp32 model (target <= 0.35 with 4 ranks; a whole-model load is >= 1.0), the
-start-up time against a raw read of the safetensors files, and the step time.
+start-up time against a raw read of the safetensors files, each rank's peak resident memory during training
+(run twice, --accumulation 1 and 4, for what gradient accumulation adds), and the step time.
 
-    .venv/bin/python benchmarks/scale.py [--layers 17] [--processes 4] [--keep DIR]
+    .venv/bin/python benchmarks/scale.py [--layers 17] [--processes 4] [--accumulation 1] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
                "--gradient_accumulation_steps", str(args.accumulation), "--sequence_length", "128", "--warmup_ratio", "0",
                "--checkpoint_interval_minutes", "0", "--validation_holdout_fraction", "0", "--async_checkpoint",
                "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
+    # glibc keeps freed blocks below its mmap threshold in the heap, so RSS would hold the high-water mark of
+    # every allocation pattern; with large blocks mmap'ed (and trimmed) RSS follows the live tensors (mallopt(3):
+    # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, set through their environment variables).
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes)),
+           "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     wall = time.perf_counter() - started
