@@ -112,9 +112,12 @@ class Trainer:
         if self.strategy == "fsdp":
             model = modeling.shard(model, bf16=self.bf16)
         modeling.materialize(model, self.device)
-        if files:
+        # A restart resumes from a checkpoint that overwrites every parameter: reading the base weights first
+        # would only cost their download-speed read (minutes at 70B). They are read later if no checkpoint loads.
+        self.weights_deferred = bool(files) and self._checkpoint_on_every_rank()
+        if files and not self.weights_deferred:
             modeling.load_weights(model, s.model_dir, self.io_group)
-        else:
+        elif not files:
             log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json (seed %d)",
                         s.model_dir, s.seed)
             modeling.init_random(model, s.seed)
@@ -124,8 +127,22 @@ class Trainer:
         if t.is_main:
             print(f"[model] {self.parameter_count:,} parameters, strategy {self.strategy} ({why}), activation "
                   f"checkpointing {'on' if self.activation_checkpointing else 'off'}, "
-                  f"{'bf16' if self.bf16 else 'fp32'}, weights {'from ' + str(len(files)) + ' safetensors file(s)' if files else 'random'}",
-                  flush=True)
+                  f"{'bf16' if self.bf16 else 'fp32'}, weights {self._weights_origin(files)}", flush=True)
+
+    def _checkpoint_on_every_rank(self) -> bool:
+        """Whether every rank sees a complete checkpoint to resume from (all must agree: weight loading is
+        collective)."""
+        from checkpointing import MARKER, step_dirs
+
+        mine = any((path / MARKER).is_file() for _, path in step_dirs(Path(self.settings.checkpoint_dir)))
+        flag = torch.tensor([float(mine)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.io_group)
+        return bool(flag.item())
+
+    def _weights_origin(self, files: list) -> str:
+        if self.weights_deferred:
+            return f"from the checkpoint (the {len(files)} base safetensors file(s) are not read)"
+        return f"from {len(files)} safetensors file(s)" if files else "random"
 
     def _choose_strategy(self) -> tuple[str, str]:
         s, t = self.settings, self.topology
@@ -188,6 +205,11 @@ class Trainer:
         """Returns the process exit code: 0 when done or stopped by SIGTERM."""
         self._seed_dropout()
         self.checkpointer.load_latest(self._state_for, self._apply)
+        if self.weights_deferred and self.resumed_from is None:  # every checkpoint was damaged: start afresh
+            if self.topology.is_main:
+                print("[model] no checkpoint could be loaded: reading the base weights now", flush=True)
+            modeling.load_weights(self.raw_model, self.settings.model_dir, self.io_group)
+            self.weights_deferred = False
         if self.topology.is_main:
             start = f"resuming at step {self.step}" if self.resumed_from is not None else "starting at step 0"
             print(f"[start] {start} of {self.settings.max_steps}, world size {self.topology.world_size}, "

@@ -105,10 +105,21 @@ def test_fsdp_resumes_bit_exactly_too(job, tmp_path_factory):
     run = Run(llama, tmp_path_factory.mktemp("fsdp-killed"), strategy="fsdp", max_steps=12)
     run.kill_at_step(run.start(), 6)
     assert run.last_step() < 12
-    run.run()
+    resumed = run.run()
     assert run.losses() == reference.losses()
     assert same_parameters(run.parameters(), reference.parameters())
+    # The checkpoint overwrites every parameter: the restart did not read the base weights first.
+    assert "weights from the checkpoint (the 1 base safetensors file(s) are not read)" in resumed
     _served_as_the_base_is(run.outputs["output_model_dir"], llama["model_dir"])
+
+    # Every checkpoint damaged: nothing loads, so the base weights are read after all and the run starts over.
+    fallback = Run(llama, tmp_path_factory.mktemp("fsdp-damaged"), strategy="fsdp", max_steps=12)
+    shutil.copytree(reference.outputs["checkpoint_dir"], fallback.outputs["checkpoint_dir"])
+    for shard in fallback.outputs["checkpoint_dir"].glob("step-*/__0_0.distcp"):
+        shard.write_bytes(bytes(len(shard.read_bytes())))
+    out = fallback.run()
+    assert "no checkpoint could be loaded: reading the base weights now" in out
+    assert fallback.losses() == reference.losses()
 
 
 def _served_as_the_base_is(exported: Path, base: Path) -> None:
