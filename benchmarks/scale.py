@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
     training = {int(m["rank"]): int(m["peak"]) for m in re.finditer(
         r"\[memory\] rank=(?P<rank>\d+) training_peak_rss_bytes=(?P<peak>\d+)", done.stdout)}
     print(f"training peak RSS per rank ({args.accumulation} micro-step(s) per step): " + ", ".join(
-        f"rank {rank} {peak / 2**30:.2f} GiB = {peak / full_fp32:.3f} of the model" for rank, peak in sorted(training.items())))
+        f"rank {rank} {peak / 2**30:.2f} GiB = {peak / full_fp32:.3f} of the model"
+        for rank, peak in sorted(training.items())))
     metrics = [json.loads(line) for line in (work / "out" / "data" / "metrics.jsonl").read_text().splitlines()]
     tokens = args.processes * 128
     steps = [tokens / m["tokens_per_second"] for m in metrics if "tokens_per_second" in m]

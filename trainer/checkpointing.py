@@ -61,6 +61,11 @@ def step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def marked_steps(folder: Path) -> list[int]:
+    """Steps whose folder holds a completion marker (intact or not: `examine` decides that), oldest first."""
+    return sorted(step for step, path in step_dirs(folder) if (path / MARKER).is_file())
+
+
 def crc32_of(path: Path) -> int:
     crc = 0
     with path.open("rb") as handle:
@@ -292,7 +297,7 @@ class Checkpointer:
                     reason = f"load failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 else:
                     apply(state, manifest)
-                    self.completed = sorted({s for s, p in step_dirs(self.folder) if (p / MARKER).is_file()})
+                    self.completed = marked_steps(self.folder)
                     self.last_save_time = time.monotonic()
                     if self.topology.is_main:
                         log.info("resumed from %s", path)

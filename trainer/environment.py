@@ -2,8 +2,9 @@
 
 SageMaker (sagemaker-training-toolkit) passes hyperparameters as `--name value` arguments, mounts each
 input channel at `SM_CHANNEL_<NAME>`, uploads `SM_MODEL_DIR` (uncompressed: the pipeline sets
-CompressionType NONE) and `SM_OUTPUT_DATA_DIR` as output.tar.gz, and syncs `/opt/ml/checkpoints` with CheckpointConfig.S3Uri. torchrun sets RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every worker.
+CompressionType NONE) and `SM_OUTPUT_DATA_DIR` as output.tar.gz, and syncs `/opt/ml/checkpoints` with
+CheckpointConfig.S3Uri. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT in every worker.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def ensure_rendezvous_defaults() -> None:
 
 
 def bind_gloo_to_the_instance_network() -> str | None:
-    """The gloo groups (checkpoint I/O and weight loading; all of training on CPU) cross instances too. Gloo binds
-    the address the host name resolves to unless GLOO_SOCKET_IFNAME names an interface, and the toolkit sets the
-    interface only for NCCL (NCCL_SOCKET_IFNAME, from resourceconfig.json's network_interface_name; sagemaker-training
-    torch_distributed.py). Bind gloo to that same interface, the one SageMaker names for the instances' traffic.
+    """The gloo groups (checkpoint I/O and weight loading; all of training on CPU) cross instances too. Gloo
+    binds the address the host name resolves to unless GLOO_SOCKET_IFNAME names an interface, and the toolkit
+    sets the interface only for NCCL (NCCL_SOCKET_IFNAME, from resourceconfig.json's network_interface_name;
+    sagemaker-training torch_distributed.py). Bind gloo to that same interface, the one SageMaker names for the
+    instances' traffic.
     Returns the interface gloo uses, or None when gloo chooses."""
     if "GLOO_SOCKET_IFNAME" not in os.environ:
         name = os.environ.get("NCCL_SOCKET_IFNAME", "")

@@ -132,10 +132,9 @@ class Trainer:
     def _checkpoint_on_every_rank(self) -> bool:
         """Whether every rank sees a complete checkpoint to resume from (all must agree: weight loading is
         collective)."""
-        from checkpointing import MARKER, step_dirs
+        from checkpointing import marked_steps
 
-        mine = any((path / MARKER).is_file() for _, path in step_dirs(Path(self.settings.checkpoint_dir)))
-        flag = torch.tensor([float(mine)])
+        flag = torch.tensor([float(bool(marked_steps(Path(self.settings.checkpoint_dir))))])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.io_group)
         return bool(flag.item())
 

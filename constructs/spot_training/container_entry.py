@@ -45,9 +45,10 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`, parents before children."""
-    children, found, queue = _children(), [], [pid]
+def descendants(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """Every live descendant of `pid`, parents before children (`children`: a `_children()` already read)."""
+    children = _children() if children is None else children
+    found, queue = [], [pid]
     while queue:
         for child in children.get(queue.pop(0), []):
             found.append(child)
@@ -70,10 +71,11 @@ def is_launcher(pid: int) -> bool:
 def trainer_processes(root: int) -> list[int]:
     """The workers: children of every torchrun under `root`."""
     children = _children()
-    return [worker for pid in descendants(root) if is_launcher(pid) for worker in children.get(pid, [])]
+    return [worker for pid in descendants(root, children) if is_launcher(pid) for worker in children.get(pid, [])]
 
 
-def _signal(pids: list[int], signum: int) -> None:
+def signal_all(pids: list[int], signum: int) -> None:
+    """`signum` to each of `pids`, skipping those already gone."""
     for pid in pids:
         try:
             os.kill(pid, signum)
@@ -81,8 +83,8 @@ def _signal(pids: list[int], signum: int) -> None:
             pass
 
 
-def _collect(child: int) -> int | None:
-    """Reap every exited child, the orphans this subreaper adopted included, without reading /proc; returns
+def reap(child: int | None = None) -> int | None:
+    """Reap every exited child, the orphans a subreaper adopted included, without reading /proc; returns
     `child`'s exit code once it has ended."""
     code = None
     while True:
@@ -108,7 +110,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop_at.append(time.monotonic()))
     process = subprocess.Popen(argv)
     child, me = process.pid, os.getpid()
-    forwarded, code = False, None
+    forwarded, killed, code = False, False, None
     while code is None:
         if stop_at and not forwarded:
             forwarded = True
@@ -117,20 +119,21 @@ def main(argv: list[str]) -> int:
                                              "no trainer running yet; stopping every process"),
                   file=sys.stderr, flush=True)
             if workers:
-                _signal(workers, signal.SIGTERM)
+                signal_all(workers, signal.SIGTERM)
             else:
-                _signal(descendants(me), signal.SIGTERM)
+                signal_all(descendants(me), signal.SIGTERM)
                 grace = min(grace, 5.0)
-        if stop_at and time.monotonic() - stop_at[0] > grace:
-            _signal(descendants(me), signal.SIGTERM)
+        if stop_at and not killed and time.monotonic() - stop_at[0] > grace:
+            killed = True
+            signal_all(descendants(me), signal.SIGTERM)
             time.sleep(2.0)
-            _signal(descendants(me), signal.SIGKILL)
-        code = _collect(child)
+            signal_all(descendants(me), signal.SIGKILL)
+        code = reap(child)
         if code is None:
             time.sleep(0.1)
     # Nothing the command started outlives the container's first process.
-    _signal(descendants(me), signal.SIGKILL)
-    _collect(child)
+    signal_all(descendants(me), signal.SIGKILL)
+    reap(child)
     process.returncode = code  # reaped here, not by Popen
     return code if code >= 0 else 128 - code
 

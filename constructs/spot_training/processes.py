@@ -3,16 +3,11 @@ process-group kill misses them. Linux only (reads /proc), like the SageMaker con
 
 from __future__ import annotations
 
-import os
 import signal
 
-from spot_training.container_entry import descendants
+from spot_training.container_entry import descendants, signal_all
 
 
 def signal_tree(pid: int, signum: int = signal.SIGKILL) -> None:
     """Send `signum` to `pid` and all its descendants (collected first, so none escapes by reparenting)."""
-    for target in [pid, *descendants(pid)]:
-        try:
-            os.kill(target, signum)
-        except ProcessLookupError:
-            pass
+    signal_all([pid, *descendants(pid)], signum)

@@ -108,7 +108,8 @@ class TrainingRoles(Construct):
             self._acknowledge_training_policy(bucket_ref, preparation is not None)
             if preparation is not None:  # the same finding for checkov, on the policy itself
                 self.training_policy.node.default_child.add_metadata("checkov", {"skip": [
-                    {"id": check, "comment": UNSCOPED_ENI_REASON} for check in ("CKV_AWS_109", "CKV_AWS_111", "CKV_AWS_356")]})
+                    {"id": check, "comment": UNSCOPED_ENI_REASON}
+                    for check in ("CKV_AWS_109", "CKV_AWS_111", "CKV_AWS_356")]})
         self.training_role = training_role
         if pipeline_role is None:
             pipeline_role, grant_pipeline_role = iam.Role(

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from spot_training.processes import descendants
+from spot_training.container_entry import descendants, reap, signal_all
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
@@ -36,39 +36,20 @@ def stop_container(first: int, grace_seconds: float) -> None:
     """SIGTERM the container's first process, wait up to `grace_seconds` for every descendant to end, then
     SIGKILL the rest."""
     me = os.getpid()
-    _signal(first, signal.SIGTERM)
+    signal_all([first], signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while descendants(me) and time.monotonic() < deadline:
-        _reap()
+        reap()
         time.sleep(0.05)
     kill_descendants()
 
 
 def kill_descendants() -> None:
     me = os.getpid()
-    for pid in descendants(me):
-        _signal(pid, signal.SIGKILL)
+    signal_all(descendants(me), signal.SIGKILL)
     while descendants(me):
-        _reap()
+        reap()
         time.sleep(0.01)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _reap() -> None:
-    """Collect exited children, the orphans this subreaper adopted included."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def main(argv: list[str]) -> int:
