@@ -30,10 +30,15 @@ $(VENV)/.app: requirements.txt constructs/pyproject.toml
 	$(UV_PIP) -r requirements.txt
 	touch $@
 
+# A .venv made before uv was used here gets it too.
+$(UV): $(VENV)/.app
+	$(PY) -m pip install -q uv==0.13.9
+	touch $@
+
 # The construct package is installed as other teams install it (a wheel, not an editable link), so synth and
 # the tests run what ships; any change to its sources or the trainer reinstalls it.
 PACKAGE_SOURCES := $(shell find constructs/spot_training/ trainer/ -type f -not -path '*/__pycache__/*' 2>/dev/null)
-$(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
+$(VENV)/.package: $(VENV)/.app $(UV) $(PACKAGE_SOURCES)
 	$(UV_PIP) --no-deps --reinstall ./constructs
 	touch $@
 
@@ -42,7 +47,7 @@ $(VENV)/.package: $(VENV)/.app $(PACKAGE_SOURCES)
 # `make test` from nothing peaks at 12.8 GB, 9.0 GB at the end): refuse in one line, before downloading,
 # when the disk cannot hold that (a disk that fills half-way leaves a broken .venv).
 TRAINER_DISK_GB ?= 12
-$(VENV)/.trainer: $(VENV)/.package requirements-image.txt
+$(VENV)/.trainer: $(VENV)/.package $(UV) requirements-image.txt
 	@for d in $(VENV) "$${TMPDIR:-/tmp}"; do \
 	  free=$$(df -P -BG "$$d" | awk 'NR==2 {print $$4+0}'); \
 	  [ "$$free" -ge $(TRAINER_DISK_GB) ] || { echo "error: $$d: $${free} GB free; installing the training image's packages (requirements-image.txt) needs $(TRAINER_DISK_GB) GB (set TRAINER_DISK_GB to override)" >&2; exit 1; }; \
@@ -50,11 +55,11 @@ $(VENV)/.trainer: $(VENV)/.package requirements-image.txt
 	$(UV_PIP) -r requirements.txt -r requirements-image.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.trainer $(UV) requirements-dev.txt
 	$(UV_PIP) -r requirements-dev.txt
 	touch $@
 
-.venv-checkov/.installed: requirements-checkov.txt $(VENV)/.app
+.venv-checkov/.installed: requirements-checkov.txt $(UV)
 	$(PYTHON) -m venv .venv-checkov
 	$(UV) pip install -q --python .venv-checkov/bin/python -r requirements-checkov.txt
 	touch $@
@@ -63,7 +68,7 @@ $(VENV)/.dev: $(VENV)/.trainer requirements-dev.txt
 # resolve to (no pins, no torch); the suite synthesizes examples/team_app in it. Rebuilt from nothing when
 # the package changes.
 WHEEL_VENV := .venv-wheel
-$(WHEEL_VENV)/.installed: constructs/pyproject.toml $(PACKAGE_SOURCES) $(VENV)/.app
+$(WHEEL_VENV)/.installed: constructs/pyproject.toml $(PACKAGE_SOURCES) $(UV)
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip wheel -q --no-deps -w $(WHEEL_VENV)/dist ./constructs
