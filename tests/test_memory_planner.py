@@ -5,11 +5,13 @@ Hugging Face models' parameter counts."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from spot_training import sizing
 from spot_training.config import TrainingConfig
 from spot_training.trainer import memory
 from tests.conftest import ROOT
@@ -84,13 +86,76 @@ def test_a_parameter_count_alone_gets_the_nearest_llama3_shape_with_the_layers_s
 def test_synth_warns_or_refuses_a_default_that_cannot_fit():
     config = TrainingConfig(model_parameters=8_000_000_000, instance_type="ml.p4d.24xlarge", strategy="ddp")
     (finding,) = config.memory_findings()
-    assert finding.startswith("TrainingConfig.model_parameters=8000000000: needs ") and "strategy ddp on 2 x " \
-        "ml.p4d.24xlarge (40 GiB GPUs, 90% usable)" in finding
+    assert finding.startswith("TrainingConfig.model_parameters=8000000000: on 2 x ml.p4d.24xlarge needs ")
+    assert "(strategy ddp, batch 4 x 2048 tokens, 16 GPUs) of 40.0 GiB, 90% usable; settings that fit: " \
+        "strategy=fsdp (" in finding and "\n" not in finding
     assert finding in config.guardrail_findings()
-    fitting = TrainingConfig(model_parameters=8_000_000_000, instance_type="ml.p5.48xlarge", per_device_batch_size=1)
-    assert fitting.memory_findings() == []  # auto -> fsdp with activation checkpointing fits
+    # The defaults (2 x ml.p4d.24xlarge, strategy auto -> fsdp, batch 4 x 2048, 8 micro-steps) fit Llama 3 8B.
+    assert TrainingConfig(model_parameters=8_030_261_248).memory_findings() == []
     assert TrainingConfig(model_parameters=0).memory_findings() == []
     assert TrainingConfig(model_parameters=8_000_000_000, guardrails="off", strategy="ddp").guardrail_findings() == []
+
+
+def test_a_plan_that_does_not_fit_names_the_settings_that_would():
+    common = {"gpus_per_instance": 8, "sequence_length": 2048, "activation_checkpointing": "auto", "bf16": True,
+              "accumulation": 8, "gpu_bytes": 40 * 2**30}
+    assert memory.fit_error(memory.LLAMA3["8B"], strategy="fsdp", world_size=16, batch=4, **common) is None
+    longer = memory.fit_error(memory.LLAMA3["8B"], strategy="fsdp", world_size=16, batch=16, **common)
+    assert longer.startswith("needs ") and "settings that fit: per_device_batch_size=4 (" in longer
+    # 70B on 2 x p4d: no single change fits, a smaller batch on more instances does.
+    big = memory.fit_error(memory.LLAMA3["70B"], strategy="fsdp", world_size=16, batch=4, **common)
+    assert "settings that fit: per_device_batch_size=2 with instance_count=8 (" in big
+    huge = memory.fit_error(memory.LLAMA3["70B"], strategy="fsdp", world_size=16, batch=4,
+                            **{**common, "gpu_bytes": 4 * 2**30})
+    assert huge.endswith("no change of batch, sequence length, strategy or instance count fits: a GPU with more "
+                         "memory is needed")
+
+
+def test_accumulating_gradients_adds_one_gradient_shard_not_a_whole_model():
+    """Sharded accumulation (trainer/loop.py): the earlier micro-steps' gradients are held as shards."""
+    common = {"strategy": "fsdp", "world_size": 16, "batch": 1, "sequence_length": 2048,
+              "activation_checkpointing": True}
+    one = memory.plan(memory.LLAMA3["8B"], accumulation=1, **common)
+    eight = memory.plan(memory.LLAMA3["8B"], accumulation=8, **common)
+    assert eight.total - one.total <= one.gradients  # at most 4 bytes x P / 16 more
+
+
+def test_the_plan_matches_the_memory_the_trainer_really_holds(tmp_path):
+    """benchmarks/planner.py at small scale: the trainer on 1-2 CPU processes (DDP, FSDP with accumulation and
+    activation checkpointing, FSDP with long sequences), per-rank peak resident memory during training against
+    the planner's figure for the same run: within 15%."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import planner
+
+    copies = planner.collective_copies()
+    errors = {}
+    for name in planner.SUITE:
+        work = tmp_path / name
+        try:
+            result = planner.measure(planner.CASES[name], work, copies)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(planner.report(result))
+        errors[name] = result.error
+        # What the sizing model's restart time downloads per checkpoint: 12 bytes per parameter.
+        assert result.checkpoint_bytes_per_parameter == pytest.approx(sizing.CHECKPOINT_BYTES_PER_PARAMETER,
+                                                                      rel=0.01)
+    assert all(abs(error) <= 0.15 for error in errors.values()), errors
+
+
+def test_the_trainer_stops_before_reading_weights_when_the_plan_does_not_fit(tmp_path):
+    from spot_training.tiny import make_job
+    from tests.trainer.harness import Run
+
+    run = Run(make_job(tmp_path / "job"), tmp_path / "run", gpu_memory_gib=0.0001, strategy="ddp")
+    process = run.start(nproc=2)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode != 0
+    (line,) = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: the model does not fit GPU memory: needs ") and "GPUs) of 0.0 GiB" in line
+    # torchrun prints a traceback of its own (ChildFailedError) when a rank exits non-zero; none of ours.
+    assert not any(name in out for name in ("memory.py", "loop.py", "train.py\", line"))
+    assert "[start]" not in out and "[model]" not in out and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _size(*args: str) -> subprocess.CompletedProcess:
@@ -105,9 +170,9 @@ def test_size_prints_memory_per_gpu_for_each_instance_type_and_strategy(tmp_path
                  "--memory-instance-type", "ml.p5.48xlarge", "--batch", "1")
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("ml.")]
-    assert [(r[0], r[2], r[-1]) for r in rows] == [("ml.p4d.24xlarge", "ddp", "NO"), ("ml.p4d.24xlarge", "fsdp", "yes"),
+    assert [(r[0], r[2], r[10]) for r in rows] == [("ml.p4d.24xlarge", "ddp", "NO"), ("ml.p4d.24xlarge", "fsdp", "yes"),
                                                     ("ml.p5.48xlarge", "ddp", "NO"), ("ml.p5.48xlarge", "fsdp", "yes")]
-    assert rows[0][3:6] == ["29.9", "29.9", "59.8"]  # 4 + 4 + 8 bytes x 8.03e9 parameters, in GiB
+    assert rows[0][3:6] == ["29.9", "59.8", "29.9"]  # 4 + 8 + 4 bytes x 8.03e9 parameters, in GiB
     assert "8,030,261,248 parameters" in done.stdout
 
 

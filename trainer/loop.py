@@ -106,6 +106,7 @@ class Trainer:
         self.parameter_count = modeling.parameter_count(model)
         self.strategy, why = self._choose_strategy()
         self.activation_checkpointing = memory.checkpointing_on(s.activation_checkpointing, self.strategy)
+        self._check_fit()  # before any storage is allocated or weights read
         if self.activation_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -143,23 +144,51 @@ class Trainer:
             return f"from the checkpoint (the {len(files)} base safetensors file(s) are not read)"
         return f"from {len(files)} safetensors file(s)" if files else "random"
 
+    def _device_memory(self) -> int | None:
+        """Bytes of one GPU: the setting when given, else the device's; None on CPU without the setting."""
+        if self.settings.gpu_memory_gib:
+            return int(self.settings.gpu_memory_gib * memory.GIB)
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return None
+
+    def _shape(self) -> memory.ModelShape | str:
+        try:
+            return memory.ModelShape.from_config(self.model_config.to_dict())
+        except memory.PlanError as error:
+            return str(error)
+
     def _choose_strategy(self) -> tuple[str, str]:
         s, t = self.settings, self.topology
         if s.strategy != "auto":
             return s.strategy, "set"
-        if self.device.type == "cuda":
-            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
-        else:  # CPU runs: the host's memory shared by the local processes
+        gpu_bytes = self._device_memory()
+        if gpu_bytes is None:  # CPU runs: the host's memory shared by the local processes
             gpu_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // t.local_world_size
-        try:
-            shape = memory.ModelShape.from_config(self.model_config.to_dict())
-        except memory.PlanError as error:
-            return ("fsdp" if t.world_size > 1 else "ddp"), f"auto, no memory plan: {error}"
+        shape = self._shape()
+        if isinstance(shape, str):
+            return ("fsdp" if t.world_size > 1 else "ddp"), f"auto, no memory plan: {shape}"
         ddp = memory.plan(shape, strategy="ddp", world_size=t.world_size, batch=s.per_device_batch_size,
                           sequence_length=s.sequence_length, activation_checkpointing=s.activation_checkpointing == "true",
-                          bf16=self.bf16, gpu_bytes=gpu_bytes)
+                          bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes)
         return memory.strategy_for(ddp, t.world_size), (f"auto: ddp needs {ddp.total / memory.GIB:.1f} GiB per device "
                                                          f"of {gpu_bytes / memory.GIB:.1f} GiB")
+
+    def _check_fit(self) -> None:
+        """Stop in one line, before any weights are read, when the memory plan for this world size exceeds the
+        GPU (or `gpu_memory_gib`), naming the settings that would fit. A model the planner cannot describe,
+        or a CPU run without `gpu_memory_gib`, is not checked."""
+        s, t = self.settings, self.topology
+        gpu_bytes, shape = self._device_memory(), self._shape()
+        if gpu_bytes is None or isinstance(shape, str):
+            return
+        problem = memory.fit_error(shape, strategy=self.strategy, world_size=t.world_size,
+                                   gpus_per_instance=t.local_world_size, batch=s.per_device_batch_size,
+                                   sequence_length=s.sequence_length,
+                                   activation_checkpointing="true" if self.activation_checkpointing else "false",
+                                   bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes)
+        if problem:
+            raise memory.DoesNotFit(f"the model does not fit GPU memory: {problem}")
 
     def _on_sigterm(self, signum, frame) -> None:
         # SageMaker's stop signal (120 s grace on StopTrainingJob). Finish the step in progress, then

@@ -121,11 +121,15 @@ LLAMA3 = {
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """Bytes per GPU. `parameters`, `gradients` and `optimizer` are the run's state (this GPU's shard under
+    FSDP); the other terms, and `gradients_held`, are those of `phase`, the moment of the step that peaks."""
     strategy: str
-    parameters: int   # fp32 weights (this GPU's shard under FSDP)
-    gradients: int    # fp32 gradients (shard)
-    optimizer: int    # AdamW moments (shard)
-    working: int      # bf16 weight copies, gathered blocks and unsharded gradients
+    parameters: int      # fp32 weights (this GPU's shard under FSDP)
+    gradients: int       # fp32 gradients (shard), once the backward has made them
+    optimizer: int       # AdamW moments (shard)
+    phase: str           # where the step peaks: loss, head gradients, embedding gradients, optimizer step
+    gradients_held: int  # gradients alive at that moment (none before the first backward of a step)
+    working: int         # gathered weights, unsharded gradients, collective and optimizer buffers then
     activations: int
     logits: int
     gpu_bytes: int | None
@@ -136,45 +140,84 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.state + self.working + self.activations + self.logits
+        return self.parameters + self.optimizer + self.gradients_held + self.working + self.activations + self.logits
 
     @property
     def fits(self) -> bool | None:
         return None if self.gpu_bytes is None else self.total <= USABLE_FRACTION * self.gpu_bytes
 
 
+def activation_bytes(shape: ModelShape, *, tokens: int, activation_checkpointing: bool, bf16: bool) -> int:
+    """What the forward keeps for the backward, all layers (see the module docstring)."""
+    a = 2 if bf16 else 4
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_layer = 2 * (8 * h + a * h) + a * (5 * h + (2 * shape.mlp_matrices - 2) * i)
+    if activation_checkpointing:
+        return tokens * (shape.layers * a * h + 2 * per_layer)
+    return tokens * shape.layers * per_layer
+
+
 def plan(shape: ModelShape, *, strategy: str, world_size: int, batch: int, sequence_length: int,
-         activation_checkpointing: bool, bf16: bool = True, gpu_bytes: int | None = None) -> Plan:
-    """Bytes per GPU of one configuration (see the module docstring for each term)."""
+         activation_checkpointing: bool, bf16: bool = True, accumulation: int = 1, gpu_bytes: int | None = None,
+         gather_copies: float = 0.0, reduce_copies: float = 0.0, foreach_optimizer: bool = True) -> Plan:
+    """Bytes per GPU of one configuration at the moment its step peaks (see the module docstring).
+
+    `gather_copies` / `reduce_copies`: extra buffers, in multiples of the collective's tensor, that the
+    process group allocates during an all-gather / a reduce-scatter: 0 for NCCL, which works in the buffers it
+    is given; gloo (CPU) copies (benchmarks/planner.py measures it). `foreach_optimizer`: torch's AdamW on
+    CUDA takes the foreach path, which allocates one temporary the size of the weights it updates
+    (`_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`); on CPU it updates one tensor at a
+    time."""
     if strategy not in ("ddp", "fsdp"):
         raise PlanError(f"strategy={strategy!r}: must be ddp or fsdp")
     p = shape.parameters
-    weight = 2 if bf16 else 4                 # bytes of a weight as the forward uses it
-    gradient = weight + (4 if bf16 else 0)    # FSDP: the unsharded gradient plus its fp32 copy for the reduce
     held = p if strategy == "ddp" else -(-p // world_size)  # FSDP: this GPU's shard (rounded up)
-    if strategy == "ddp":
-        working = 2 * p if bf16 else 0
-    else:
-        root, block = shape.root_parameters, shape.block_parameters
-        working = (weight + gradient) * root + 2 * weight * block + gradient * block
-    a = 2 if bf16 else 4
-    h, i = shape.hidden_size, shape.intermediate_size
+    weights, gradients, optimizer = 4 * held, 4 * held, 8 * held
     tokens = batch * sequence_length
-    per_layer = 2 * (8 * h + a * h) + a * (5 * h + (2 * shape.mlp_matrices - 2) * i)
-    if activation_checkpointing:
-        activations = tokens * (shape.layers * a * h + 2 * per_layer)
+    activations = activation_bytes(shape, tokens=tokens, activation_checkpointing=activation_checkpointing,
+                                   bf16=bf16)
+    a = 2 if bf16 else 4
+    logits = tokens * shape.vocab_size * (a + 12)   # logits, their fp32 copy and log-softmax, the fp32 gradient
+    step_buffer = 4 * held if foreach_optimizer else 0
+    # phase -> (gradients held, working, activations, logits)
+    if strategy == "ddp":
+        # Gradients live in DDP's buckets from the first backward on; the first gradient of a tensor is made
+        # apart and then copied into its bucket, the largest (the embeddings) transiently twice.
+        largest = shape.vocab_size * shape.hidden_size
+        phases = {"loss": (gradients, (2 * p if bf16 else 0) + 4 * largest, activations, logits),
+                  "optimizer step": (gradients, step_buffer, 0, 0)}
     else:
-        activations = tokens * shape.layers * per_layer
-    logits = tokens * shape.vocab_size * (a + 12)
-    return Plan(strategy=strategy, parameters=4 * held, gradients=4 * held, optimizer=8 * held, working=working,
-                activations=activations, logits=logits, gpu_bytes=gpu_bytes)
+        w = a                      # bytes of a gathered weight (compute dtype)
+        unit_gradient = w + 4      # the unsharded gradient and its fp32 reduce-scatter input
+        block = shape.block_parameters
+        tied = shape.tied_embeddings
+        head = shape.root_parameters if tied else shape.vocab_size * shape.hidden_size + shape.hidden_size
+        embeddings = 0 if tied else shape.vocab_size * shape.hidden_size
+        accumulated = gradients if accumulation > 1 else 0  # earlier micro-steps' sharded gradients
+        prefetched = w * block * (1 + gather_copies)          # the next block's all-gather, issued early
+        phases = {
+            "loss": (accumulated, w * head + prefetched, activations, logits),
+            "head gradients": (accumulated, (w + unit_gradient) * head + 4 * head * reduce_copies + prefetched,
+                               activations, 0),
+            "optimizer step": (gradients, step_buffer, 0, 0),
+        }
+        if tied:  # the root (embeddings and head in one) reduces last, its unsharded gradient kept until then
+            phases["head gradients"] = (gradients, (w + unit_gradient) * head + 4 * head * reduce_copies, 0, 0)
+        else:
+            phases["embedding gradients"] = (gradients, (w + unit_gradient) * embeddings
+                                             + 4 * embeddings * reduce_copies, 0, 0)
+    phase, (held_gradients, working, live_activations, live_logits) = max(phases.items(), key=lambda kv: sum(kv[1]))
+    return Plan(strategy=strategy, parameters=weights, gradients=gradients, optimizer=optimizer, phase=phase,
+                gradients_held=held_gradients, working=working, activations=live_activations, logits=live_logits,
+                gpu_bytes=gpu_bytes)
 
 
 def choose_strategy(shape: ModelShape, *, world_size: int, batch: int, sequence_length: int, bf16: bool,
-                    gpu_bytes: int, activation_checkpointing: str = "auto") -> str:
+                    gpu_bytes: int, activation_checkpointing: str = "auto", accumulation: int = 1) -> str:
     """`ddp` when the whole model's state fits every GPU (DDP is faster: no per-block gathers), else `fsdp`."""
     ddp = plan(shape, strategy="ddp", world_size=world_size, batch=batch, sequence_length=sequence_length,
-               activation_checkpointing=activation_checkpointing == "true", bf16=bf16, gpu_bytes=gpu_bytes)
+               activation_checkpointing=activation_checkpointing == "true", bf16=bf16, accumulation=accumulation,
+               gpu_bytes=gpu_bytes)
     return strategy_for(ddp, world_size)
 
 
@@ -186,3 +229,65 @@ def checkpointing_on(setting: str, strategy: str) -> bool:
 def strategy_for(ddp: Plan, world_size: int) -> str:
     """The choice `choose_strategy` makes, from its DDP plan (for a caller that reports that plan too)."""
     return "ddp" if ddp.fits or world_size == 1 else "fsdp"
+
+
+class DoesNotFit(ValueError):
+    """A configuration whose plan exceeds the GPU; the message is one line that names settings which fit."""
+
+
+def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_instance: int, batch: int,
+              sequence_length: int, activation_checkpointing: str, bf16: bool, accumulation: int,
+              gpu_bytes: int) -> str | None:
+    """None when the plan fits `gpu_bytes`; else one line: what it needs, and each single change of batch,
+    sequence length, strategy, activation checkpointing or instance count that would fit (the first fitting
+    value of each), or that none does."""
+    def plan_for(strategy: str = strategy, world_size: int = world_size, batch: int = batch,
+                 sequence_length: int = sequence_length, checkpointing: str = activation_checkpointing) -> Plan:
+        return plan(shape, strategy=strategy, world_size=world_size, batch=batch, sequence_length=sequence_length,
+                    activation_checkpointing=checkpointing_on(checkpointing, strategy), bf16=bf16,
+                    accumulation=accumulation, gpu_bytes=gpu_bytes)
+
+    current = plan_for()
+    if current.fits:
+        return None
+    options: list[tuple[str, Plan]] = []
+    if strategy == "ddp" and world_size > 1:
+        options.append(("strategy=fsdp", plan_for(strategy="fsdp")))
+    if not checkpointing_on(activation_checkpointing, strategy):
+        options.append(("activation_checkpointing=true", plan_for(checkpointing="true")))
+    for knob, value, make in (
+            ("per_device_batch_size", batch, lambda v: plan_for(batch=v)),
+            ("sequence_length", sequence_length, lambda v: plan_for(sequence_length=v))):
+        smaller = value // 2
+        while smaller >= (1 if knob == "per_device_batch_size" else 256):
+            candidate = make(smaller)
+            if candidate.fits:
+                options.append((f"{knob}={smaller}", candidate))
+                break
+            smaller //= 2
+    instances = world_size // max(1, gpus_per_instance)
+    for factor in (2, 4, 8):
+        candidate = plan_for(strategy="fsdp", world_size=world_size * factor)
+        if candidate.fits:
+            change = f"instance_count={instances * factor}" + (" with strategy=fsdp" if strategy != "fsdp" else "")
+            options.append((change, candidate))
+            break
+    fitting = [f"{change} ({option.total / GIB:.1f} GiB)" for change, option in options if option.fits]
+    if not fitting:  # two changes: a smaller batch on as many instances as it takes
+        for factor in (1, 2, 4, 8):
+            smaller = batch // 2
+            while smaller >= 1:
+                candidate = plan_for(strategy="fsdp", world_size=world_size * factor, batch=smaller)
+                if candidate.fits:
+                    fitting.append(f"per_device_batch_size={smaller} with instance_count={instances * factor}"
+                                   + (" and strategy=fsdp" if strategy != "fsdp" else "")
+                                   + f" ({candidate.total / GIB:.1f} GiB)")
+                    break
+                smaller //= 2
+            if fitting:
+                break
+    return (f"needs {current.total / GIB:.1f} GiB per GPU at the {current.phase} (strategy {strategy}, batch {batch} "
+            f"x {sequence_length} tokens, {world_size} GPUs) of {gpu_bytes / GIB:.1f} GiB, {USABLE_FRACTION:.0%} "
+            "usable; " + ("settings that fit: " + ", ".join(fitting) if fitting else
+                          "no change of batch, sequence length, strategy or instance count fits: a GPU with more "
+                          "memory is needed"))

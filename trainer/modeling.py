@@ -2,8 +2,8 @@
 
 Start: the model is built on the meta device (parameters without storage; buffers such as rotary tables are
 real, `accelerate.init_empty_weights(include_buffers=False)`), activation checkpointing is switched on, FSDP2
-`fully_shard` wraps every decoder block and then the root, and only then is storage allocated, each rank for
-its own shards (`to_empty`). The base weights are read from the `model` channel's safetensors straight into
+`fully_shard` wraps every decoder block, the embeddings, the final norm with the head, and then the root, and
+only then is storage allocated, each rank for its own shards (`to_empty`). The base weights are read from the `model` channel's safetensors straight into
 those shards: each rank reads only the rows it owns (`SlicedSafetensorsReader`). A model folder without
 weights is initialised randomly, one module at a time and seeded, so every rank and every world size gets the
 same weights. DDP goes the same way with whole tensors.
@@ -107,15 +107,40 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
+def edge_units(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """The modules outside the decoder blocks that FSDP shards as units of their own (torchtitan's
+    `apply_fsdp`): the input embeddings, and the final norm with the output head. Left in the root they would
+    stay gathered, with unsharded gradients, through the whole forward and backward (the embeddings and head
+    are 1.05 B of Llama 3 8B's 8.03 B parameters). A model whose head is tied to its embeddings (GPT-2, Llama
+    3.2 1B/3B) keeps both in the root: one parameter cannot belong to two units, and a unit holding both
+    would stay gathered from the first module's forward to the last's anyway. Returns ([], []) then."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embeddings is None or head.weight is embeddings.weight:
+        return [], []
+    base = model.base_model
+    blocks = {id(block) for block in decoder_blocks(model)}
+    finals = [child for child in base.children() if child is not embeddings
+              and not isinstance(child, (torch.nn.ModuleList, torch.nn.Embedding))
+              and not any(id(m) in blocks for m in child.modules()) and any(True for _ in child.parameters())]
+    return [embeddings], [*finals, head]
+
+
 def shard(model: torch.nn.Module, *, bf16: bool) -> torch.nn.Module:
-    """FSDP2 per decoder block, then the root. With bf16 the shards stay fp32 (the optimizer's master
-    weights) while compute and all-gathers run in bf16 and gradients are reduced in fp32."""
+    """FSDP2 per decoder block, the embeddings and the final norm with the head (`edge_units`), then the root.
+    With bf16 the shards stay fp32 (the optimizer's master weights) while compute and all-gathers run in bf16
+    and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, mp_policy=policy)
+    embeddings, head = edge_units(model)
+    if embeddings:
+        fully_shard(embeddings, mp_policy=policy)
+        # The backward starts at the head: resharding it after the forward would only gather it again at once
+        # (torchtitan keeps it gathered too).
+        fully_shard(head, mp_policy=policy, reshard_after_forward=False)
     return fully_shard(model, mp_policy=policy)
 
 

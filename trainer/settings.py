@@ -61,13 +61,17 @@ class TrainSettings:
         "`false`, or `auto` (on with fsdp).", choices=("auto", "true", "false")))
     mixed_precision: str = dataclasses.field(default="auto", metadata=_doc(
         "`bf16` autocast, `no`, or `auto` (bf16 on GPU, fp32 on CPU).", choices=("auto", "bf16", "no")))
+    gpu_memory_gib: float = dataclasses.field(default=0.0, metadata=_doc(
+        "Plan memory for GPUs of this many GiB (strategy auto and the fit check before loading weights); 0: the "
+        "device's own memory (CPU runs: not checked).", min=0.0))
     # Checkpoints.
     checkpoint_interval_minutes: float = dataclasses.field(default=10.0, metadata=_doc(
         "Save when this much wall-clock time passed since the last save; 0 disables time-based saves.", min=0.0))
     checkpoint_every_steps: int = dataclasses.field(default=0, metadata=_doc(
         "Also save every N steps; 0 disables step-based saves.", min=0))
-    keep_checkpoints: int = dataclasses.field(default=3, metadata=_doc(
-        "Complete checkpoints to keep (at least 2: the newest may be mid-upload).", min=2))
+    keep_checkpoints: int = dataclasses.field(default=2, metadata=_doc(
+        "Complete checkpoints to keep (at least 2: the newest may be mid-upload). SageMaker restores all of them "
+        "to every instance on each restart: 12 bytes per parameter each.", min=2))
     async_checkpoint: bool = dataclasses.field(default=True, metadata=_doc(
         "Write checkpoints in the background (torch.distributed.checkpoint.async_save)."))
     # Reporting.

@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if topology.is_main:
         print(f"[network] gloo on {'interface ' + interface if interface else 'the host name address'}", flush=True)
     from checkpointing import CheckpointLayoutError
+    from memory import DoesNotFit
     from modeling import ModelError
     from tokens import DataError
 
     try:
         trainer = Trainer(settings, topology)
-    except (ModelError, DataError) as error:  # every rank reads the same folder and fails alike; one line is enough
+    except (ModelError, DataError, DoesNotFit) as error:  # every rank reads the same folder and fails alike; one line is enough
         if topology.is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2

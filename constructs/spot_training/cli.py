@@ -159,10 +159,11 @@ def cmd_size(args: argparse.Namespace) -> int:
     from spot_training.operations import load_prices
 
     config = load_config()
-    if args.model_config or args.parameters:
-        print(memory_text(config, args))
-        return 0
     base = config.workload()
+    if args.model_config or args.parameters:
+        text, parameters = memory_text(config, args)
+        print(text)
+        base = dataclasses.replace(base, model_parameters=parameters)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(sizing.Workload)
                  if getattr(args, f.name, None) is not None}
     if "on_demand_price_per_instance_hour" not in overrides:
@@ -177,7 +178,7 @@ def cmd_size(args: argparse.Namespace) -> int:
     return 0
 
 
-def memory_text(config: TrainingConfig, args: argparse.Namespace) -> str:
+def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, int]:
     """Memory per GPU for each allowed instance type and both strategies (the trainer's planner, memory.py)."""
     import dataclasses
 
@@ -208,10 +209,12 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> str:
     gib = memory.GIB
     lines = [f"model: {what}",
              f"per GPU at batch {overrides.get('per_device_batch_size', config.per_device_batch_size)} x "
-             f"{overrides.get('sequence_length', config.sequence_length)} tokens, bf16 compute, AdamW, "
-             f"{count} instance(s); GiB; fits: total <= {memory.USABLE_FRACTION:.0%} of the GPU",
-             f"{'instance type':<18} {'GPU':>5} {'strategy':<8} {'params':>7} {'grads':>7} {'optim':>7} "
-             f"{'activ.':>7} {'logits':>7} {'working':>7} {'total':>7}  fits"]
+             f"{overrides.get('sequence_length', config.sequence_length)} tokens, "
+             f"{config.gradient_accumulation_steps} micro-steps per step, bf16 compute, AdamW, "
+             f"{count} instance(s); GiB at the step's peak (grads: those alive then); fits: total <= "
+             f"{memory.USABLE_FRACTION:.0%} of the GPU",
+             f"{'instance type':<18} {'GPU':>5} {'strategy':<8} {'params':>7} {'optim':>7} {'grads':>7} "
+             f"{'activ.':>7} {'logits':>7} {'working':>7} {'total':>7}  fits  peak"]
     for instance_type in types:
         gpu = instance_types.gpu_memory_bytes(instance_type)
         for strategy in ("ddp", "fsdp"):
@@ -221,11 +224,11 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> str:
             except ConfigError as error:
                 raise CliError(str(error).replace("TrainingConfig.", "--").replace("_", "-", 2)) from None
             fits = {True: "yes", False: "NO", None: "? (GPU memory unknown)"}[plan.fits]
-            cells = [plan.parameters, plan.gradients, plan.optimizer, plan.activations, plan.logits, plan.working,
-                     plan.total]
+            cells = [plan.parameters, plan.optimizer, plan.gradients_held, plan.activations, plan.logits,
+                     plan.working, plan.total]
             lines.append(f"{instance_type:<18} {(f'{gpu / gib:.0f}' if gpu else '?'):>5} {strategy:<8} "
-                         + " ".join(f"{c / gib:7.1f}" for c in cells) + f"  {fits}")
-    return "\n".join(lines)
+                         + " ".join(f"{c / gib:7.1f}" for c in cells) + f"  {fits:<4}  {plan.phase}")
+    return "\n".join(lines), shape.parameters
 
 
 def platform_cost_text(config: TrainingConfig) -> str:
@@ -267,13 +270,28 @@ def sizing_text(w, instance_type: str) -> str:
         f"  checkpoint interval: Young/Daly optimum {young:.1f} min (save {w.checkpoint_save_seconds:g} s, "
         f"{w.job_interruptions_per_hour:g} interruptions/h for the job); recommended "
         f"{sizing.recommended_interval_minutes(w):.1f} min to keep lost work under {w.max_lost_work_minutes:g} min",
+        restart_line(w),
         f"  Monte Carlo ({w.interruptions_per_instance_hour:g} interruptions per instance-hour, "
-        f"{w.restart_minutes:g} min per restart, checkpoint every {w.checkpoint_interval_minutes:g} min):",
+        f"{w.restart_minutes:.1f} min per restart, checkpoint every {w.checkpoint_interval_minutes:g} min):",
         f"    completion p50 {completion.p50_hours:.2f} h, p90 {completion.p90_hours:.2f} h, p99 {completion.p99_hours:.2f} h; "
         f"{completion.mean_interruptions:.2f} interruptions on average",
         f"    probability of finishing within the {w.slo_hours:g} h SLO: {completion.probability_within_slo:.1%}",
     ]
     return "\n".join(lines)
+
+
+def restart_line(w) -> str:
+    from spot_training import sizing
+
+    if not w.model_parameters:
+        return (f"  restart: {w.restart_minutes:.1f} min = {w.provisioning_minutes:g} min provisioning; the checkpoint "
+                "download is not counted (model size unknown: pass --parameters or set training.model_parameters)")
+    model = (f" + the model channel {sizing.MODEL_BYTES_PER_PARAMETER * w.model_parameters / 1e9:,.1f} GB"
+             if w.model_channel == "File" else ", model channel FastFile: not downloaded")
+    return (f"  restart: {w.restart_minutes:.1f} min = {w.provisioning_minutes:g} min provisioning + "
+            f"{w.restore_bytes / 1e9:,.1f} GB per instance at {w.restore_gb_per_second:g} GB/s "
+            f"({w.keep_checkpoints} checkpoints x {w.checkpoint_bytes / 1e9:,.1f} GB: "
+            f"{sizing.CHECKPOINT_BYTES_PER_PARAMETER} bytes per parameter{model})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--interruptions-per-instance-hour", dest="interruptions_per_instance_hour", type=float)
     size.add_argument("--checkpoint-save-seconds", dest="checkpoint_save_seconds", type=float)
     size.add_argument("--checkpoint-interval-minutes", dest="checkpoint_interval_minutes", type=float)
-    size.add_argument("--restart-minutes", dest="restart_minutes", type=float)
+    size.add_argument("--provisioning-minutes", dest="provisioning_minutes", type=float,
+                      help="capacity wait and instance start per restart, before downloads (10)")
+    size.add_argument("--restore-gb-per-second", dest="restore_gb_per_second", type=float,
+                      help="checkpoint download rate into one instance (1.0 GB/s)")
+    size.add_argument("--model-channel", dest="model_channel", choices=("FastFile", "File"),
+                      help="input mode of the model channel (the pipeline's: FastFile)")
     size.add_argument("--max-lost-minutes", dest="max_lost_work_minutes", type=float)
     size.set_defaults(handler=cmd_size, flag_names={a.dest: a.option_strings[0] for a in size._actions
                                                     if a.option_strings})

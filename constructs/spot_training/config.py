@@ -233,8 +233,13 @@ class TrainingConfig:
                                           min=0.0, max=1440.0, exclusive_min=True)
     checkpoint_save_seconds: float = _field(30.0, "Training time one checkpoint save blocks (sizing model).",
                                             min=0.0, max=3600.0)
-    restart_minutes: float = _field(15.0, "Capacity wait, provisioning and download after an interruption "
-                                    "(sizing model).", min=0.0, max=1440.0)
+    provisioning_minutes: float = _field(10.0, "Capacity wait, instance and container start after an interruption, "
+                                         "before downloads (sizing model; the restart time adds the checkpoint "
+                                         "download when model_parameters is set).", min=0.0, max=1440.0)
+    restore_gb_per_second: float = _field(1.0, "Download rate of SageMaker's checkpoint restore into one instance, "
+                                          "GB/s (sizing model; undocumented by SageMaker: measure yours from a "
+                                          "restarted job's Downloading time).", min=0.0, max=100.0,
+                                          exclusive_min=True)
     alarm_email: str = _field("", "E-mail address subscribed to the alarm topic (confirm the subscription "
                               "mail). Empty: no subscription.", pattern=r"|[^@\s]+@[^@\s]+\.[^@\s]+",
         allowed="an e-mail address, or empty")
@@ -333,7 +338,9 @@ class TrainingConfig:
         """This deployment as the sizing model sees it."""
         return Workload(instance_count=self.instance_count, run_hours=self.expected_run_hours,
                         slo_hours=self.slo_hours, interruptions_per_instance_hour=self.interruptions_per_instance_hour,
-                        checkpoint_save_seconds=self.checkpoint_save_seconds, restart_minutes=self.restart_minutes,
+                        checkpoint_save_seconds=self.checkpoint_save_seconds,
+                        provisioning_minutes=self.provisioning_minutes, model_parameters=self.model_parameters,
+                        restore_gb_per_second=self.restore_gb_per_second,
                         max_lost_work_minutes=self.max_lost_work_minutes,
                         checkpoint_interval_minutes=self.checkpoint_interval_minutes)
 
@@ -356,9 +363,11 @@ class TrainingConfig:
             strategy = memory.choose_strategy(shape, world_size=world_size, batch=self.per_device_batch_size,
                                               sequence_length=self.sequence_length, bf16=True,
                                               gpu_bytes=gpu_bytes or 0,
-                                              activation_checkpointing=self.activation_checkpointing)
+                                              activation_checkpointing=self.activation_checkpointing,
+                                              accumulation=self.gradient_accumulation_steps)
         return memory.plan(shape, strategy=strategy, world_size=world_size, batch=self.per_device_batch_size,
                            sequence_length=self.sequence_length, bf16=True, gpu_bytes=gpu_bytes,
+                           accumulation=self.gradient_accumulation_steps,
                            activation_checkpointing=memory.checkpointing_on(self.activation_checkpointing, strategy))
 
     def memory_findings(self) -> list[str]:
@@ -371,12 +380,14 @@ class TrainingConfig:
         plan = self.memory_plan(shape, self.instance_type, self.instance_count)
         if plan.fits is not False:
             return []
-        gib = memory.GIB
-        return [f"{_PREFIX.get()}.model_parameters={self.model_parameters}: needs {plan.total / gib:.1f} GiB per GPU "
-                f"with strategy {plan.strategy} on {self.instance_count} x {self.instance_type} "
-                f"({plan.gpu_bytes / gib:.0f} GiB GPUs, {memory.USABLE_FRACTION:.0%} usable) at batch "
-                f"{self.per_device_batch_size} x {self.sequence_length} tokens; use strategy fsdp, more instances, "
-                "a smaller batch or a larger GPU (spot-training size --parameters shows each)"]
+        gpus = max(1, instance_types.gpus_per_instance(self.instance_type))
+        problem = memory.fit_error(shape, strategy=plan.strategy, world_size=self.instance_count * gpus,
+                                   gpus_per_instance=gpus,
+                                   batch=self.per_device_batch_size, sequence_length=self.sequence_length,
+                                   activation_checkpointing=self.activation_checkpointing, bf16=True,
+                                   accumulation=self.gradient_accumulation_steps, gpu_bytes=plan.gpu_bytes)
+        return [f"{_PREFIX.get()}.model_parameters={self.model_parameters}: on {self.instance_count} x "
+                f"{self.instance_type} {problem} (spot-training size --parameters shows each)"]
 
     @classmethod
     def field_docs(cls) -> list[tuple[str, Any, str]]:

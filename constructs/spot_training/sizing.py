@@ -8,9 +8,15 @@ Used by `spot-training size` and by the synth-time guardrails, so both say the s
 - checkpoint interval: Young's first-order optimum tau = sqrt(2 x C x MTBF) (Young 1974; Daly 2006), where C
   is the time a save blocks training and MTBF = 1 / (instance_count x interruptions per instance-hour),
   capped so that the worst-case lost work per interruption (one interval) stays under the target.
+- restart time after an interruption = provisioning (capacity wait, instance and container start) + what
+  SageMaker downloads to every instance before the trainer starts, at the instance's download rate:
+  the whole checkpoint prefix (SageMaker restores all of it to every instance: CheckpointConfig), that is up
+  to `keep_checkpoints` checkpoints of `CHECKPOINT_BYTES_PER_PARAMETER` bytes per parameter, plus the model
+  channel when it is in File mode (FastFile, the pipeline's choice, streams it: nothing before the start, and
+  a resume does not read the base weights at all).
 - Monte Carlo: interruptions arrive as a Poisson process at the job's rate; each one loses the work since
-  the last checkpoint and costs a restart (capacity wait, provisioning, download); every interval of work
-  costs C more. Gives completion-time percentiles and the probability of meeting the SLO.
+  the last checkpoint and costs a restart; every interval of work costs C more. Gives completion-time
+  percentiles and the probability of meeting the SLO.
 """
 
 from __future__ import annotations
@@ -19,6 +25,18 @@ import dataclasses
 import math
 import random
 import statistics
+
+# A checkpoint holds the fp32 weights (4 bytes per parameter) and AdamW's two fp32 moments (8): DCP of
+# get_state_dict(model, optimizer), whatever the strategy or world size. Measured by benchmarks/planner.py
+# (the trainer's own step folders) and tests/test_memory_planner.py: 12.0 bytes per parameter and a few KiB.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+# The base model as safetensors in bf16 (Hugging Face's published Llama 3 weights): 2 bytes per parameter.
+MODEL_BYTES_PER_PARAMETER = 2
+# SageMaker documents no rate for its checkpoint restore or File-mode channel copy. The best measured S3
+# download into one instance is ~6.3 GB/s (p3dn.24xlarge, 100 Gbps, many parallel requests: dvassallo
+# s3-benchmark, 2019, github.com/dvassallo/s3-benchmark); the SageMaker agent is one copier per instance.
+# 1 GB/s is the planning figure: read yours from a restarted job's "Downloading" secondary status time.
+RESTORE_GB_PER_SECOND = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,7 +49,11 @@ class Workload:
     spot_fraction: float = 0.35
     interruptions_per_instance_hour: float = 0.05
     checkpoint_save_seconds: float = 30.0
-    restart_minutes: float = 15.0
+    provisioning_minutes: float = 10.0
+    model_parameters: int = 0           # 0: unknown (restart time without downloads)
+    keep_checkpoints: int = 2
+    restore_gb_per_second: float = RESTORE_GB_PER_SECOND
+    model_channel: str = "FastFile"
     max_lost_work_minutes: float = 10.0
     checkpoint_interval_minutes: float = 10.0
 
@@ -40,11 +62,34 @@ class Workload:
                      "checkpoint_interval_minutes", "max_lost_work_minutes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be above 0")
-        for name in ("interruptions_per_instance_hour", "checkpoint_save_seconds", "restart_minutes"):
+        for name in ("interruptions_per_instance_hour", "checkpoint_save_seconds", "provisioning_minutes",
+                     "model_parameters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be 0 or more")
         if self.spot_fraction > 1:
             raise ValueError(f"spot_fraction={self.spot_fraction}: must be at most 1")
+        if self.restore_gb_per_second <= 0:
+            raise ValueError(f"restore_gb_per_second={self.restore_gb_per_second}: must be above 0")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints}: must be at least 2")
+        if self.model_channel not in ("File", "FastFile"):
+            raise ValueError(f"model_channel={self.model_channel}: must be File or FastFile")
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return CHECKPOINT_BYTES_PER_PARAMETER * self.model_parameters
+
+    @property
+    def restore_bytes(self) -> int:
+        """What every instance downloads before a restarted job trains: the checkpoint prefix (the kept
+        checkpoints; one more, partly written, when the interruption lands during a save) and a File-mode
+        model channel."""
+        model = MODEL_BYTES_PER_PARAMETER * self.model_parameters if self.model_channel == "File" else 0
+        return self.keep_checkpoints * self.checkpoint_bytes + model
+
+    @property
+    def restart_minutes(self) -> float:
+        return self.provisioning_minutes + self.restore_bytes / (self.restore_gb_per_second * 1e9) / 60
 
     @property
     def job_interruptions_per_hour(self) -> float:
