@@ -46,7 +46,7 @@ class Case:
     activation_checkpointing: bool
     hidden: int = 512
     intermediate: int = 1408
-    layers: int = 6
+    layers: int = 2
     vocab: int = 32000
     heads: int = 8
     kv_heads: int = 4
@@ -64,8 +64,9 @@ class Case:
                            reduce_copies=copies[1], foreach_optimizer=False)
 
 
-# Small enough for the suite (2 cores, under half a minute each), big enough that the model's bytes dominate
-# what a process adds while it trains (56 M parameters: 0.9 GB of fp32 state under DDP).
+# Small enough for the suite (2 cores, under 20 s each), big enough that the model's bytes dominate what a
+# process adds while it trains (39 M parameters: 0.6 GB of fp32 state under DDP; at 20 M a fixed ~70 MiB per
+# process that the planner does not count is 20% of the total).
 CASES = {c.name: c for c in [
     Case("ddp-1-acc1", "ddp", 1, 1, 2, 128, False),
     Case("fsdp-2-acc2-ac", "fsdp", 2, 2, 2, 128, True),

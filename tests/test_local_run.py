@@ -153,6 +153,36 @@ def test_compare_runs_says_identical_for_the_same_report(uninterrupted, tmp_path
     assert re.search(r"final loss: reference [\d.]+ \(0 interruptions\)", done.stdout)
 
 
+def test_compare_runs_has_a_tolerance_mode_for_gpu_runs(tmp_path):
+    """Model folders (an exported model synced from S3) compared exactly, and within a relative tolerance:
+    GPU runs are not bit-exact (README, "Exactness")."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a.weight": torch.randn(64, 32, generator=generator), "b.weight": torch.randn(32, generator=generator)}
+    for name, scale in (("reference", 0.0), ("candidate", 1e-4)):
+        folder = tmp_path / name / "model"
+        folder.mkdir(parents=True)
+        save_file({k: v + scale * v.abs().mean() for k, v in weights.items()}, str(folder / "model.safetensors"))
+        (tmp_path / name / "data").mkdir()
+        (tmp_path / name / "data" / "summary.json").write_text(json.dumps({"final_loss": 2.0 * (1 + scale)}))
+
+    def compare(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "spot_training.cli", "compare-runs", str(tmp_path / "reference"
+                                                                                              / "model"),
+                               str(tmp_path / "candidate" / "model"), *extra], capture_output=True, text=True,
+                              timeout=120)
+
+    exact, loose, tight = compare(), compare("--tolerance", "1e-3"), compare("--tolerance", "1e-6")
+    assert exact.returncode == 1 and "final parameters: DIFFERENT" in exact.stdout
+    assert loose.returncode == 0 and "final loss: reference 2.000000, candidate 2.000200: within 0.001" in loose.stdout
+    assert "final parameters: within 0.001 (largest relative L2 difference" in loose.stdout
+    assert tight.returncode == 1 and "DIFFERENT beyond 1e-06" in tight.stdout
+    bad = compare("--tolerance", "2")
+    assert bad.returncode == 2 and "argument --tolerance: 2.0 must be above 0 and below 1" in bad.stderr
+
+
 def processes_working_in(folder: Path) -> list[str]:
     """Live processes whose working directory is inside `folder` (every emulated instance's processes are)."""
     found = []

@@ -100,6 +100,9 @@ def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, argum
     assert channels["train"] == {"Std:Join": {"On": "/", "Values": [
         {"Get": "Steps.PrepareData.ProcessingOutputConfig.Outputs['prepared'].S3Output.S3Uri"}, "train", ""]}}
     assert channels["model"] == {"Get": "Parameters.BaseModelUri"}
+    # The base model streams (FastFile): a restart would otherwise copy all of it to every instance again.
+    modes = {c["ChannelName"]: c["InputMode"] for c in arguments["InputDataConfig"]}
+    assert modes["model"] == "FastFile" and modes["train"] == "File"
 
 
 def test_nothing_starts_a_run_on_deploy(default_app):

@@ -123,6 +123,31 @@ class _PendingSave:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+class CachedStagingWriter(dcp.FileSystemWriter):
+    """torch 2.8's async_save stages synchronously through the writer's `stage` (BlockingAsyncStager): with
+    a fresh writer per save and `cache_staged_state_dict=False` (the default) every save allocates new pageable
+    host memory for the whole state and copies into it. This writer is made once and reused: the staged copy
+    is allocated on the first save (pinned on GPU, so each later save is one device-to-host copy into it) and
+    kept. torch's own cache pins unconditionally, which fails without CUDA; here pinning follows the device.
+    The cache is rebuilt when the state's keys change (CompanionMismatch). Costs one copy of this rank's
+    state in host memory for the job's life (12 bytes per parameter / world size)."""
+
+    def __init__(self, path: Path, *, pin_memory: bool) -> None:
+        super().__init__(str(path), sync_files=True, thread_count=2, cache_staged_state_dict=True)
+        self.pin_memory = pin_memory
+
+    def stage(self, state_dict):
+        from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
+
+        if self.state_dict_cache is not None:
+            try:
+                return _copy_state_dict(state_dict, self.state_dict_cache, type_check=self.type_check)
+            except CompanionMismatch:
+                self.state_dict_cache = None
+        self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+        return _copy_state_dict(state_dict, self.state_dict_cache, type_check=self.type_check)
+
+
 class Checkpointer:
     """Decides when to save, saves (optionally in the background), marks complete, prunes, and loads the
     newest complete and intact checkpoint. Call `poll(step, stop)` once per step on every rank."""
@@ -139,6 +164,9 @@ class Checkpointer:
         self.stager = None if DefaultStager is None else DefaultStager(StagingOptions(
             use_pinned_memory=device.type == "cuda", use_shared_memory=False, use_async_staging=True,
             use_non_blocking_copy=device.type == "cuda"))
+        # torch 2.8: one writer for the job, so its staged copy is reused (CachedStagingWriter).
+        self.cached_writer = None if self.stager is not None or not async_save else \
+            CachedStagingWriter(self.folder, pin_memory=device.type == "cuda")
         # Checkpoint I/O runs on its own gloo group: an async save's collectives must never interleave
         # with the training collectives (NCCL on GPU) of the main thread.
         self.group = group if group is not None else dist.new_group(backend="gloo")
@@ -184,7 +212,8 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
         if self.async_save:
             if self.stager is None:
-                response = dcp.async_save(state(), storage_writer=writer, process_group=self.group)
+                response = dcp.async_save(state(), storage_writer=self.cached_writer, checkpoint_id=str(path),
+                                          process_group=self.group)
             else:
                 response = dcp.async_save(state(), storage_writer=writer, process_group=self.group,
                                           async_stager=self.stager)

@@ -86,3 +86,21 @@ def bind_gloo_to_the_instance_network() -> str | None:
         if name and not name.startswith(("^", "=")):
             os.environ["GLOO_SOCKET_IFNAME"] = name
     return os.environ.get("GLOO_SOCKET_IFNAME")
+
+
+def make_deterministic() -> list[str]:
+    """The `deterministic` setting: torch's deterministic kernels, strictly (an op without a deterministic
+    implementation raises instead of silently differing), cuBLAS with a fixed workspace (its documented
+    requirement for reproducible results: CUBLAS_WORKSPACE_CONFIG=:4096:8, set before the first cuBLAS call),
+    cuDNN without autotuning. Returns what it set, for the log. NCCL's reduction order is outside these
+    switches: it depends on the world size and topology, so a resume on another world size is never bit-exact."""
+    import torch
+
+    done = []
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    done.append(f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    done += ["torch.use_deterministic_algorithms(True)", "cudnn.deterministic", "no cudnn.benchmark"]
+    return done

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import environment
 import log_format
 import memory
 import modeling
@@ -42,6 +43,10 @@ def learning_rate_factor(step: int, settings: TrainSettings) -> float:
 class Trainer:
     def __init__(self, settings: TrainSettings, topology: Topology) -> None:
         self.settings, self.topology = settings, topology
+        if settings.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+            switched = environment.make_deterministic()
+            if topology.is_main:
+                print(f"[determinism] on: {', '.join(switched)}", flush=True)
         self.device = torch.device(f"cuda:{topology.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -61,6 +61,9 @@ class TrainSettings:
         "`false`, or `auto` (on with fsdp).", choices=("auto", "true", "false")))
     mixed_precision: str = dataclasses.field(default="auto", metadata=_doc(
         "`bf16` autocast, `no`, or `auto` (bf16 on GPU, fp32 on CPU).", choices=("auto", "bf16", "no")))
+    deterministic: bool = dataclasses.field(default=False, metadata=_doc(
+        "GPU runs as reproducible as torch allows: deterministic kernels (strict), a fixed cuBLAS workspace, no "
+        "cuDNN autotuning; slower (see README, Exactness). CPU runs are bit-exact without it."))
     gpu_memory_gib: float = dataclasses.field(default=0.0, metadata=_doc(
         "Plan memory for GPUs of this many GiB (strategy auto and the fit check before loading weights); 0: the "
         "device's own memory (CPU runs: not checked).", min=0.0))

@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from spot_training.config import ConfigError, TrainingConfig
 from spot_training.operations import OperationError
@@ -36,6 +37,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0 and below 1")
     return value
 
 
@@ -78,21 +89,64 @@ def cmd_local_run(args: argparse.Namespace) -> int:
     return 0 if report["metric_definitions_ok"] else 1
 
 
+def _run_outputs(folder: str) -> tuple[float | None, int | None, Path]:
+    """(final loss, interruptions, model folder) of a local-run --out folder (its report.json), or of a model
+    folder (an exported model, for example a SageMaker job's output/model/ synced from S3: no loss)."""
+    path = Path(folder)
+    report = path / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        return data["final_loss"], data["interruptions"], Path(data["model_s3_path"])
+    if any(path.glob("*.safetensors")):
+        summary = path.parent / "data" / "summary.json"
+        loss = json.loads(summary.read_text())["final_loss"] if summary.is_file() else None
+        return loss, None, path
+    raise CliError(f"{path}: neither a local-run --out folder (report.json) nor a model folder (*.safetensors)")
+
+
+def _tensors(model_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
 def cmd_compare_runs(args: argparse.Namespace) -> int:
-    reports = []
-    for folder in (args.reference, args.candidate):
-        path = Path(folder) / "report.json"
-        if not path.is_file():
-            raise CliError(f"{path}: no report.json (run local-run with --out {folder} first)")
-        reports.append(json.loads(path.read_text()))
-    reference, candidate = reports
-    same_loss = reference["final_loss"] == candidate["final_loss"]
-    same_parameters = reference["final_parameters_sha256"] == candidate["final_parameters_sha256"]
-    print(f"final loss: reference {reference['final_loss']:.6f} ({reference['interruptions']} interruptions), "
-          f"candidate {candidate['final_loss']:.6f} ({candidate['interruptions']} interruptions): "
-          f"{'identical' if same_loss else 'DIFFERENT'}")
-    print(f"final parameters: {'bit-identical' if same_parameters else 'DIFFERENT'}")
-    return 0 if same_loss and same_parameters else 1
+    """Exact (default): the same final loss and bit-identical parameters, what resume guarantees on CPU.
+    --tolerance R: the final loss within R relative and every tensor within R in relative L2 norm
+    (||a - b|| / ||a||), for GPU runs, where NCCL reduction order and attention kernels are not bit-exact."""
+    import torch
+
+    (loss_a, interruptions_a, model_a), (loss_b, interruptions_b, model_b) = (
+        _run_outputs(args.reference), _run_outputs(args.candidate))
+    tolerance = args.tolerance
+    if loss_a is not None and loss_b is not None:
+        difference = abs(loss_a - loss_b) / max(abs(loss_a), 1e-12)
+        same_loss = loss_a == loss_b if tolerance is None else difference <= tolerance
+        verdict = ("identical" if loss_a == loss_b else "DIFFERENT") if tolerance is None else \
+            (f"within {tolerance:g}" if same_loss else f"DIFFERENT beyond {tolerance:g}") + f" (relative {difference:.2e})"
+        counts = [f" ({n} interruptions)" if n is not None else "" for n in (interruptions_a, interruptions_b)]
+        print(f"final loss: reference {loss_a:.6f}{counts[0]}, candidate {loss_b:.6f}{counts[1]}: {verdict}")
+    else:
+        same_loss = True
+        print("final loss: not known for a model folder (no ../data/summary.json); parameters only")
+    a, b = _tensors(model_a), _tensors(model_b)
+    if sorted(a) != sorted(b) or any(a[name].shape != b[name].shape for name in a):
+        print("final parameters: DIFFERENT (the models do not have the same tensors)")
+        return 1
+    if tolerance is None:
+        same = all(torch.equal(a[name], b[name]) for name in a)
+        print(f"final parameters: {'bit-identical' if same else 'DIFFERENT'}")
+        return 0 if same_loss and same else 1
+    worst_name, worst = max(((name, (torch.linalg.vector_norm((a[name].double() - b[name].double()))
+                                     / torch.linalg.vector_norm(a[name].double()).clamp_min(1e-30)).item())
+                             for name in a), key=lambda item: item[1])
+    same = worst <= tolerance
+    print(f"final parameters: {'within' if same else 'DIFFERENT beyond'} {tolerance:g} (largest relative L2 "
+          f"difference {worst:.2e}, {worst_name})")
+    return 0 if same_loss and same else 1
 
 
 PRICES = Path(__file__).resolve().parent / "prices.json"
@@ -160,7 +214,8 @@ def cmd_size(args: argparse.Namespace) -> int:
 
     config = load_config()
     base = config.workload()
-    if args.model_config or args.parameters:
+    model = args.model_config or args.parameters
+    if model:  # memory per GPU, then the sizing of a run of that model (its restart downloads)
         text, parameters = memory_text(config, args)
         print(text)
         base = dataclasses.replace(base, model_parameters=parameters)
@@ -174,7 +229,8 @@ def cmd_size(args: argparse.Namespace) -> int:
         name, _, rest = str(error).partition("=")
         raise CliError(f"{args.flag_names.get(name, name)}={rest}") from None
     print(sizing_text(workload, args.instance_type))
-    print(platform_cost_text(config))
+    if not model:
+        print(platform_cost_text(config))
     return 0
 
 
@@ -384,9 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "hyperparameter)")
     local.set_defaults(handler=cmd_local_run)
 
-    compare = commands.add_parser("compare-runs", help="compare two local-run reports (final loss, parameters)")
-    compare.add_argument("reference", help="a local-run --out folder")
-    compare.add_argument("candidate", help="another local-run --out folder")
+    compare = commands.add_parser("compare-runs", help="compare two runs: final loss and parameters, exactly or "
+                                  "within a tolerance", description=cmd_compare_runs.__doc__)
+    compare.add_argument("reference", help="a local-run --out folder, or a model folder (*.safetensors)")
+    compare.add_argument("candidate", help="another local-run --out folder or model folder")
+    compare.add_argument("--tolerance", type=_fraction, metavar="R", help="relative tolerance instead of "
+                         "bit-identity, for GPU runs (take it from two runs of the same configuration without "
+                         "interruptions: the spread that nondeterminism alone makes)")
     compare.set_defaults(handler=cmd_compare_runs)
     return parser
 
