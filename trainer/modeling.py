@@ -10,7 +10,8 @@ same weights. DDP goes the same way with whole tensors.
 
 End: the fine-tuned model is written as Hugging Face safetensors in files of at most `max_file_bytes`; each
 tensor is gathered in turn and kept only by the rank that writes its file (the local ranks of the first
-instance, whose /opt/ml/model SageMaker uploads), so no process holds more than one file of it.
+instance, whose /opt/ml/model SageMaker uploads), in a thread while the gathers go on, so the ranks write
+their files in parallel and no process holds more than two files of it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -294,15 +296,24 @@ def export(model: torch.nn.Module, config, out_dir: str, *, rank: int, writers: 
     if rank < writers:
         out.mkdir(parents=True, exist_ok=True)
     pending: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors:
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        index, writer = owner[name]
-        if writer == rank:
-            pending[name] = full.detach().to(device="cpu", dtype=dtype).contiguous()
-            if name == layout[index][-1]:
-                save_file(pending, str(out / names[index]), metadata={"format": "pt"})
-                pending = {}
-        del full
+    # Each writer rank writes its files in a thread of its own while the gathers go on: the ranks' files are
+    # written in parallel instead of one rank's write holding every rank at the next gather. A writer holds
+    # at most the file being written and the one being gathered (2 x max_file_bytes of host memory).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        writes = []
+        for name, tensor in tensors:
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            index, writer = owner[name]
+            if writer == rank:
+                pending[name] = full.detach().to(device="cpu", dtype=dtype).contiguous()
+                if name == layout[index][-1]:
+                    if writes:
+                        writes[-1].result()  # the previous file is out before a third one is held
+                    writes.append(pool.submit(save_file, pending, str(out / names[index]), metadata={"format": "pt"}))
+                    pending = {}
+            del full
+        for write in writes:
+            write.result()
     if rank == 0 and len(names) > 1:
         weight_map = {name: names[owner[name][0]] for name, _ in tensors}
         total = sum(t.numel() * element for _, t in tensors)

@@ -34,7 +34,9 @@ def main(model_dir: str, strategy: str, out: str, max_file_bytes: int) -> None:
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in modeling.unique_parameters(model).values())
     full = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
             for name, t in model.state_dict().items()}
-    files = modeling.export(model, config, f"{out}/export", rank=rank, writers=1, max_file_bytes=max_file_bytes)
+    # Every rank writes its share of the files (in parallel, as the first instance's local ranks do).
+    files = modeling.export(model, config, f"{out}/export", rank=rank, writers=dist.get_world_size(),
+                            max_file_bytes=max_file_bytes)
     model.train()
     batch = torch.arange(2 * 9).reshape(2, 9) % config.vocab_size
     loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss

@@ -139,3 +139,16 @@ def test_the_gpu_mixed_precision_policy_trains_with_fp32_master_shards(models, t
     dtypes = {k: m.properties.dtype for k, m in metadata.state_dict_metadata.items()
               if k.startswith("model.") and hasattr(m, "properties")}
     assert dtypes and set(dtypes.values()) == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["tied", "untied"])
+def test_embeddings_and_head_are_fsdp_units_of_their_own_unless_tied(models, name):
+    """torchtitan's grouping: the input embeddings alone, the final norm with the head; a tied head stays in
+    the root with its embeddings (one parameter cannot be in two units)."""
+    with modeling.no_init_warnings():
+        model = modeling.empty_model(modeling.read_config(str(models[name])))
+    embeddings, head = modeling.edge_units(model)
+    if name == "tied":
+        assert (embeddings, head) == ([], [])
+    else:
+        assert embeddings == [model.model.embed_tokens] and head == [model.model.norm, model.lm_head]
