@@ -4,9 +4,11 @@ trainer builds it (trainer/modeling.py: meta device, FSDP2 with MixedPrecisionPo
 per-block activation checkpointing, seeded per-module init), then bf16 training steps with AdamW.
 
 A full 8B fine-tune holds 16 bytes per parameter (128.5 GB) and does not fit one GPU; the 8B shape keeps the
-8B's width with as many layers as the planner (trainer/memory.py) says fit this GPU. Prints per model: tokens/s,
-MFU, peak GPU memory (torch.cuda.max_memory_allocated) against the planner's estimate, and a DCP save/resume
-round trip (parameters identical).
+8B's width with as many layers as the planner (trainer/memory.py) says fit this GPU and as its checkpoint
+(12 bytes per parameter) fits half the free disk (the lent H200 has 64 GB: a full-depth checkpoint there
+would be 78 GB). Prints per model: tokens/s, MFU, peak GPU memory (torch.cuda.max_memory_allocated) against
+the planner's figure and phase, and a DCP save/resume round trip (parameters identical). Every checkpoint
+folder is removed, on failure too. About 4 minutes on an H200 with the defaults.
 
     torchrun --nproc_per_node 1 benchmarks/gpu_scale.py [--seconds 40] [--peak-tflops 989]
     python benchmarks/gpu_scale.py --device cpu --tiny     # the same path on CPU in seconds (no figures)
@@ -46,11 +48,13 @@ def hf_config(shape: memory.ModelShape, sequence: int):
                        tie_word_embeddings=shape.tied_embeddings, max_position_embeddings=sequence, use_cache=False)
 
 
-def layers_that_fit(shape: memory.ModelShape, gpu_bytes: int, batch: int, sequence: int) -> int:
+def layers_that_fit(shape: memory.ModelShape, gpu_bytes: int, batch: int, sequence: int, disk_bytes: int) -> int:
+    """The most layers whose plan fits the GPU and whose checkpoint fits half of `disk_bytes`."""
     for layers in range(shape.layers, 0, -1):
         candidate = dataclasses.replace(shape, layers=layers)
-        if memory.plan(candidate, strategy="fsdp", world_size=1, batch=batch, sequence_length=sequence,
-                       activation_checkpointing=True, gpu_bytes=gpu_bytes).fits:
+        fits_disk = 12 * candidate.parameters <= disk_bytes // 2
+        if fits_disk and memory.plan(candidate, strategy="fsdp", world_size=1, batch=batch, sequence_length=sequence,
+                                     activation_checkpointing=True, gpu_bytes=gpu_bytes).fits:
             return layers
     return 1
 
@@ -68,7 +72,7 @@ def run(name: str, shape: memory.ModelShape, args: argparse.Namespace, device: t
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.sequence + 1), device=device)
     estimate = memory.plan(shape, strategy="fsdp", world_size=1, batch=args.batch, sequence_length=args.sequence,
-                           activation_checkpointing=True, bf16=bf16)
+                           activation_checkpointing=True, bf16=bf16, foreach_optimizer=bf16)
 
     def step() -> float:
         logits = model(input_ids=batch[:, :-1]).logits
@@ -97,9 +101,16 @@ def run(name: str, shape: memory.ModelShape, args: argparse.Namespace, device: t
     if bf16:
         mfu = 8 * parameters * tokens_per_second / (args.peak_tflops * 1e12)
         print(f"  MFU {mfu:.1%} counting the recompute (6N: {mfu * 6 / 8:.1%}) of {args.peak_tflops:.0f} TFLOP/s; "
-              f"peak GPU memory {peak / 2**30:.1f} GiB vs planner {estimate.total / 2**30:.1f} GiB "
-              f"({(peak - estimate.total) / estimate.total:+.0%})")
-    folder = tempfile.mkdtemp(prefix="gpu-scale-")
+              f"peak GPU memory {peak / 2**30:.1f} GiB vs planner {estimate.total / 2**30:.1f} GiB at the "
+              f"{estimate.phase} (planner {(estimate.total - peak) / peak:+.1%} of measured)")
+    folder = tempfile.mkdtemp(prefix="gpu-scale-", dir=args.scratch)
+    try:
+        round_trip(model, optimizer, folder)
+    finally:  # the disk is shared: never leave a checkpoint behind
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def round_trip(model, optimizer, folder: str) -> None:
     model_state, optim_state = get_state_dict(model, optimizer)
     started = time.perf_counter()
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
@@ -118,7 +129,6 @@ def run(name: str, shape: memory.ModelShape, args: argparse.Namespace, device: t
     size = sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**30
     print(f"  save/resume: {size:.1f} GiB saved in {saved:.1f} s, loaded in {loaded:.1f} s, parameters "
           f"identical: {exact}")
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:
@@ -129,6 +139,7 @@ def main() -> int:
     parser.add_argument("--sequence", type=int, default=2048)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny widths (a CPU dry run of the same code)")
+    parser.add_argument("--scratch", default=tempfile.gettempdir(), help="where the checkpoints go (removed)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; this check needs one GPU (or --device cpu --tiny)", file=sys.stderr)
@@ -149,7 +160,9 @@ def main() -> int:
         gpu = torch.cuda.get_device_properties(0).total_memory
         print(f"device {torch.cuda.get_device_name()}, {gpu / 2**30:.0f} GiB, torch {torch.__version__}")
         eight = memory.LLAMA3["8B"]
-        layers = layers_that_fit(eight, gpu, args.batch, args.sequence)
+        free = shutil.disk_usage(args.scratch).free
+        layers = layers_that_fit(eight, gpu, args.batch, args.sequence, free)
+        print(f"8B-shaped: {layers} of 32 layers (GPU memory and {free / 1e9:.0f} GB free in {args.scratch})")
         shapes = {"1B": memory.LLAMA3["1B"], "8B-shaped": dataclasses.replace(eight, layers=layers)}
     for name, shape in shapes.items():
         run(name, shape, args, device)  # its model and optimizer are freed when it returns

@@ -27,8 +27,10 @@ def job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(job, tmp_path_factory):
-    """An uninterrupted run: the reference every interrupted run must reproduce bit for bit."""
-    run = Run(job, tmp_path_factory.mktemp("baseline"))
+    """An uninterrupted run: the reference every interrupted run must reproduce bit for bit. It runs in
+    deterministic mode (strict deterministic kernels) and the others do not: on CPU the mode changes no result,
+    so every bit-exact comparison with it also proves that."""
+    run = Run(job, tmp_path_factory.mktemp("baseline"), deterministic="true")
     run.run()
     return run
 
@@ -40,6 +42,8 @@ def test_uninterrupted_run_trains_and_writes_a_hugging_face_model(baseline):
     assert (baseline.outputs["output_model_dir"] / "model.safetensors").is_file()
     assert (baseline.outputs["output_model_dir"] / "tokenizer.json").is_file()
     assert not any(p.name.startswith("step-") for p in baseline.outputs["output_model_dir"].iterdir())
+    assert "[determinism] on: CUBLAS_WORKSPACE_CONFIG=:4096:8, torch.use_deterministic_algorithms(True)" in \
+        baseline.logs[0]
 
 
 def test_two_interruptions_one_during_a_checkpoint_write(job, baseline, tmp_path):
