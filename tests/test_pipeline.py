@@ -101,7 +101,7 @@ def test_per_run_values_are_pipeline_parameters_with_defaults(default_app, argum
         {"Get": "Steps.PrepareData.ProcessingOutputConfig.Outputs['prepared'].S3Output.S3Uri"}, "train", ""]}}
     assert channels["model"] == {"Get": "Parameters.BaseModelUri"}
     # The base model streams (FastFile): a restart would otherwise copy all of it to every instance again.
-    modes = {c["ChannelName"]: c["InputMode"] for c in arguments["InputDataConfig"]}
+    modes = {c["ChannelName"]: c.get("InputMode") for c in arguments["InputDataConfig"]}
     assert modes["model"] == "FastFile" and modes["train"] == "File"
 
 
