@@ -5,18 +5,28 @@ Pure Python (no torch): the trainer, the CLI and synth use the same numbers. Byt
 transformer (Llama/Mistral/Qwen shapes; GPT-2 maps onto it), P parameters, N GPUs in the job, b sequences of
 s tokens per GPU (T = b*s tokens), hidden size h, MLP size i, L layers, vocabulary V, with AdamW:
 
-  state        16 P    fp32 weights (4) + fp32 gradients (4) + AdamW moments (8): every GPU under DDP,
-                       divided by N under FSDP (FSDP2 shards weights, gradients and optimizer state)
-  working      DDP:    2 P for the bf16 copies autocast keeps while the forward runs (0 in fp32)
-               FSDP:   the root's gathered weights and unsharded gradients (embeddings, head) plus two gathered
-                       blocks (the one computing and the one prefetched) and one block's gradients; bf16
-                       weights (2 bytes) and gradients reduced in fp32 (2 + 4 bytes)
+  state        fp32 weights (4 P) and AdamW moments (8 P) on every GPU under DDP, a 1/N shard under FSDP; fp32
+               gradients (4 P, or their shard) once the step's first backward made them (DDP keeps them in
+               its buckets always; FSDP before the first backward only with accumulation > 1)
   activations  per layer and token, with SDPA (no s*s term): two RMSNorms (fp32 input and normalised copies
-               plus the output: 8h + a*h each) and a*(5h + 4i) for the attention inputs/outputs and the
-               four SwiGLU MLP tensors (2i for GPT-2's two-matrix MLP), a = 2 bytes in bf16 (4 in fp32). With activation checkpointing only each
-               block's input (a*h) stays for all L layers, plus two layers' worth while one is recomputed;
-               without it, all L layers' worth
+               plus the output: 8h + a*h each) and a*(5h + 4i) for the attention inputs/outputs and the four
+               SwiGLU MLP tensors (2i for GPT-2's two-matrix MLP), a = 2 bytes in bf16 (4 in fp32). With
+               activation checkpointing only each block's input (a*h) stays for all L layers, plus two layers'
+               worth while one is recomputed; without it, all L layers' worth
   logits       T*V*(a + 12): the logits, their fp32 copy and log-softmax, and the fp32 gradient
+  working      what else is alive at the moment of the step that peaks (`plan` takes the largest):
+               loss            DDP: autocast's bf16 weight copies (2 P) and the largest gradient made apart
+                               before it is copied into its bucket; FSDP: the head unit gathered and the
+                               next block prefetched, with activations and logits
+               head gradients  FSDP: the head unit gathered, its unsharded gradient and the fp32
+                               reduce-scatter input, with the activations
+               embedding gradients  FSDP: the same for the embedding unit, every gradient shard made
+               optimizer step  the foreach AdamW temporary the size of the weights (CUDA)
+               FSDP units (trainer/modeling.py): each decoder block, the embeddings, the final norm with the
+               head; a tied head stays in the root with its embeddings. Gathered weights take a bytes each.
+
+Measured against the trainer on CPU (benchmarks/planner.py; tests/test_memory_planner.py runs its small
+cases): within 15% of each rank's peak resident memory.
 
 Known points (tests/test_memory_planner.py): Llama 3 8B has 8,030,261,248 parameters and holds 16 bytes
 each of state, 128.5 GB, under DDP on every GPU; 70B has 70,553,706,496.

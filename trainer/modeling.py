@@ -3,8 +3,9 @@
 Start: the model is built on the meta device (parameters without storage; buffers such as rotary tables are
 real, `accelerate.init_empty_weights(include_buffers=False)`), activation checkpointing is switched on, FSDP2
 `fully_shard` wraps every decoder block, the embeddings, the final norm with the head, and then the root, and
-only then is storage allocated, each rank for its own shards (`to_empty`). The base weights are read from the `model` channel's safetensors straight into
-those shards: each rank reads only the rows it owns (`SlicedSafetensorsReader`). A model folder without
+only then is storage allocated, each rank for its own shards (`to_empty`). The base weights are read from the
+`model` channel's safetensors straight into those shards: each rank reads only the rows it owns
+(`SlicedSafetensorsReader`). A model folder without
 weights is initialised randomly, one module at a time and seeded, so every rank and every world size gets the
 same weights. DDP goes the same way with whole tensors.
 
