@@ -133,7 +133,7 @@ class CachedStagingWriter(dcp.FileSystemWriter):
     state in host memory for the job's life (12 bytes per parameter / world size)."""
 
     def __init__(self, path: Path, *, pin_memory: bool) -> None:
-        super().__init__(str(path), sync_files=True, thread_count=2, cache_staged_state_dict=True)
+        super().__init__(str(path), sync_files=True, thread_count=2)
         self.pin_memory = pin_memory
 
     def stage(self, state_dict):
@@ -209,14 +209,12 @@ class Checkpointer:
         dist.barrier(group=self.group)
         started = time.perf_counter()
         pending = _PendingSave(step=step, path=path, started=started, metadata=dict(metadata or {}))
-        writer = dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
+        writer = self.cached_writer if self.cached_writer is not None else \
+            dcp.FileSystemWriter(str(path), sync_files=True, thread_count=2)
         if self.async_save:
-            if self.stager is None:
-                response = dcp.async_save(state(), storage_writer=self.cached_writer, checkpoint_id=str(path),
-                                          process_group=self.group)
-            else:
-                response = dcp.async_save(state(), storage_writer=writer, process_group=self.group,
-                                          async_stager=self.stager)
+            stager = {} if self.stager is None else {"async_stager": self.stager}
+            response = dcp.async_save(state(), storage_writer=writer, checkpoint_id=str(path),
+                                      process_group=self.group, **stager)
             if AsyncSaveResponse is not None and isinstance(response, AsyncSaveResponse):
                 pending.staging, pending.future = response.staging_completion, response.upload_completion
             else:

@@ -257,6 +257,16 @@ def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_ins
                     activation_checkpointing=checkpointing_on(checkpointing, strategy), bf16=bf16,
                     accumulation=accumulation, gpu_bytes=gpu_bytes)
 
+    def first_fitting(value: int, floor: int, make) -> tuple[int, Plan] | None:
+        """The first of value/2, value/4, ... down to `floor` whose plan fits."""
+        smaller = value // 2
+        while smaller >= floor:
+            candidate = make(smaller)
+            if candidate.fits:
+                return smaller, candidate
+            smaller //= 2
+        return None
+
     current = plan_for()
     if current.fits:
         return None
@@ -265,16 +275,11 @@ def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_ins
         options.append(("strategy=fsdp", plan_for(strategy="fsdp")))
     if not checkpointing_on(activation_checkpointing, strategy):
         options.append(("activation_checkpointing=true", plan_for(checkpointing="true")))
-    for knob, value, make in (
-            ("per_device_batch_size", batch, lambda v: plan_for(batch=v)),
-            ("sequence_length", sequence_length, lambda v: plan_for(sequence_length=v))):
-        smaller = value // 2
-        while smaller >= (1 if knob == "per_device_batch_size" else 256):
-            candidate = make(smaller)
-            if candidate.fits:
-                options.append((f"{knob}={smaller}", candidate))
-                break
-            smaller //= 2
+    for knob, found in (("per_device_batch_size", first_fitting(batch, 1, lambda v: plan_for(batch=v))),
+                        ("sequence_length", first_fitting(sequence_length, 256,
+                                                          lambda v: plan_for(sequence_length=v)))):
+        if found:
+            options.append((f"{knob}={found[0]}", found[1]))
     instances = world_size // max(1, gpus_per_instance)
     for factor in (2, 4, 8):
         candidate = plan_for(strategy="fsdp", world_size=world_size * factor)
@@ -283,19 +288,13 @@ def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_ins
             options.append((change, candidate))
             break
     fitting = [f"{change} ({option.total / GIB:.1f} GiB)" for change, option in options if option.fits]
-    if not fitting:  # two changes: a smaller batch on as many instances as it takes
-        for factor in (1, 2, 4, 8):
-            smaller = batch // 2
-            while smaller >= 1:
-                candidate = plan_for(strategy="fsdp", world_size=world_size * factor, batch=smaller)
-                if candidate.fits:
-                    fitting.append(f"per_device_batch_size={smaller} with instance_count={instances * factor}"
-                                   + (" and strategy=fsdp" if strategy != "fsdp" else "")
-                                   + f" ({candidate.total / GIB:.1f} GiB)")
-                    break
-                smaller //= 2
-            if fitting:
-                break
+    for factor in (1, 2, 4, 8) if not fitting else ():  # two changes: a smaller batch on as many instances
+        found = first_fitting(batch, 1, lambda v, f=factor: plan_for(strategy="fsdp", world_size=world_size * f,
+                                                                      batch=v))
+        if found:
+            fitting.append(f"per_device_batch_size={found[0]} with instance_count={instances * factor}"
+                           + (" and strategy=fsdp" if strategy != "fsdp" else "") + f" ({found[1].total / GIB:.1f} GiB)")
+            break
     return (f"needs {current.total / GIB:.1f} GiB per GPU at the {current.phase} (strategy {strategy}, batch {batch} "
             f"x {sequence_length} tokens, {world_size} GPUs) of {gpu_bytes / GIB:.1f} GiB, {USABLE_FRACTION:.0%} "
             "usable; " + ("settings that fit: " + ", ".join(fitting) if fitting else
