@@ -107,9 +107,10 @@ def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_end
     slow = {"PYTHONPATH": str(SLOW_IO), "SLOW_CHECKPOINT_FLAG": str(tmp_path / "writing"),
             "SLOW_CHECKPOINT_SECONDS": "0.2"}
     report, stdout = local_run(tmp_path / "run", "--steps", "8", "--interrupt-at-step", "3",
-                               "--interrupt-at-step", "6", env=slow)
+                               "--interrupt-during-save", "5", env=slow)
     assert report["interruptions"] == 2
-    assert any(report["interrupted_during_save"])
+    assert report["interrupted_during_save"][-1] is True  # waited for the write of step 6 (every 2 steps)
+    assert report["interrupted_at_steps"][-1] >= 5
     # An interruption that lands before the first checkpoint completes restarts from step 0 (None); the
     # later one always finds a complete checkpoint.
     assert len(report["resumed_from_steps"]) == 2 and report["resumed_from_steps"][-1] is not None
@@ -137,12 +138,13 @@ def test_every_metric_definition_matches_the_trainers_log_lines(uninterrupted):
         "checkpoint:blocked_seconds"}
 
 
-def test_interrupt_step_outside_the_run_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("flag", ["--interrupt-at-step", "--interrupt-during-save"])
+def test_interrupt_step_outside_the_run_is_refused_in_one_line(tmp_path, flag):
     done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "5",
-                           "--interrupt-at-step", "9", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           flag, "9", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: --interrupt-at-step 9: must be between 1 and --steps - 1 (4)"
+    assert done.stderr.strip() == f"error: {flag} 9: must be between 1 and --steps - 1 (4)"
 
 
 def test_compare_runs_says_identical_for_the_same_report(uninterrupted, tmp_path):

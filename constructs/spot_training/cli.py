@@ -76,7 +76,7 @@ def cmd_local_run(args: argparse.Namespace) -> int:
 
     try:
         report = local_run(load_config(), steps=args.steps, interrupt_at=args.interrupt_at_step or [],
-                           out=Path(args.out), trainer_dir=default_trainer_dir(),
+                           interrupt_during_save=args.interrupt_during_save or [], out=Path(args.out), trainer_dir=default_trainer_dir(),
                            processes_per_host=args.processes_per_host, restart=args.restart,
                            on_resume=lambda message: print(message, flush=True))
     except LocalRunStopped as stopped:
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--steps", type=_positive, required=True, help="optimizer steps (pipeline parameter MaxSteps)")
     local.add_argument("--interrupt-at-step", type=_positive, action="append", metavar="K",
                        help="interrupt every instance once step K is reached; repeatable; none: no interruption")
+    local.add_argument("--interrupt-during-save", type=_positive, action="append", metavar="K",
+                       help="interrupt every instance while the first checkpoint write of step K or later is in "
+                       "progress (a reclaim in the middle of a save); repeatable. A save too quick to catch "
+                       "(polled every 0.05 s) leaves the run uninterrupted, as the report then shows")
     local.add_argument("--out", required=True, help="folder for instances, local S3, logs and report.json; an "
                        "unfinished run there (local-run was stopped) is resumed from its checkpoints")
     local.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")

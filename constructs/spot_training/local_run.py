@@ -23,7 +23,9 @@ What SageMaker does, and what stands in for it here:
   image's command) or, without one, the image's command, inside a supervisor that stands in for the container
   runtime; an interruption or a stop signals each container's first process only, as StopTrainingJob does,
   waits a grace period, syncs once more, then SIGKILLs everything; fresh instances get the checkpoint prefix
-  restored and the job starts again.
+  restored and the job starts again. An interruption comes once a step is reached or, on request, while the
+  first checkpoint write of a step at or after it is in progress on the first instance (its `step-N/` folder
+  there without COMPLETE.json): a reclaim in the middle of a save, the case that the resume must survive.
 - the preparation step (when the pipeline has one) runs first, from the same definition, the way SageMaker
   Processing runs a container: each ProcessingInput copied from "S3" to its LocalPath, the step's entrypoint
   and arguments run with the container's /opt/ml/processing (and /tmp) at folders of this run, each
@@ -80,6 +82,7 @@ PROCESSES_PER_HOST_HYPERPARAMETER = "sagemaker_mpi_num_of_processes_per_host"
 CPU_PARAMETERS = {"InstanceType": "ml.m5.xlarge", "PerDeviceBatchSize": 4, "GradientAccumulationSteps": 4,
                   "SequenceLength": 32, "LearningRate": 1e-3, "CheckpointIntervalMinutes": 60.0,
                   "CheckpointEverySteps": 2}
+COMPLETE_FILE = "COMPLETE.json"  # the trainer's mark of a finished checkpoint (trainer/checkpointing.py MARKER)
 _RESUMED = re.compile(r"\[start\] resuming at step (\d+)")
 _LAUNCH = re.compile(r"^torchrun .*$", re.MULTILINE)
 
@@ -338,8 +341,25 @@ class Attempt:
     returncodes: list[int] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class Interruption:
+    step: int
+    during_save: bool = False  # wait, from `step` on, for a checkpoint write of a step >= `step` in progress
+
+    def due(self, last_step: int, checkpoints: Path) -> bool:
+        if last_step < self.step:
+            return False
+        return not self.during_save or any(number >= self.step and not (folder / COMPLETE_FILE).exists()
+                                           for number, folder in _step_folders(checkpoints))
+
+
+def _step_folders(checkpoints: Path) -> list[tuple[int, Path]]:
+    return [(int(p.name.removeprefix("step-")), p) for p in checkpoints.glob("step-*")
+            if p.name.removeprefix("step-").isdigit()]
+
+
 class LocalRun:
-    def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int], *,
+    def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int | Interruption], *,
                  processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = (),
                  preparation: ProcessingJob | None = None,
                  preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None) -> None:
@@ -347,7 +367,7 @@ class LocalRun:
         self.preparation = preparation
         self.preparation_with = preparation_with  # the step resolved with more parameter values
         self.preparation_report: dict[str, Any] | None = None
-        self.interrupt_at = sorted(interrupt_at)
+        self.interrupt_at = sorted(i if isinstance(i, Interruption) else Interruption(i) for i in interrupt_at)
         self.processes_per_host = processes_per_host
         self.s3 = LocalS3(out / "s3")
         self.checkpoint_prefix = self.s3.path(job.checkpoint_s3_uri)
@@ -460,7 +480,7 @@ class LocalRun:
                 self._fingerprint_data()
                 self.preparation_report = self.run_preparation()
         reached = max((a.last_step for a in self.attempts), default=0)
-        pending = [step for step in self.interrupt_at if step > reached]
+        pending = [i for i in self.interrupt_at if i.step > reached]
         while True:
             attempt = Attempt(number=len(self.attempts) + 1)
             self.attempts.append(attempt)
@@ -473,12 +493,13 @@ class LocalRun:
         self._save_state(finished=True)
         return self.report(time.monotonic() - started)
 
-    def _run_attempt(self, attempt: Attempt, interrupt_at: int | None) -> bool:
+    def _run_attempt(self, attempt: Attempt, interruption: Interruption | None) -> bool:
         self.phase = f"the set-up of attempt {attempt.number}'s instances"
         instances = [self._fresh_instance(i) for i in range(self.job.instance_count)]
         logs = [(self.logs / f"attempt-{attempt.number}-algo-{i + 1}.log").open("w") for i in range(len(instances))]
         sync = CheckpointSync([self._in_instance(b, self.job.checkpoint_local_path) for b in instances],
                               self.checkpoint_prefix)
+        main_checkpoints = self._in_instance(instances[0], self.job.checkpoint_local_path)
         self.processes = []
         try:
             for base, log in zip(instances, logs):
@@ -489,7 +510,7 @@ class LocalRun:
             main_log = self.logs / f"attempt-{attempt.number}-algo-1.log"
             while any(p.poll() is None for p in self.processes):
                 self._read_progress(attempt, main_log)
-                if interrupt_at is not None and attempt.last_step >= interrupt_at:
+                if interruption is not None and interruption.due(attempt.last_step, main_checkpoints):
                     self._interrupt(attempt, instances[0], sync)
                     return False
                 if any(p.poll() not in (None, 0) for p in self.processes):
@@ -643,7 +664,7 @@ class LocalRun:
         """Spot reclaim: SIGTERM everywhere, a grace period, one last sync, then SIGKILL everything."""
         attempt.interrupted = True
         checkpoints = self._in_instance(main_instance, self.job.checkpoint_local_path)
-        attempt.interrupted_during_save = any(not (d / "COMPLETE.json").exists() for d in checkpoints.glob("step-*"))
+        attempt.interrupted_during_save = any(not (d / COMPLETE_FILE).exists() for _, d in _step_folders(checkpoints))
         self.stop(sync)
         attempt.returncodes = [p.returncode for p in self.processes]
         self._read_progress(attempt, self.logs / f"attempt-{attempt.number}-algo-1.log")
@@ -822,8 +843,11 @@ class StopSignals:
 
 def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int], out: Path,
               trainer_dir: Path, processes_per_host: int = 1, restart: bool = False,
-              on_resume=lambda message: None) -> dict[str, Any]:
+              interrupt_during_save: Sequence[int] = (), on_resume=lambda message: None) -> dict[str, Any]:
     """Run (or resume) the training step locally in `out`; returns the report, also written to report.json.
+
+    Each step of `interrupt_at` interrupts once it is reached; each of `interrupt_during_save` interrupts during
+    the first checkpoint write of that step or a later one.
 
     `out` holds one run at a time: a run in progress there (another local-run) is refused; an unfinished run
     (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
@@ -831,23 +855,26 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
-    for step in interrupt_at:
-        if not 0 < step < steps:
-            raise LocalRunError(f"--interrupt-at-step {step}: must be between 1 and --steps - 1 ({steps - 1})")
+    for flag, chosen in (("--interrupt-at-step", interrupt_at), ("--interrupt-during-save", interrupt_during_save)):
+        for step in chosen:
+            if not 0 < step < steps:
+                raise LocalRunError(f"{flag} {step}: must be between 1 and --steps - 1 ({steps - 1})")
+    interruptions = [Interruption(s) for s in interrupt_at] + [Interruption(s, True) for s in interrupt_during_save]
     with StopSignals():
         try:
             job, definition = build_job(config, steps, trainer_dir)
         except KeyboardInterrupt:
             raise LocalRunStopped("stopped while building the pipeline definition; nothing was started") from None
         try:
-            return _run_locked(job, definition, steps=steps, interrupt_at=interrupt_at, out=out, given=given,
+            return _run_locked(job, definition, steps=steps, interrupt_at=interruptions, out=out, given=given,
                                trainer_dir=trainer_dir, processes_per_host=processes_per_host, restart=restart,
                                on_resume=on_resume)
         except KeyboardInterrupt:  # between phases: nothing of this run is running
             raise LocalRunStopped(f"stopped; run again with --out {given} to go on") from None
 
 
-def _run_locked(job: TrainingJob, definition: Mapping[str, Any], *, steps: int, interrupt_at: Sequence[int],
+def _run_locked(job: TrainingJob, definition: Mapping[str, Any], *, steps: int,
+                interrupt_at: Sequence[Interruption],
                 out: Path, given: Path, trainer_dir: Path, processes_per_host: int, restart: bool,
                 on_resume) -> dict[str, Any]:
     preparation_with = preparation_resolver(definition, steps)
