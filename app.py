@@ -11,9 +11,9 @@ import sys
 
 import aws_cdk as cdk
 
-from spot_training.config import ConfigError, TrainingConfig
-from spot_training.definition import check_default_image
-from spot_training.nag import add_checks
+from spot_training.config.settings import ConfigError, TrainingConfig
+from spot_training.definition.build import check_default_image
+from spot_training.cdk.checks import add_checks
 
 
 def require_region(config: TrainingConfig) -> None:

@@ -53,7 +53,7 @@ print(json.dumps({"data_seconds": data_seconds, "rss_before": before, "peak": st
 
 
 def make_tokenizer(folder: Path) -> Path:
-    from spot_training.tiny import corpus, make_model_dir
+    from spot_training.local.tiny import corpus, make_model_dir
 
     return make_model_dir(folder, text_corpus=corpus(400))
 
@@ -78,7 +78,7 @@ def write_jsonl(folder: Path, tokens: int, model_dir: Path) -> int:
     """Text of about `tokens` tokens under the tiny tokenizer (measured on a sample)."""
     from transformers import AutoTokenizer
 
-    from spot_training.tiny import WORDS
+    from spot_training.local.tiny import WORDS
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

@@ -79,7 +79,7 @@ SUITE = ("ddp-1-acc1", "fsdp-2-acc2-ac", "fsdp-2-acc1-long")
 def write_model(folder: Path, case: Case) -> None:
     from transformers import LlamaConfig
 
-    from spot_training.tiny import corpus, make_model_dir
+    from spot_training.local.tiny import corpus, make_model_dir
 
     make_model_dir(folder, text_corpus=corpus(200))  # the tokenizer; its GPT-2 config is replaced here
     LlamaConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
@@ -168,7 +168,7 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"
 
 
 def measure(case: Case, work: Path, copies: tuple[float, float], port: int = 29571) -> Measured:
-    from spot_training.tiny import make_text_channel
+    from spot_training.local.tiny import make_text_channel
 
     model_dir = work / "model"
     write_model(model_dir, case)

@@ -35,7 +35,7 @@ def write_model(folder: Path, layers: int) -> tuple[int, int]:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from spot_training.tiny import corpus, make_model_dir
+    from spot_training.local.tiny import corpus, make_model_dir
 
     make_model_dir(folder, text_corpus=corpus(200))  # a tokenizer (its GPT-2 config is replaced below)
     config = LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
@@ -100,7 +100,7 @@ def main() -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     model_dir = work / "model"
     parameters, file_bytes = write_model(model_dir, args.layers)
-    from spot_training.tiny import make_text_channel
+    from spot_training.local.tiny import make_text_channel
 
     make_text_channel(work / "train", [" ".join(["spot capacity returns checkpoint shard"] * 60)] * 400)
     full_fp32 = 4 * parameters

@@ -3,8 +3,8 @@ from __future__ import annotations
 import aws_cdk as cdk
 from constructs import Construct
 
-from spot_training.config import TrainingConfig
-from spot_training.network import TrainingNetwork
+from spot_training.config.settings import TrainingConfig
+from spot_training.cdk.network import TrainingNetwork
 
 
 class NetworkingStack(cdk.Stack):

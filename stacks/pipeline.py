@@ -9,9 +9,9 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from spot_training.config import TrainingConfig
-from spot_training.pipeline import TrainingPipeline
-from spot_training.teams import TeamPipelines
+from spot_training.config.settings import TrainingConfig
+from spot_training.cdk.pipeline import TrainingPipeline
+from spot_training.cdk.teams import TeamPipelines
 
 
 class PipelineStack(cdk.Stack):

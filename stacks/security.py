@@ -4,11 +4,11 @@ import aws_cdk as cdk
 from aws_cdk import aws_ec2 as ec2
 from constructs import Construct
 
-from spot_training.config import TrainingConfig
-from spot_training.definition import default_image_uri
-from spot_training.pipeline import preparation_limits
-from spot_training.roles import TrainingRoles
-from spot_training.storage import ArtifactStore
+from spot_training.config.settings import TrainingConfig
+from spot_training.definition.build import default_image_uri
+from spot_training.cdk.pipeline import preparation_limits
+from spot_training.cdk.roles import TrainingRoles
+from spot_training.cdk.storage import ArtifactStore
 
 
 class SecurityStack(cdk.Stack):

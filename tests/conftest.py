@@ -39,7 +39,7 @@ def _synth(overrides_json: str, outdir: str) -> Synthesized:
     import aws_cdk as cdk
 
     from app import build_app
-    from spot_training.config import TrainingConfig
+    from spot_training.config.settings import TrainingConfig
 
     context = {**cdk_json_context(), **json.loads(overrides_json)}
     app = cdk.App(context=context, outdir=outdir)

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from spot_training import cli, definition, local_run
+from spot_training import cli
+from spot_training.definition import build as definition
+from spot_training.local import instances, processing, run
 
 
 def _inside(original, *, hold: bool = True):
@@ -26,11 +28,11 @@ phase = os.environ["PAUSE_IN"]
 if phase == "definition":
     definition.generate = _inside(lambda *args, **kwargs: None)
 elif phase == "preparation":  # the step's container runs (a few seconds of tokenizer start-up and tokenizing)
-    local_run.start_container = _inside(local_run.start_container, hold=False)
+    processing.start_container = _inside(processing.start_container, hold=False)
 elif phase == "set-up":
-    local_run.LocalRun._fresh_instance = _inside(local_run.LocalRun._fresh_instance)
+    instances.Instances.fresh = _inside(instances.Instances.fresh)
 elif phase == "upload":
-    local_run.LocalRun._upload_outputs = _inside(local_run.LocalRun._upload_outputs)
+    run.LocalRun._upload_outputs = _inside(run.LocalRun._upload_outputs)
 else:
     raise SystemExit(f"PAUSE_IN={phase}: not a phase this wrapper holds")
 sys.exit(cli.main(["local-run", *sys.argv[1:]]))

@@ -77,7 +77,7 @@ def test_alarm_topic_is_an_output(default_app):
 def monitor(monkeypatch):
     import sys
 
-    sys.path.insert(0, str(ROOT / "constructs" / "spot_training" / "monitor"))
+    sys.path.insert(0, str(ROOT / "constructs" / "spot_training" / "cdk" / "monitor"))
     monkeypatch.setenv("PIPELINE_NAME", "distributed-training")
     monkeypatch.setenv("METRIC_NAMESPACE", "SpotTraining")
     import execution_age
@@ -116,8 +116,8 @@ def test_an_imported_alarm_topic_gets_a_warning_naming_what_its_policy_needs():
     from aws_cdk import aws_sns as sns
     from aws_cdk.assertions import Annotations, Match
 
-    from spot_training.config import TrainingConfig
-    from spot_training.pipeline import TrainingPipeline
+    from spot_training.config.settings import TrainingConfig
+    from spot_training.cdk.pipeline import TrainingPipeline
 
     app = cdk.App()
     stack = cdk.Stack(app, "Imported", env=cdk.Environment(region="us-east-1", account="111122223333"))

@@ -6,7 +6,7 @@ import shutil
 import threading
 import time
 
-from spot_training.local_run import CheckpointSync
+from spot_training.local.storage import CheckpointSync
 
 
 def write(path, text="x"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spot_training.config import ConfigError, TrainingConfig
+from spot_training.config.settings import ConfigError, TrainingConfig
 from tests.conftest import ROOT, cdk_json_context
 
 

@@ -1,4 +1,4 @@
-"""The training container's first process (spot_training/container_entry.py) and SageMaker's stop signal.
+"""The training container's first process (spot_training/definition/container_entry.py) and SageMaker's stop signal.
 
 SageMaker signals only the container's first process (StopTrainingJob, MaxRuntime). A process tree shaped like
 the image's, with stand-ins that record the signals they receive: a shell (the toolkit starts torchrun through
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from spot_training.trainer_code import CONTAINER_ENTRY_SOURCE
+from spot_training.definition.trainer_code import CONTAINER_ENTRY_SOURCE
 
 RECORDER = """import signal, sys, time, subprocess
 name, log = sys.argv[1], sys.argv[2]

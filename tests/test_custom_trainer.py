@@ -11,9 +11,9 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_ec2 as ec2
 
-from spot_training.config import TrainingConfig
-from spot_training.definition_rules import resolve
-from spot_training.pipeline import TrainingPipeline
+from spot_training.config.settings import TrainingConfig
+from spot_training.definition.rules import resolve
+from spot_training.cdk.pipeline import TrainingPipeline
 
 STRICT_TRAINER = """import argparse, os
 parser = argparse.ArgumentParser(allow_abbrev=False)

@@ -8,11 +8,11 @@ import aws_cdk as cdk
 import pytest
 from aws_cdk import aws_ec2 as ec2
 
-from spot_training import definition as sdk
-from spot_training.config import TrainingConfig
-from spot_training.definition_rules import Expectations, check
-from spot_training.pipeline import TrainingPipeline, load_metric_definitions
-from spot_training.validation import DefinitionValidationPlugin
+from spot_training.definition import build as sdk
+from spot_training.config.settings import TrainingConfig
+from spot_training.definition.rules import Expectations, check
+from spot_training.cdk.pipeline import TrainingPipeline, load_metric_definitions
+from spot_training.cdk.validation import DefinitionValidationPlugin
 from tests.conftest import ROOT
 
 EXPECT = Expectations(use_spot=True, network_isolation=True, inter_container_encryption=True,

@@ -16,9 +16,10 @@ import pytest
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 
-from spot_training.config import TrainingConfig
-from spot_training.nag import acknowledge, add_checks
-from spot_training.pipeline import TrainingPipeline
+from spot_training.config.settings import TrainingConfig
+from spot_training.cdk.checks import add_checks
+from spot_training.cdk.nag import acknowledge
+from spot_training.cdk.pipeline import TrainingPipeline
 from tests.conftest import synth
 from tests.iam.authorization import (Authorization, Request, all_run_requests, create_processing_job_context,
                                      create_training_job_context, job_arn, pipelines, policy_key_checks,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spot_training.config import TrainingConfig
+from spot_training.config.settings import TrainingConfig
 from tests.conftest import ROOT, cdk_json_context
 
 IMAGE_REQUIREMENTS = ROOT / "requirements-image.txt"
@@ -40,7 +40,7 @@ def test_the_image_file_pins_every_package_the_trainer_and_the_launcher_use():
 
 
 def test_the_pins_are_the_versions_of_the_image_the_config_selects(config):
-    from spot_training.definition import default_image_uri
+    from spot_training.definition.build import default_image_uri
 
     pins = image_pins()
     assert pins["torch"] == config.framework_version

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from spot_training.cli import load_config
-from spot_training.local_run import CPU_PARAMETERS, LocalRun, build_job, preparation_resolver
-from spot_training.local_run import local_run as run_in_process
-from spot_training.trainer_code import default_trainer_dir
+from spot_training.local.jobs import CPU_PARAMETERS, build_job, preparation_resolver
+from spot_training.local.processing import cache_key, with_data_fingerprint
+from spot_training.local.run import LocalRun
+from spot_training.local.run import local_run as run_in_process
+from spot_training.definition.trainer_code import default_trainer_dir
 from tests.conftest import ROOT
 from tests.trainer.harness import SLOW_IO
 
@@ -353,7 +355,7 @@ def test_a_validation_channel_is_prepared_and_read_by_the_trainer(tmp_path):
 
 
 def test_rewritten_data_under_the_same_prefix_gets_a_new_preparation_cache_key(tmp_path):
-    """local-run fingerprints its data as `spot-training start` does (operations.data_fingerprint over the local
+    """local-run fingerprints its data as `spot-training start` does (operations.runs.data_fingerprint over the local
     S3) and the fingerprint is a step argument, so part of the emulated step cache's key: the same data keeps
     the key (skipped, as test_the_preparation_step_ran_from_the_definition_and_a_second_run_skips_it shows),
     one rewritten object under the same prefix changes it (prepared again)."""
@@ -365,10 +367,8 @@ def test_rewritten_data_under_the_same_prefix_gets_a_new_preparation_cache_key(t
     run.prepare_inputs()
 
     def key_and_fingerprint():
-        run.preparation = preparation_with({})
-        run._fingerprint_data()
-        command = run.preparation.command
-        return run._cache_key(), command[command.index("--data_fingerprint") + 1]
+        step = with_data_fingerprint(preparation_with({}), preparation_with, run.s3)
+        return cache_key(step, run.s3), step.command[step.command.index("--data_fingerprint") + 1]
 
     first, same = key_and_fingerprint(), key_and_fingerprint()
     assert first == same and re.fullmatch(r"[0-9a-f]{32}", first[1])

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from spot_training import sizing
-from spot_training.config import TrainingConfig
+from spot_training.config import sizing
+from spot_training.config.settings import TrainingConfig
 from spot_training.trainer import memory
 from tests.conftest import ROOT
 
@@ -144,7 +144,7 @@ def test_the_plan_matches_the_memory_the_trainer_really_holds(tmp_path):
 
 
 def test_the_trainer_stops_before_reading_weights_when_the_plan_does_not_fit(tmp_path):
-    from spot_training.tiny import make_job
+    from spot_training.local.tiny import make_job
     from tests.trainer.harness import Run
 
     run = Run(make_job(tmp_path / "job"), tmp_path / "run", gpu_memory_gib=0.0001, strategy="ddp")

@@ -7,7 +7,7 @@ import pytest
 from aws_cdk import aws_s3 as s3
 
 from app import build_app
-from spot_training.config import TrainingConfig
+from spot_training.config.settings import TrainingConfig
 from tests.conftest import ROOT, cdk_json_context
 
 REVIEWED = ROOT / "tests" / "acknowledgments.txt"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spot_training.endpoints import INTERFACE_ENDPOINTS
+from spot_training.config.endpoints import INTERFACE_ENDPOINTS
 
 
 def _one(resources):

@@ -12,8 +12,9 @@ import pytest
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from spot_training import cli, sizing
-from spot_training.operations import OperationError, report, report_text, start, timeline_chart, watch
+from spot_training import cli
+from spot_training.config import sizing
+from spot_training.operations.runs import OperationError, report, report_text, start, timeline_chart, watch
 
 REGION = "us-east-1"
 PIPELINE_ARN = "arn:aws:sagemaker:us-east-1:123456789012:pipeline/distributed-training"
@@ -359,7 +360,7 @@ def test_size_prints_the_platforms_fixed_monthly_cost(capsys):
 
 
 def test_the_fixed_cost_model_counts_what_the_templates_create(default_app):
-    from spot_training.endpoints import interface_endpoints
+    from spot_training.config.endpoints import interface_endpoints
 
     def count(resource_type):
         return sum(len(default_app.resources(stack, resource_type)) for stack in default_app.templates)

@@ -23,5 +23,5 @@ def test_building_the_package_prints_no_warning_and_ships_the_trainer_and_the_mo
     (wheel,) = tmp_path.glob("spot_training-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"spot_training/trainer/train.py", "spot_training/trainer/checkpointing.py",
-            "spot_training/monitor/execution_age.py", "spot_training/prices.json"} <= names
+            "spot_training/cdk/monitor/execution_age.py", "spot_training/config/prices.json"} <= names
     assert not any(name.endswith("requirements.txt") for name in names)

@@ -11,8 +11,8 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 
-from spot_training.config import TeamConfig, TrainingConfig
-from spot_training.pipeline import TrainingPipeline, deterministic_tarball, load_metric_definitions
+from spot_training.config.settings import TeamConfig, TrainingConfig
+from spot_training.cdk.pipeline import TrainingPipeline, deterministic_tarball, load_metric_definitions
 from tests.conftest import ROOT, pipeline_body, synth, training_step
 
 

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from spot_training import definition as sdk
-from spot_training.config import TrainingConfig
-from spot_training.definition_rules import Expectations, all_steps, check
-from spot_training.pipeline import load_metric_definitions
+from spot_training.definition import build as sdk
+from spot_training.config.settings import TrainingConfig
+from spot_training.definition.rules import Expectations, all_steps, check
+from spot_training.cdk.pipeline import load_metric_definitions
 from tests.conftest import ROOT, pipeline_body, synth, training_step
 
 

@@ -10,7 +10,7 @@ import aws_cdk as cdk
 import pytest
 
 import spot_training
-from spot_training.nag import add_checks
+from spot_training.cdk.checks import add_checks
 from tests.conftest import ROOT
 
 INIT = ROOT / "constructs" / "spot_training" / "__init__.py"
@@ -24,10 +24,10 @@ def test_every_export_is_declared_for_type_checkers_and_resolves():
     assert all(getattr(spot_training, name) is not None for name in spot_training.__all__)
 
 
-@pytest.mark.parametrize("first", ["spot_training.validation", "spot_training.nag", "spot_training.pipeline"])
+@pytest.mark.parametrize("first", ["spot_training.cdk.validation", "spot_training.cdk.nag", "spot_training.cdk.pipeline"])
 def test_modules_import_in_any_order_without_a_cycle(first):
-    done = subprocess.run([sys.executable, "-c", f"import {first}; import spot_training.validation, "
-                           "spot_training.nag, spot_training.pipeline"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", f"import {first}; import spot_training.cdk.validation, "
+                           "spot_training.cdk.nag, spot_training.cdk.pipeline"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

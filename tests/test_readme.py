@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spot_training.config import TrainingConfig
+from spot_training.config.settings import TrainingConfig
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spot_training.local_run import container_environment
-from spot_training.trainer_code import check_trainer_dir
+from spot_training.local.instances import container_environment
+from spot_training.definition.trainer_code import check_trainer_dir
 from tests.conftest import ROOT
 
 # What the container does with the code channel before it starts torchrun (sagemaker-training

@@ -9,7 +9,7 @@ import pytest
 from aws_cdk import aws_ec2 as ec2
 
 from spot_training import TeamPipelines, TrainingPipeline
-from spot_training.config import ConfigError, TeamConfig, TrainingConfig
+from spot_training.config.settings import ConfigError, TeamConfig, TrainingConfig
 from tests.conftest import synth
 
 TEAMS = {

@@ -11,31 +11,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
-    from spot_training.alarms import PipelineAlarms
-    from spot_training.config import ConfigError, TeamConfig, TrainingConfig
-    from spot_training.nag import add_checks
-    from spot_training.network import TrainingNetwork, TrainingSecurityGroup
-    from spot_training.pipeline import TrainingPipeline
-    from spot_training.roles import TrainingRoles
-    from spot_training.storage import ArtifactStore
-    from spot_training.teams import TeamPipelines
-    from spot_training.validation import DefinitionValidationPlugin
+    from spot_training.cdk.alarms import PipelineAlarms
+    from spot_training.config.settings import ConfigError, TeamConfig, TrainingConfig
+    from spot_training.cdk.checks import add_checks
+    from spot_training.cdk.network import TrainingNetwork, TrainingSecurityGroup
+    from spot_training.cdk.pipeline import TrainingPipeline
+    from spot_training.cdk.roles import TrainingRoles
+    from spot_training.cdk.storage import ArtifactStore
+    from spot_training.cdk.teams import TeamPipelines
+    from spot_training.cdk.validation import DefinitionValidationPlugin
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "TrainingPipeline": "spot_training.pipeline",
-    "TrainingConfig": "spot_training.config",
-    "TeamConfig": "spot_training.config",
-    "ConfigError": "spot_training.config",
-    "TrainingNetwork": "spot_training.network",
-    "TrainingSecurityGroup": "spot_training.network",
-    "ArtifactStore": "spot_training.storage",
-    "TrainingRoles": "spot_training.roles",
-    "PipelineAlarms": "spot_training.alarms",
-    "TeamPipelines": "spot_training.teams",
-    "DefinitionValidationPlugin": "spot_training.validation",
-    "add_checks": "spot_training.nag",
+    "TrainingPipeline": "spot_training.cdk.pipeline",
+    "TrainingConfig": "spot_training.config.settings",
+    "TeamConfig": "spot_training.config.settings",
+    "ConfigError": "spot_training.config.settings",
+    "TrainingNetwork": "spot_training.cdk.network",
+    "TrainingSecurityGroup": "spot_training.cdk.network",
+    "ArtifactStore": "spot_training.cdk.storage",
+    "TrainingRoles": "spot_training.cdk.roles",
+    "PipelineAlarms": "spot_training.cdk.alarms",
+    "TeamPipelines": "spot_training.cdk.teams",
+    "DefinitionValidationPlugin": "spot_training.cdk.validation",
+    "add_checks": "spot_training.cdk.checks",
 }
 __all__ = ["ArtifactStore", "ConfigError", "DefinitionValidationPlugin", "PipelineAlarms", "TeamConfig",
            "TeamPipelines", "TrainingConfig", "TrainingNetwork", "TrainingPipeline", "TrainingRoles",

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spot_training.config import ConfigError, TrainingConfig
-from spot_training.operations import OperationError
+from spot_training.config.settings import ConfigError, TrainingConfig
+from spot_training.operations.runs import OperationError
 
 
 class CliError(Exception):
@@ -71,8 +71,10 @@ def cmd_local_run(args: argparse.Namespace) -> int:
     if missing:
         raise CliError(f"local-run needs the training image's packages ({', '.join(missing)} missing): "
                        "pip install -r requirements-image.txt, or run `make local`")
-    from spot_training.local_run import LocalRunError, LocalRunStopped, local_run, summary_text
-    from spot_training.trainer_code import default_trainer_dir
+    from spot_training.local.jobs import LocalRunError, LocalRunStopped
+    from spot_training.local.report import summary_text
+    from spot_training.local.run import local_run
+    from spot_training.definition.trainer_code import default_trainer_dir
 
     try:
         report = local_run(load_config(), steps=args.steps, interrupt_at=args.interrupt_at_step or [],
@@ -149,7 +151,7 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
     return 0 if same_loss and same else 1
 
 
-PRICES = Path(__file__).resolve().parent / "prices.json"
+PRICES = Path(__file__).resolve().parent / "config" / "prices.json"
 
 
 def aws_client(service: str, region: str):
@@ -169,13 +171,13 @@ def _region(args: argparse.Namespace) -> str:
 
 
 def _pipeline_name(args: argparse.Namespace) -> str:
-    from spot_training.operations import pipeline_name_from_outputs
+    from spot_training.operations.runs import pipeline_name_from_outputs
 
     return args.pipeline_name or pipeline_name_from_outputs(Path(args.outputs))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from spot_training.operations import parse_parameters, start
+    from spot_training.operations.runs import parse_parameters, start
 
     region = _region(args)
     arn = start(aws_client("sagemaker", region), _pipeline_name(args), parameters=parse_parameters(args.parameter or []),
@@ -185,14 +187,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from spot_training.operations import watch
+    from spot_training.operations.runs import watch
 
     return watch(aws_client("sagemaker", _region(args)), args.execution_arn, interval=args.interval,
                  timeout=args.timeout)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spot_training.operations import load_prices, report, report_text, timeline_chart
+    from spot_training.operations.runs import load_prices, report, report_text, timeline_chart
 
     region = _region(args)
     result = report(aws_client("sagemaker", region), aws_client("s3", region), args.execution_arn,
@@ -209,8 +211,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_size(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from spot_training import sizing
-    from spot_training.operations import load_prices
+    from spot_training.config import sizing
+    from spot_training.operations.runs import load_prices
 
     config = load_config()
     base = config.workload()
@@ -238,7 +240,7 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, 
     """Memory per GPU for each allowed instance type and both strategies (the trainer's planner, memory.py)."""
     import dataclasses
 
-    from spot_training import instance_types
+    from spot_training.config import instance_types
     from spot_training.trainer import memory
 
     try:
@@ -290,8 +292,8 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, 
 def platform_cost_text(config: TrainingConfig) -> str:
     """The deployment's fixed monthly cost (what it costs before any run), from the same endpoint list the
     networking construct builds."""
-    from spot_training import sizing
-    from spot_training.endpoints import interface_endpoints
+    from spot_training.config import sizing
+    from spot_training.config.endpoints import interface_endpoints
 
     rows = sizing.platform_monthly_cost(az_count=config.az_count,
                                         interface_endpoints=len(interface_endpoints(config.mlflow)),
@@ -304,7 +306,7 @@ def platform_cost_text(config: TrainingConfig) -> str:
 
 
 def sizing_text(w, instance_type: str) -> str:
-    from spot_training import sizing
+    from spot_training.config import sizing
 
     completion = sizing.simulate(w)
     cost = sizing.cost(w)
@@ -337,7 +339,7 @@ def sizing_text(w, instance_type: str) -> str:
 
 
 def restart_line(w) -> str:
-    from spot_training import sizing
+    from spot_training.config import sizing
 
     if not w.model_parameters:
         return (f"  restart: {w.restart_minutes:.1f} min = {w.provisioning_minutes:g} min provisioning; the checkpoint "

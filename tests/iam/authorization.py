@@ -38,7 +38,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from spot_training.definition_rules import EXECUTION_ID_STAND_IN, resolve
+from spot_training.definition.rules import EXECUTION_ID_STAND_IN, resolve
 from tests.iam.cloudformation import ACCOUNT, PARTITION, Deployment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ def platform_requests(auth: Authorization) -> list[Request]:
         out += [Request(f"{prefix} logs:CreateLogStream", role, "logs:CreateLogStream", f"{group_arn}:log-stream:s1"),
                 Request(f"{prefix} logs:PutLogEvents", role, "logs:PutLogEvents", f"{group_arn}:log-stream:s1")]
         environment = props.get("Environment", {}).get("Variables", {})
-        if "PIPELINE_NAME" in environment:  # the alarm monitor (spot_training/monitor/execution_age.py)
+        if "PIPELINE_NAME" in environment:  # the alarm monitor (spot_training/cdk/monitor/execution_age.py)
             pipeline = f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:pipeline/{environment['PIPELINE_NAME'].lower()}"
             out += [Request(f"{prefix} sagemaker:ListPipelineExecutions", role, "sagemaker:ListPipelineExecutions",
                             pipeline),

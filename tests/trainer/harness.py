@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from spot_training.local_run import free_port
-from spot_training.processes import signal_tree
+from spot_training.local.processes import free_port, signal_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "trainer" / "train.py"

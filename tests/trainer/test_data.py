@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from spot_training.tiny import make_job
+from spot_training.local.tiny import make_job
 from tests.trainer.harness import ROOT, Run
 
 sys.path.insert(0, str(ROOT / "trainer"))

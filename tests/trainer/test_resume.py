@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.trainer.harness import SLOW_IO, Run, same_parameters
-from spot_training.tiny import make_job, make_llama_model_dir
+from spot_training.local.tiny import make_job, make_llama_model_dir
 
 # Checkpoints written by the trainer before the sharded start (commit 23397ad, torch 2.8.0, 2 ranks, TINY_RUN with
 # max_steps=8), on another machine: step-4, the run's final model and its metrics. Loading them is exact anywhere;

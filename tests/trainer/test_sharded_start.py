@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from spot_training.local_run import free_port
-from spot_training.tiny import make_job, make_llama_model_dir
+from spot_training.local.processes import free_port
+from spot_training.local.tiny import make_job, make_llama_model_dir
 from tests.trainer.harness import ROOT, TRAIN
 
 SCRIPT = Path(__file__).resolve().parent / "sharded_start.py"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spot_training.tiny import make_job
+from spot_training.local.tiny import make_job
 from tests.trainer.harness import Run
 
 

@@ -1,7 +1,7 @@
 """One emulated instance of `local-run`: a container runtime for one command, taking every process the
 command starts down with it.
 
-`python -m spot_training.supervisor -- COMMAND...` makes itself a child subreaper, so the processes the
+`python -m spot_training.local.supervisor -- COMMAND...` makes itself a child subreaper, so the processes the
 command starts (the toolkit, torchrun, its workers) stay its descendants even when their parents die, and
 asks the kernel for SIGTERM when local-run, its parent, dies (a SIGKILL of local-run included). On SIGTERM it
 does what stopping a container does (`docker stop`, and SageMaker's StopTrainingJob): SIGTERM to the container's
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from spot_training.container_entry import descendants, reap, signal_all
+from spot_training.definition.container_entry import descendants, reap, signal_all
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,7 +54,7 @@ def kill_descendants() -> None:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "--" or len(argv) < 2:
-        print("usage: python -m spot_training.supervisor -- COMMAND [ARG...]", file=sys.stderr)
+        print("usage: python -m spot_training.local.supervisor -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     parent = os.getppid()
     _prctl(PR_SET_CHILD_SUBREAPER, 1)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from spot_training.layout import DATA_PARAMETERS
+from spot_training.config.layout import DATA_PARAMETERS
 
 TERMINAL = {"Succeeded", "Failed", "Stopped"}
 

@@ -13,8 +13,8 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from spot_training.layout import PREFIXES
-from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
+from spot_training.config.layout import PREFIXES
+from spot_training.cdk.nag import acknowledge, arn_finding, bucket_arn_and_finding
 
 SAGEMAKER = iam.ServicePrincipal("sagemaker.amazonaws.com")
 # Pipelines name the training jobs they create `pipelines-<id>-<step>-<hash>`.

@@ -1,11 +1,11 @@
-"""cdk-nag 3 registration and the one way this project acknowledges a finding."""
+"""The one way this project acknowledges a cdk-nag finding, and how cdk-nag spells the ARNs in finding ids.
+(Registering the packs is `checks.add_checks`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import aws_cdk as cdk
-import cdk_nag
 from constructs import IConstruct
 
 
@@ -39,24 +39,3 @@ def bucket_arn_and_finding(scope: IConstruct, bucket) -> tuple[str, str]:
     if owner.node.try_find_child(f"Export{name}") is None:  # one export, however many policies use it
         owner.export_value(bucket.bucket_arn, name=name)
     return cdk.Fn.import_value(name), name
-
-
-PACKS = {"AwsSolutions": cdk_nag.AwsSolutionsChecks, "NIST.800.53.R5": cdk_nag.NIST80053R5Checks,
-         "HIPAA.Security": cdk_nag.HIPAASecurityChecks}
-
-
-def nag_packs(app: cdk.App, packs: Sequence[str] = tuple(PACKS)) -> list[cdk_nag.NagPack]:
-    unknown = [p for p in packs if p not in PACKS]
-    if unknown:
-        raise ValueError(f"packs: {', '.join(unknown)} unknown; allowed: {', '.join(PACKS)}")
-    return [PACKS[p](app) for p in packs]
-
-
-def add_checks(app: cdk.App, *, packs: Sequence[str] = tuple(PACKS), definition_rules: bool = True) -> None:
-    """Register the cdk-nag `packs` (@default all three: AwsSolutions, NIST.800.53.R5, HIPAA.Security) and the
-    pipeline-definition rules for the app: any unacknowledged finding or definition violation fails
-    `app.synth()`."""
-    from spot_training.validation import DefinitionValidationPlugin
-
-    plugins = [*nag_packs(app, packs), *([DefinitionValidationPlugin()] if definition_rules else [])]
-    cdk.Validations.of(app).add_plugins(*plugins)

@@ -10,9 +10,9 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import custom_resources as cr
 from constructs import Construct
 
-from spot_training.config import LOG_RETENTION_DAYS
-from spot_training.endpoints import interface_endpoints
-from spot_training.nag import acknowledge
+from spot_training.config.settings import LOG_RETENTION_DAYS
+from spot_training.config.endpoints import interface_endpoints
+from spot_training.cdk.nag import acknowledge
 
 HTTPS = ec2.Port.tcp(443)
 # CDK's placeholder for "no egress" (ICMP type 252 code 86 to 255.255.255.255/32 matches no packet).
@@ -84,7 +84,7 @@ class TrainingNetwork(Construct):
             description="VPC interface endpoints: HTTPS from the training security group only")
         self.training_security_group = TrainingSecurityGroup(
             self, "TrainingSecurityGroup", vpc=self.vpc, endpoint_security_group=self.endpoint_security_group)
-        # Only what a caller inside the VPC needs; each reason is in spot_training/endpoints.py.
+        # Only what a caller inside the VPC needs; each reason is in spot_training/config/endpoints.py.
         self.interface_endpoints = {
             name: self.vpc.add_interface_endpoint(
                 name, service=ec2.InterfaceVpcEndpointAwsService(service, prefix), private_dns_enabled=True,

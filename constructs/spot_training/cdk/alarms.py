@@ -20,9 +20,9 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from spot_training.nag import acknowledge, arn_finding
-from spot_training.network import https_between, keep_default_egress_closed, let_logs_use
-from spot_training.roles import network_interface_arns
+from spot_training.cdk.nag import acknowledge, arn_finding
+from spot_training.cdk.network import https_between, keep_default_egress_closed, let_logs_use
+from spot_training.cdk.roles import network_interface_arns
 
 # EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
 EXECUTION_STATUS_EVENT = "SageMaker Model Building Pipeline Execution Status Change"

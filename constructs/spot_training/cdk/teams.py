@@ -9,8 +9,8 @@ import aws_cdk as cdk
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from spot_training.config import ConfigError, TeamConfig
-from spot_training.pipeline import TrainingPipeline
+from spot_training.config.settings import ConfigError, TeamConfig
+from spot_training.cdk.pipeline import TrainingPipeline
 
 
 class TeamPipelines(Construct):

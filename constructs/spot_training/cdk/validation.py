@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import aws_cdk as cdk
 import jsii
 from constructs import IConstruct
 
-from spot_training.definition_rules import check
-
-if TYPE_CHECKING:
-    from spot_training.pipeline import TrainingPipeline
+from spot_training.cdk.pipeline import TrainingPipeline
+from spot_training.definition.rules import check
 
 RULE_NAME = "SpotTraining-PipelineDefinition"
 
@@ -50,9 +47,6 @@ class DefinitionValidationPlugin:
 
 
 def _pipelines(root: IConstruct) -> list[TrainingPipeline]:
-    # Imported here: pipeline -> nag -> validation would otherwise be an import cycle.
-    from spot_training.pipeline import TrainingPipeline
-
     return [c for c in root.node.find_all() if isinstance(c, TrainingPipeline)]
 
 

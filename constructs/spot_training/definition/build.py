@@ -25,10 +25,10 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from spot_training.config import CONTEXT_KEY, ConfigError, TrainingConfig
-from spot_training.definition_rules import all_steps
-from spot_training.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
-from spot_training.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
+from spot_training.config.settings import CONTEXT_KEY, ConfigError, TrainingConfig
+from spot_training.definition.rules import all_steps
+from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
+from spot_training.definition.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
 _SDK_LOGGERS = ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry")
 
@@ -191,7 +191,7 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[Pipeli
                                     f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
         if config.validation_data else []
     # An argument of the preparation step, so its cache key: `spot-training start` passes a digest of the data
-    # objects (operations.data_fingerprint), and changed data under the same prefix is prepared again.
+    # objects (operations.runs.data_fingerprint), and changed data under the same prefix is prepared again.
     fingerprint = [PipelineParameter("DataFingerprint", ParameterString, "unlisted")] if config.prepare_data else []
     return [
         PipelineParameter(DATA_PARAMETERS["train"], ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),

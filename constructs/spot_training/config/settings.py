@@ -16,8 +16,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from spot_training import instance_types
-from spot_training.sizing import Workload, guardrail_findings
+from spot_training.config import instance_types
+from spot_training.config.sizing import Workload, guardrail_findings
 
 CONTEXT_KEY = "training"
 MAX_RUNTIME_LIMIT_SECONDS = 28 * 24 * 3600  # SageMaker's MaxRuntimeInSeconds ceiling (28 days)

@@ -44,7 +44,7 @@ def check_trainer_dir(source_dir: Path) -> None:
 
 def default_trainer_dir() -> Path:
     """The trainer shipped with this package (a link to the repository's `trainer/`)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the spot_training package
     for candidate in (here / "trainer", here.parent.parent / "trainer"):
         if (candidate / ENTRY_POINT).is_file():
             return candidate

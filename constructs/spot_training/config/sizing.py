@@ -208,14 +208,14 @@ KMS_KEY_USD_MONTH = 1.00            # AWS KMS pricing: each customer managed key
 ALARM_USD_MONTH = 0.10              # Amazon CloudWatch pricing: standard-resolution alarm metric, per month
 CUSTOM_METRIC_USD_MONTH = 0.30      # Amazon CloudWatch pricing: custom metric, first 10,000, per month
 FLOW_LOG_USD_PER_GB = 0.50          # Amazon CloudWatch pricing: vended logs (VPC flow logs) ingestion, first 10 TB
-ALARMS_PER_PIPELINE = 3             # spot_training.alarms: execution failed, running too long, monitor errors
+ALARMS_PER_PIPELINE = 3             # spot_training.cdk.alarms: execution failed, running too long, monitor errors
 
 
 def platform_monthly_cost(*, az_count: int, interface_endpoints: int, pipelines: int) -> list[tuple[str, float]]:
     """What the deployed platform costs per month whether or not it trains: (item, USD) rows. Keys: the
     artifact key, the flow log key and one alarm key per pipeline; alarms and the monitor's custom metric
     per pipeline; interface endpoints per AZ. Flow log ingestion depends on traffic and is not included."""
-    from spot_training.endpoints import ENDPOINT_USD_PER_AZ_MONTH
+    from spot_training.config.endpoints import ENDPOINT_USD_PER_AZ_MONTH
 
     keys = 2 + pipelines
     return [

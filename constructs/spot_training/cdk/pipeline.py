@@ -19,15 +19,15 @@ from aws_cdk import aws_sagemaker as sagemaker
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from spot_training.alarms import PipelineAlarms
-from spot_training.config import ConfigError, TrainingConfig
-from spot_training.definition_rules import Expectations
-from spot_training.layout import PREFIXES
-from spot_training.nag import acknowledge, arn_finding, bucket_arn_and_finding
-from spot_training.network import TrainingSecurityGroup
-from spot_training.roles import PreparationLimits, TrainingRoles
-from spot_training.storage import ArtifactStore
-from spot_training.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
+from spot_training.cdk.alarms import PipelineAlarms
+from spot_training.config.settings import ConfigError, TrainingConfig
+from spot_training.definition.rules import Expectations
+from spot_training.config.layout import PREFIXES
+from spot_training.cdk.nag import acknowledge, arn_finding, bucket_arn_and_finding
+from spot_training.cdk.network import TrainingSecurityGroup
+from spot_training.cdk.roles import PreparationLimits, TrainingRoles
+from spot_training.cdk.storage import ArtifactStore
+from spot_training.definition.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
 
 
 START_ACTIONS = ["sagemaker:StartPipelineExecution", "sagemaker:RetryPipelineExecution",
@@ -101,7 +101,7 @@ class TrainingPipeline(Construct):
         self.config = config
         self.vpc, self.endpoint_security_group = vpc, endpoint_security_group
         # The SageMaker SDK is imported here, on first use, not when this package is imported.
-        from spot_training import definition as sdk
+        from spot_training.definition import build as sdk
 
         self.image_uri = sdk.default_image_uri(config)
         self.subnets = _training_subnets(vpc, subnets)
@@ -141,7 +141,7 @@ class TrainingPipeline(Construct):
 
     def _start_grants(self) -> list[dict[str, Any]]:
         """Start and follow runs of this pipeline; and list the data prefix of the artifact bucket, which
-        `spot-training start` does to fingerprint the data (operations.data_fingerprint): keys only, no
+        `spot-training start` does to fingerprint the data (operations.runs.data_fingerprint): keys only, no
         object reads. `s3:prefix` is ListBucket's condition key for the requested prefix (Service Authorization
         Reference, Amazon S3: list_amazons3.html)."""
         return [{"actions": START_ACTIONS, "resource_arns": [self.pipeline_arn, f"{self.pipeline_arn}/execution/*"]},

@@ -7,9 +7,9 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from spot_training.config import TrainingConfig
-from spot_training.layout import PREFIXES
-from spot_training.nag import acknowledge
+from spot_training.config.settings import TrainingConfig
+from spot_training.config.layout import PREFIXES
+from spot_training.cdk.nag import acknowledge
 
 
 class ArtifactStore(Construct):

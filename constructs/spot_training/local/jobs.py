@@ -1,0 +1,194 @@
+"""The jobs of one local execution, read from the pipeline definition `cdk synth` builds, and the attempts
+that run them (an attempt ends with the job, an emulated interruption or a stop of local-run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from spot_training.config.layout import CHECKPOINT_LOCAL_PATH
+from spot_training.config.settings import TrainingConfig
+
+LOCAL_BUCKET = "local-artifact-bucket"
+LOCAL_ASSET_BUCKET, LOCAL_CODE_KEY = "local-cdk-assets", "trainer.tar.gz"  # CDK asset keys have no "/"
+EXECUTION_ID = "local-execution"
+# The deployed defaults size a multi-GPU job (2048-token sequences); locally the same parameters are
+# overridden the way `start-pipeline-execution --pipeline-parameters` would, to fit a 2-core CPU.
+CPU_PARAMETERS = {"InstanceType": "ml.m5.xlarge", "PerDeviceBatchSize": 4, "GradientAccumulationSteps": 4,
+                  "SequenceLength": 32, "LearningRate": 1e-3, "CheckpointIntervalMinutes": 60.0,
+                  "CheckpointEverySteps": 2}
+COMPLETE_FILE = "COMPLETE.json"  # the trainer's mark of a finished checkpoint (trainer/checkpointing.py MARKER)
+
+
+class LocalRunError(RuntimeError):
+    """The local job failed or cannot start; the message says why in one line."""
+
+
+class LocalRunStopped(LocalRunError):
+    """local-run was asked to stop (Ctrl-C or SIGTERM) and has ended every process it started."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+    """What one execution's TrainingStep asks SageMaker to run, resolved to concrete values."""
+
+    hyperparameters: dict[str, str]  # as CreateTrainingJob carries them: JSON-encoded strings
+    input_data_config: list[dict[str, Any]]
+    instance_type: str
+    instance_count: int
+    environment: dict[str, str]
+    checkpoint_s3_uri: str
+    checkpoint_local_path: str
+    metric_definitions: list[dict[str, str]]
+    container_command: tuple[str, ...] = ()  # ContainerEntrypoint + ContainerArguments; () runs the image's own
+
+    @property
+    def entry_point(self) -> str:
+        return json.loads(self.hyperparameters["sagemaker_program"])
+
+    @property
+    def channels(self) -> dict[str, str]:
+        return {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in self.input_data_config}
+
+    @property
+    def user_hyperparameters(self) -> dict[str, Any]:
+        """What the trainer receives as `--name value` (the toolkit leaves `sagemaker_*` out)."""
+        return {k: _decoded(v) for k, v in sorted(self.hyperparameters.items()) if not k.startswith("sagemaker_")}
+
+    @staticmethod
+    def from_definition(resolved: Mapping[str, Any]) -> TrainingJob:
+        """From the definition resolved as one execution (`with_overrides`)."""
+        from spot_training.definition import build as sdk
+        from spot_training.definition.rules import EXECUTION_ID_STAND_IN
+
+        args = sdk.training_step(resolved)["Arguments"]
+        # A channel fed by the preparation step reads its output under the execution's prefix.
+        channels = json.loads(json.dumps(args["InputDataConfig"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
+        return TrainingJob(
+            hyperparameters={k: str(v) for k, v in args["HyperParameters"].items()},
+            input_data_config=channels,
+            instance_type=args["ResourceConfig"]["InstanceType"],
+            instance_count=int(args["ResourceConfig"]["InstanceCount"]),
+            environment=dict(args.get("Environment", {})),
+            checkpoint_s3_uri=args["CheckpointConfig"]["S3Uri"].replace(EXECUTION_ID_STAND_IN, EXECUTION_ID),
+            checkpoint_local_path=args["CheckpointConfig"].get("LocalPath", CHECKPOINT_LOCAL_PATH),
+            metric_definitions=args["AlgorithmSpecification"]["MetricDefinitions"],
+            container_command=(*args["AlgorithmSpecification"].get("ContainerEntrypoint", []),
+                               *args["AlgorithmSpecification"].get("ContainerArguments", [])))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessingJob:
+    """What one execution's preparation (processing) step asks SageMaker to run, resolved."""
+
+    name: str
+    arguments: dict[str, Any]  # the step's resolved Arguments, as CreateProcessingJob would carry them
+
+    @property
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """name -> (S3 URI, container path)."""
+        return {i["InputName"]: (i["S3Input"]["S3Uri"], i["S3Input"]["LocalPath"])
+                for i in self.arguments["ProcessingInputs"]}
+
+    @property
+    def outputs(self) -> dict[str, tuple[str, str]]:
+        """name -> (container path, S3 URI)."""
+        return {o["OutputName"]: (o["S3Output"]["LocalPath"], o["S3Output"]["S3Uri"])
+                for o in self.arguments["ProcessingOutputConfig"]["Outputs"]}
+
+    @property
+    def command(self) -> list[str]:
+        app = self.arguments["AppSpecification"]
+        return [*app.get("ContainerEntrypoint", []), *app.get("ContainerArguments", [])]
+
+    @staticmethod
+    def from_definition(resolved: Mapping[str, Any]) -> ProcessingJob | None:
+        from spot_training.definition.rules import EXECUTION_ID_STAND_IN, all_steps
+
+        step = next((s for s in all_steps(resolved) if s.get("Type") == "Processing"), None)
+        if step is None:
+            return None
+        arguments = json.loads(json.dumps(step["Arguments"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
+        return ProcessingJob(name=step["Name"], arguments=arguments)
+
+
+def _decoded(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return text
+
+
+def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`definition` resolved as one execution started with these parameter values."""
+    from spot_training.definition.rules import resolve
+
+    copy = json.loads(json.dumps(definition))
+    for parameter in copy["Parameters"]:
+        if parameter["Name"] in overrides:
+            parameter["DefaultValue"] = overrides[parameter["Name"]]
+    return resolve(copy)
+
+
+def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[TrainingJob, dict[str, Any]]:
+    """The TrainingStep of the pipeline `cdk synth` builds for `config`, as one local execution runs it."""
+    from spot_training.definition import build as sdk
+    from spot_training.definition.trainer_code import load_metric_definitions
+
+    placeholders = dataclasses.replace(sdk.Placeholders.for_counts(1, 1), bucket_name=LOCAL_BUCKET,
+                                       code_bucket_name=LOCAL_ASSET_BUCKET, code_object_key=LOCAL_CODE_KEY)
+    definition = sdk.generate(config, metric_definitions=load_metric_definitions(trainer_dir),
+                              placeholders=placeholders)
+    return TrainingJob.from_definition(with_overrides(definition, local_parameters(steps))), definition
+
+
+def preparation_resolver(definition: Mapping[str, Any], steps: int) -> Callable[[Mapping[str, Any]],
+                                                                                ProcessingJob | None]:
+    """The preparation step of one local execution, resolved with these parameter values on top of the
+    local ones (None when the pipeline has no preparation step)."""
+    def resolve(overrides: Mapping[str, Any]) -> ProcessingJob | None:
+        return ProcessingJob.from_definition(with_overrides(definition, {**local_parameters(steps), **overrides}))
+
+    return resolve
+
+
+def local_parameters(steps: int) -> dict[str, Any]:
+    """The pipeline parameters of one local execution: CPU-sized, `steps` optimizer steps."""
+    return {**CPU_PARAMETERS, "MaxSteps": steps}
+
+
+def job_fingerprint(job: TrainingJob) -> dict[str, Any]:
+    """What must match for a run in the same --out to be resumed rather than refused."""
+    return {"hyperparameters": job.user_hyperparameters, "instance_count": job.instance_count,
+            "instance_type": job.instance_type}
+
+
+@dataclasses.dataclass
+class Attempt:
+    number: int
+    resumed_from: int | None = None
+    last_step: int = 0
+    interrupted: bool = False
+    interrupted_during_save: bool = False
+    stopped: bool = False  # local-run itself was stopped (Ctrl-C, SIGTERM, SIGKILL) during this attempt
+    returncodes: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Interruption:
+    step: int
+    during_save: bool = False  # wait, from `step` on, for a checkpoint write of a step >= `step` in progress
+
+    def due(self, last_step: int, checkpoints: Path) -> bool:
+        if last_step < self.step:
+            return False
+        return not self.during_save or any(number >= self.step and not (folder / COMPLETE_FILE).exists()
+                                           for number, folder in step_folders(checkpoints))
+
+
+def step_folders(checkpoints: Path) -> list[tuple[int, Path]]:
+    return [(int(p.name.removeprefix("step-")), p) for p in checkpoints.glob("step-*")
+            if p.name.removeprefix("step-").isdigit()]
