@@ -257,6 +257,10 @@ class Trainer:
                 self._evaluate()
             if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested,
                                       metadata={"last_loss": self.last_loss}):
+                if self.topology.is_main:  # before the wait: a save in flight may outlast the stop's grace
+                    print(f"[stop] SIGTERM: stopping after step {self.step}"
+                          + (", once the checkpoint in flight is written" if self.checkpointer.pending else ""),
+                          flush=True)
                 self.checkpointer.wait()
                 if self.topology.is_main:
                     print(f"[stop] SIGTERM: stopped after step {self.step}; the next start resumes from the newest "
