@@ -185,10 +185,14 @@ class Interruption:
     def due(self, last_step: int, checkpoints: Path) -> bool:
         if last_step < self.step:
             return False
-        return not self.during_save or any(number >= self.step and not (folder / COMPLETE_FILE).exists()
-                                           for number, folder in step_folders(checkpoints))
+        return not self.during_save or save_in_progress(checkpoints, from_step=self.step)
 
 
-def step_folders(checkpoints: Path) -> list[tuple[int, Path]]:
-    return [(int(p.name.removeprefix("step-")), p) for p in checkpoints.glob("step-*")
-            if p.name.removeprefix("step-").isdigit()]
+def save_in_progress(checkpoints: Path, *, from_step: int = 0) -> bool:
+    """A checkpoint of step `from_step` or later is being written in `checkpoints` (its `step-N/` has no
+    COMPLETE.json yet)."""
+    for folder in checkpoints.glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and int(number) >= from_step and not (folder / COMPLETE_FILE).exists():
+            return True
+    return False

@@ -18,9 +18,9 @@ from typing import Any
 
 from spot_training.config.settings import TrainingConfig
 from spot_training.local.instances import GRACE_SECONDS, Instances, start_container
-from spot_training.local.jobs import (COMPLETE_FILE, EXECUTION_ID, LOCAL_BUCKET, Attempt, Interruption, LocalRunError,
+from spot_training.local.jobs import (EXECUTION_ID, LOCAL_BUCKET, Attempt, Interruption, LocalRunError,
                                       LocalRunStopped, ProcessingJob, TrainingJob, build_job, job_fingerprint,
-                                      preparation_resolver, step_folders)
+                                      preparation_resolver, save_in_progress)
 from spot_training.local.processes import signal_tree
 from spot_training.local.processing import run_preparation, with_data_fingerprint
 from spot_training.local.report import build_report
@@ -193,7 +193,7 @@ class LocalRun:
         """Spot reclaim: SIGTERM everywhere, a grace period, one last sync, then SIGKILL everything."""
         attempt.interrupted = True
         checkpoints = self.instances.in_instance(main_instance, self.job.checkpoint_local_path)
-        attempt.interrupted_during_save = any(not (d / COMPLETE_FILE).exists() for _, d in step_folders(checkpoints))
+        attempt.interrupted_during_save = save_in_progress(checkpoints)
         self.stop(sync)
         attempt.returncodes = [p.returncode for p in self.processes]
         self._read_progress(attempt, self.logs / f"attempt-{attempt.number}-algo-1.log")
