@@ -34,6 +34,10 @@ class PipelineStack(cdk.Stack):
             if config.teams else {}
         cdk.CfnOutput(self, "PipelineName", value=self.training.pipeline_name,
                       description="SageMaker pipeline that runs one training per execution")
+        if self.training.model_package_group_name:
+            cdk.CfnOutput(self, "ModelPackageGroupName", value=self.training.model_package_group_name,
+                          description="Model registry group: each run's model, PendingManualApproval, once it beats "
+                          "its base (spot-training models)")
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.training.alarm_topic.topic_arn,
                       description="SNS topic of failed, stopped and overlong executions")
         # `spot-training start`, not `aws sagemaker start-pipeline-execution`: it lists the data and passes its

@@ -6,7 +6,7 @@ from constructs import Construct
 
 from spot_training.config.settings import TrainingConfig
 from spot_training.definition.build import default_image_uri
-from spot_training.cdk.pipeline import preparation_limits
+from spot_training.cdk.pipeline import evaluation_limits, preparation_limits
 from spot_training.cdk.roles import TrainingRoles
 from spot_training.cdk.storage import ArtifactStore
 
@@ -24,8 +24,10 @@ class SecurityStack(cdk.Stack):
             allowed_instance_types=config.instance_type_allow_list, max_run_seconds=config.max_run_seconds,
             network_isolation=config.network_isolation,
             inter_container_encryption=config.inter_container_encryption,
-            volume_encryption=config.volume_encryption_allowed, preparation=preparation_limits(config))
+            volume_encryption=config.volume_encryption_allowed, preparation=preparation_limits(config),
+            evaluation=evaluation_limits(config),
+            model_package_group=config.model_package_group_name if evaluation_limits(config) else None)
         cdk.CfnOutput(self, "SageMakerExecutionRoleArn", value=self.roles.training_role.role_arn,
                       description="Execution role of the training jobs")
         cdk.CfnOutput(self, "ArtifactBucketName", value=self.store.bucket.bucket_name,
-                      description="Bucket for data/, models/, code/, prepared/, checkpoints/ and outputs/")
+                      description="Bucket for data/, models/, code/, prepared/, checkpoints/, outputs/ and evaluation/")

@@ -21,9 +21,10 @@ from spot_training.cdk.checks import add_checks
 from spot_training.cdk.nag import acknowledge
 from spot_training.cdk.pipeline import TrainingPipeline
 from tests.conftest import synth
-from tests.iam.authorization import (Authorization, Request, all_run_requests, create_processing_job_context,
-                                     create_training_job_context, job_arn, pipelines, policy_key_checks,
-                                     processing_arguments, processing_job_arn, run_simulator, service_requests,
+from tests.iam.authorization import (Authorization, Request, all_run_requests, create_model_package_context,
+                                     create_processing_job_context, create_training_job_context, job_arn,
+                                     model_package_arn, pipelines, policy_key_checks, processing_arguments,
+                                     processing_job_arn, registration_arguments, run_simulator, service_requests,
                                      training_arguments)
 from tests.iam.cloudformation import ACCOUNT, Deployment
 from tests.test_teams import TEAMS
@@ -111,7 +112,7 @@ def _create(auth: Authorization, **changes) -> Request:
 
 def _prepare(auth: Authorization, **changes) -> Request:
     (pipeline,) = pipelines(auth.deployment)
-    ((step, args),) = processing_arguments(pipeline)
+    step, args = next((name, args) for name, args in processing_arguments(pipeline) if name == "PrepareData")
     context = create_processing_job_context(args)
     for key, value in changes.items():
         if value is None:
@@ -120,6 +121,34 @@ def _prepare(auth: Authorization, **changes) -> Request:
             context[f"sagemaker:{key}"] = value
     return Request("prepare " + json.dumps(changes), pipeline["role_arn"], "sagemaker:CreateProcessingJob",
                    processing_job_arn(auth.region, step), context)
+
+
+def _evaluate(auth: Authorization, **changes) -> Request:
+    (pipeline,) = pipelines(auth.deployment)
+    step, args = next((name, args) for name, args in processing_arguments(pipeline) if name == "Evaluate")
+    context = create_processing_job_context(args)
+    for key, value in changes.items():
+        if value is None:
+            context.pop(f"sagemaker:{key}", None)
+        else:
+            context[f"sagemaker:{key}"] = value
+    return Request("evaluate " + json.dumps(changes), pipeline["role_arn"], "sagemaker:CreateProcessingJob",
+                   processing_job_arn(auth.region, step), context)
+
+
+def _register(auth: Authorization, *, action: str = "sagemaker:CreateModelPackage", group: str | None = None,
+              **changes) -> Request:
+    """The pipeline's registration request, with condition keys changed (None: absent)."""
+    (pipeline,) = pipelines(auth.deployment)
+    ((step, args),) = registration_arguments(pipeline)
+    context = create_model_package_context(args)
+    for key, value in changes.items():
+        if value is None:
+            context.pop(f"sagemaker:{key}", None)
+        else:
+            context[f"sagemaker:{key}"] = value
+    return Request(f"register {action} {group} " + json.dumps(changes), pipeline["role_arn"], action,
+                   model_package_arn(auth.region, group or args["ModelPackageGroupName"]), context)
 
 
 def _pipeline_role(auth: Authorization) -> str:
@@ -176,6 +205,14 @@ GUARDRAILS = {
     "a preparation in a foreign subnet": lambda a: _prepare(a, VpcSubnets=["subnet-0foreign000000000"]),
     "a preparation above its runtime cap": lambda a: _prepare(a, MaxRuntimeInSeconds="21601"),
     "a preparation writing with another key": lambda a: _prepare(a, OutputKmsKeyArn=OTHER_KEY),
+    "an evaluation on another instance type": lambda a: _evaluate(a, InstanceTypes=["ml.p5.48xlarge"]),
+    "an evaluation without network isolation": lambda a: _evaluate(a, NetworkIsolation=None),
+    "an evaluation above its runtime cap": lambda a: _evaluate(a, MaxRuntimeInSeconds="7201"),
+    "a registration as Approved": lambda a: _register(a, ModelApprovalStatus="Approved"),
+    "a registration without a status": lambda a: _register(a, ModelApprovalStatus=None),
+    "a registration in another group": lambda a: _register(a, group="someone-elses-models"),
+    "the pipeline approving a model": lambda a: _register(a, action="sagemaker:UpdateModelPackage",
+                                                          ModelApprovalStatus="Approved"),
     "the key used through another service": lambda a: Request(
         "kms via ec2", _execution(a)[0], "kms:Decrypt", _execution(a)[2],
         {"kms:ViaService": "ec2.us-east-1.amazonaws.com", "kms:CallerAccount": ACCOUNT}, a.key_policies[_execution(a)[2]]),
@@ -191,8 +228,61 @@ def test_every_guardrail_bites(default_auth):
 
 
 def test_the_unchanged_request_is_allowed_so_each_denial_is_the_guardrail(default_auth):
-    assert verdicts(default_auth, [_create(default_auth), _prepare(default_auth)]) == {
-        "create {}": "Allowed", "prepare {}": "Allowed"}
+    assert verdicts(default_auth, [_create(default_auth), _prepare(default_auth), _evaluate(default_auth),
+                                   _register(default_auth)]) == {
+        "create {}": "Allowed", "prepare {}": "Allowed", "evaluate {}": "Allowed",
+        "register sagemaker:CreateModelPackage None {}": "Allowed"}
+
+
+def approver_app(outdir: str):
+    """The default pipeline with a reviewers' role given the construct's approver policy."""
+    app = cdk.App(outdir=outdir)
+    stack = cdk.Stack(app, "Approvers", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    reason = "The team's own test VPC, outside the construct."
+    acknowledge(vpc, {"AwsSolutions-VPC7": reason, "NIST.800.53.R5-VPCFlowLogsEnabled": reason,
+                      "HIPAA.Security-VPCFlowLogsEnabled": reason, "NIST.800.53.R5-VPCDefaultSecurityGroupClosed": reason,
+                      "HIPAA.Security-VPCDefaultSecurityGroupClosed": reason})
+    training = TrainingPipeline(stack, "Training", config=TrainingConfig(), vpc=vpc, alarms=False)
+    reviewers = iam.Role(stack, "Reviewers", assumed_by=iam.AccountRootPrincipal())
+    training.model_approver_policy("ApproverPolicy", [reviewers])
+    add_checks(app)
+    return app.synth()
+
+
+def test_the_approver_policy_may_approve_or_reject_this_groups_models_only(tmp_path_factory):
+    """Reviewers approve and reject; they cannot set a package back to pending or touch another group, and the
+    pipeline role (which registers) cannot approve: the two rights stay apart."""
+    auth = Authorization(Deployment(approver_app(str(tmp_path_factory.mktemp("approvers"))).directory, "us-east-1"))
+    reviewer = f"arn:aws:iam::{ACCOUNT}:role/" + next(name for name in auth.roles if "Reviewers" in name)
+    (pipeline,) = pipelines(auth.deployment)
+    ((_, args),) = registration_arguments(pipeline)
+    group, package = args["ModelPackageGroupName"], model_package_arn(auth.region, args["ModelPackageGroupName"])
+    report = next(o for n, a in processing_arguments(pipeline) if n == "Evaluate"
+                  for o in a["ProcessingOutputConfig"]["Outputs"])["S3Output"]["S3Uri"]
+
+    def update(status: str, arn: str = package) -> Request:
+        return Request(f"update {status} {arn}", reviewer, "sagemaker:UpdateModelPackage", arn,
+                       {"sagemaker:ModelApprovalStatus": status})
+    requests = [update("Approved"), update("Rejected"), update("PendingManualApproval"),
+                update("Approved", model_package_arn(auth.region, "other-models")),
+                Request("describe", reviewer, "sagemaker:DescribeModelPackage", package),
+                Request("list", reviewer, "sagemaker:ListModelPackages", "*"),
+                *auth.s3_requests(reviewer, "report", report.rstrip("/") + "/", ["s3:GetObject"], "evaluation.json"),
+                Request("pipeline approves", pipeline["role_arn"], "sagemaker:UpdateModelPackage", package,
+                        {"sagemaker:ModelApprovalStatus": "Approved"})]
+    results = verdicts(auth, requests)
+    assert {i: v for i, v in results.items() if v != "Allowed"} == {
+        f"update PendingManualApproval {package}": "ImplicitlyDenied",
+        f"update Approved {model_package_arn(auth.region, 'other-models')}": "ImplicitlyDenied",
+        "pipeline approves": "ImplicitlyDenied"}
+    assert group == "distributed-training-models"
+    checks, actions = policy_key_checks(auth)  # UpdateModelPackage's status key included
+    output = run_simulator({"keyChecks": checks, "actions": actions})
+    assert any(c["action"] == "sagemaker:UpdateModelPackage" for c in checks)
+    assert [(c["action"], c["key"]) for c in output["keyChecks"] if not c["defined"]] == []
+    assert [a["action"] for a in output["actions"] if not a["exists"]] == []
 
 
 def test_a_teams_principals_may_list_the_data_prefix_for_the_fingerprint_and_nothing_more(tmp_path_factory):

@@ -67,7 +67,7 @@ def test_team_pipeline_refuses_a_run_above_its_instance_count_cap_before_any_job
     (condition,) = gate["Arguments"]["Conditions"]
     assert condition == {"Type": "LessThanOrEqualTo", "LeftValue": {"Get": "Parameters.InstanceCount"},
                          "RightValue": 2}
-    assert [s["Type"] for s in gate["Arguments"]["IfSteps"]] == ["Processing", "Training"]  # refused: no preparation
+    assert [s["Type"] for s in gate["Arguments"]["IfSteps"]] == ["Processing", "Training", "Processing", "Condition"]  # refused: nothing runs
     (fail,) = gate["Arguments"]["ElseSteps"]
     assert fail["Type"] == "Fail"
     assert "above this pipeline's cap of 2 instances" in json.dumps(fail["Arguments"]["ErrorMessage"])
@@ -78,8 +78,8 @@ def test_team_pipeline_refuses_a_run_above_its_instance_count_cap_before_any_job
 
 
 def test_main_pipeline_has_no_count_gate(teams_app):
-    assert [s["Type"] for s in _body(_pipelines(teams_app)["distributed-training"])["Steps"]] == ["Processing",
-                                                                                                 "Training"]
+    assert [s["Type"] for s in _body(_pipelines(teams_app)["distributed-training"])["Steps"]] == [
+        "Processing", "Training", "Processing", "Condition"]
 
 
 def test_team_principals_may_start_their_own_pipeline_only(teams_app):

@@ -431,7 +431,7 @@ def processing_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[R
     for step_name, args in processing_arguments(pipeline):
         name, region, pipeline_role, role = pipeline["name"], auth.region, pipeline["role_arn"], args["RoleArn"]
         job = processing_job_arn(region, step_name)
-        out.append(Request(f"{name}: pipeline role sagemaker:CreateProcessingJob", pipeline_role,
+        out.append(Request(f"{name}: pipeline role sagemaker:CreateProcessingJob for {step_name}", pipeline_role,
                            "sagemaker:CreateProcessingJob", job, create_processing_job_context(args)))
         out += [Request(f"{name}: pipeline role {a} on {step_name}", pipeline_role, a, job)
                 for a in ("sagemaker:DescribeProcessingJob", "sagemaker:StopProcessingJob", "sagemaker:AddTags")]
@@ -460,11 +460,50 @@ def processing_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[R
     return out
 
 
+def registration_arguments(pipeline: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(s["Name"], s["Arguments"]) for s in _steps(pipeline["resolved"]["Steps"]) if s["Type"] == "RegisterModel"]
+
+
+def model_package_arn(region: str, group: str, version: int = 1) -> str:
+    # Versioned packages: model-package/<group>/<version>, names in lower case as in every SageMaker ARN.
+    return f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:model-package/{group.lower()}/{version}"
+
+
+def create_model_package_context(args: dict[str, Any]) -> dict[str, Any]:
+    """The condition keys SageMaker sets on CreateModelPackage from the request (Service Authorization Reference
+    for SageMaker AI: sagemaker:ModelApprovalStatus, sagemaker:CustomerMetadataProperties/${MetadataKey})."""
+    context = {f"sagemaker:CustomerMetadataProperties/{k}": v for k, v in args.get("CustomerMetadataProperties", {}).items()}
+    if "ModelApprovalStatus" in args:
+        context["sagemaker:ModelApprovalStatus"] = args["ModelApprovalStatus"]
+    return context
+
+
+def registration_requests(auth: Authorization, pipeline: dict[str, Any]) -> list[Request]:
+    """The gate's read of the evaluation report (Pipelines reads a property file as the pipeline role) and the
+    registration of the model (CreateModelPackage, then DescribeModelPackage)."""
+    out, name, role = [], pipeline["name"], pipeline["role_arn"]
+    reports = {f"Steps.{step}.PropertyFiles.{f['PropertyFileName']}": (step, f)
+               for step, args in processing_arguments(pipeline)
+               for f in next(s for s in _steps(pipeline["resolved"]["Steps"]) if s["Name"] == step).get("PropertyFiles", [])}
+    for step, report in reports.values():
+        args = next(a for n, a in processing_arguments(pipeline) if n == step)
+        output = next(o for o in args["ProcessingOutputConfig"]["Outputs"] if o["OutputName"] == report["OutputName"])
+        out += auth.s3_requests(role, f"{name}: pipeline role reads the property file {report['PropertyFileName']}",
+                                output["S3Output"]["S3Uri"].rstrip("/") + "/", ["s3:GetObject"], report["FilePath"])
+    for step, args in registration_arguments(pipeline):
+        package = model_package_arn(auth.region, args["ModelPackageGroupName"])
+        out += [Request(f"{name}: pipeline role sagemaker:CreateModelPackage ({step})", role,
+                        "sagemaker:CreateModelPackage", package, create_model_package_context(args)),
+                Request(f"{name}: pipeline role sagemaker:DescribeModelPackage ({step})", role,
+                        "sagemaker:DescribeModelPackage", package)]
+    return out
+
+
 def all_run_requests(auth: Authorization) -> list[Request]:
     out = []
     for pipeline in pipelines(auth.deployment):
         out += pipeline_role_requests(auth, pipeline) + execution_role_requests(auth, pipeline)
-        out += processing_requests(auth, pipeline)
+        out += processing_requests(auth, pipeline) + registration_requests(auth, pipeline)
     return out + platform_requests(auth) + service_requests(auth)
 
 

@@ -25,7 +25,7 @@ from spot_training.definition.rules import Expectations
 from spot_training.config.layout import PREFIXES
 from spot_training.cdk.nag import acknowledge, arn_finding, bucket_arn_and_finding
 from spot_training.cdk.network import TrainingSecurityGroup
-from spot_training.cdk.roles import PreparationLimits, TrainingRoles
+from spot_training.cdk.roles import REVIEWED, PreparationLimits, TrainingRoles, model_package_arns
 from spot_training.cdk.storage import ArtifactStore
 from spot_training.definition.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
 
@@ -112,24 +112,37 @@ class TrainingPipeline(Construct):
             bucket, key = store.bucket, store.key
         self.bucket, self.key = bucket, key
         self.preparation = preparation_limits(config)
+        source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
+        self.evaluation = evaluation_limits(config, source_dir, hyperparameters)
+        if config.evaluate_model and self.evaluation is None:
+            cdk.Annotations.of(self).add_warning_v2(
+                "spot-training:NoEvaluation", "evaluate_model is on, but a custom trainer (hyperparameters, or a "
+                f"trainer_source_dir without {EVALUATION_SCRIPT}) runs: the pipeline ends with the model, with no "
+                "evaluation, gate or registration")
+        self.model_package_group_name = config.model_package_group_name if self.evaluation else None
         self.roles = self._roles(training_role, pipeline_role, grant_roles)
         self.training_role, self.pipeline_role = self.roles.training_role, self.roles.pipeline_role
         self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
-        source_dir = Path(trainer_source_dir) if trainer_source_dir else default_trainer_dir()
         self.code_asset = self._package_trainer(source_dir)
         self.placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
         self.definition = sdk.generate(config, placeholders=self.placeholders, image_uri=self.image_uri,
                                        metric_definitions=metric_definitions or load_metric_definitions(source_dir),
-                                       hyperparameters=hyperparameters, environment=environment)
+                                       hyperparameters=hyperparameters, environment=environment,
+                                       evaluation=self.evaluation is not None)
         self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
                                          inter_container_encryption=config.inter_container_encryption,
                                          volume_encryption=config.volume_encryption_allowed,
                                          preparation_volume_encryption=(
-                                             self.preparation.volume_encryption if self.preparation else None))
+                                             self.preparation.volume_encryption if self.preparation else None),
+                                         evaluation_volume_encryption=(
+                                             self.evaluation.volume_encryption if self.evaluation else None))
+        self.model_package_group = self._create_model_package_group() if self.evaluation else None
         self.pipeline = sagemaker.CfnPipeline(
             self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
             pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",
             pipeline_definition={"PipelineDefinitionBody": self._definition_body()})
+        if self.model_package_group is not None:
+            self.pipeline.node.add_dependency(self.model_package_group)
         self.pipeline_name = config.pipeline_name
         self.pipeline_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="pipeline",
                                                           resource_name=config.pipeline_name.lower())
@@ -164,6 +177,55 @@ class TrainingPipeline(Construct):
             f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'pipeline/{self.pipeline_name.lower()}')}"
             "/execution/*]": "Execution ids are created at start; the wildcard covers executions of this one "
             "pipeline only.",
+        })
+        return policy
+
+    def _create_model_package_group(self) -> sagemaker.CfnModelPackageGroup:
+        """The registry of this pipeline's models, kept when the stack is deleted (approved models outlive it)."""
+        group = sagemaker.CfnModelPackageGroup(
+            self, "ModelPackageGroup", model_package_group_name=self.model_package_group_name,
+            model_package_group_description=f"Models fine-tuned by pipeline {self.config.pipeline_name}: each "
+            "registered PendingManualApproval after beating its base model on held-out data")
+        group.apply_removal_policy(cdk.RemovalPolicy.RETAIN)
+        return group
+
+    def _approver_statements(self) -> list[iam.PolicyStatement]:
+        """Review this pipeline's models: read them and their evaluation reports, and approve or reject them
+        (UpdateModelPackage, its status bound to Approved or Rejected by sagemaker:ModelApprovalStatus)."""
+        if self.model_package_group_name is None:
+            raise ValueError(f"{self.node.path}: this pipeline registers no models (evaluate_model is off or a custom "
+                             "trainer runs), so there is nothing to approve")
+        group, packages = model_package_arns(cdk.Stack.of(self), self.model_package_group_name)
+        bucket_arn, _ = bucket_arn_and_finding(self, self.bucket)
+        return [
+            iam.PolicyStatement(sid="ApproveOrRejectModels", actions=["sagemaker:UpdateModelPackage"],
+                                resources=[packages],
+                                conditions={"StringEquals": {"sagemaker:ModelApprovalStatus": list(REVIEWED)}}),
+            iam.PolicyStatement(sid="ReadModels", actions=["sagemaker:DescribeModelPackage"], resources=[packages]),
+            iam.PolicyStatement(sid="ReadModelGroup", actions=["sagemaker:DescribeModelPackageGroup"],
+                                resources=[group]),
+            # ListModelPackages supports no resource-level permissions (Service Authorization Reference).
+            iam.PolicyStatement(sid="ListModels", actions=["sagemaker:ListModelPackages"], resources=["*"]),
+            iam.PolicyStatement(sid="ReadEvaluationReports", actions=["s3:GetObject"],
+                                resources=[f"{bucket_arn}/{PREFIXES['evaluation']}*"]),
+            iam.PolicyStatement(sid="DecryptEvaluationReportsThroughS3", actions=["kms:Decrypt"],
+                                resources=[self.key.key_arn],
+                                conditions={"StringEquals": {"kms:ViaService": f"s3.{cdk.Stack.of(self).region}.amazonaws.com"}}),
+        ]
+
+    def model_approver_policy(self, id: str, roles: Sequence[iam.IRole]) -> iam.ManagedPolicy:
+        """A managed policy for the reviewers of this pipeline's models, attached to `roles`: list and read the
+        group's packages and their evaluation reports, and set a package Approved or Rejected. The pipeline role
+        itself can only register PendingManualApproval."""
+        policy = iam.ManagedPolicy(self, id, roles=list(roles), statements=self._approver_statements())
+        _, bucket_ref = bucket_arn_and_finding(self, self.bucket)
+        acknowledge(policy, {
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'model-package/{self.model_package_group_name.lower()}/*')}]":
+            "Model package versions are numbered by SageMaker at registration; the pattern covers this one group.",
+            "AwsSolutions-IAM5[Resource::*]": "sagemaker:ListModelPackages supports no resource-level permissions; "
+            "it lists names and statuses only.",
+            f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES['evaluation']}*]": "Reviewers read each run's "
+            "evaluation report, under a key made at run time, in this one prefix.",
         })
         return policy
 
@@ -205,7 +267,8 @@ class TrainingPipeline(Construct):
                              max_run_seconds=config.max_run_seconds, network_isolation=config.network_isolation,
                              inter_container_encryption=config.inter_container_encryption,
                              volume_encryption=config.volume_encryption_allowed,
-                             preparation=self.preparation)
+                             preparation=self.preparation, evaluation=self.evaluation,
+                             model_package_group=self.model_package_group_name)
 
     def _package_trainer(self, source_dir: Path) -> s3_assets.Asset:
         archive = deterministic_tarball(source_dir)
@@ -246,6 +309,21 @@ def preparation_limits(config: TrainingConfig) -> PreparationLimits | None:
     return PreparationLimits(instance_type=config.preparation_instance_type,
                              max_run_seconds=config.preparation_max_run_seconds,
                              volume_encryption=config.preparation_volume_encryption_allowed)
+
+
+EVALUATION_SCRIPT = "evaluate.py"
+
+
+def evaluation_limits(config: TrainingConfig, source_dir: Path | None = None,
+                      hyperparameters: Mapping[str, Any] | None = None) -> PreparationLimits | None:
+    """What the pipeline role must allow for the evaluation step, or None without one: it runs the built-in
+    trainer's evaluate.py, so a custom trainer (its own hyperparameters or code) gets none."""
+    source_dir = source_dir or default_trainer_dir()
+    if not config.evaluate_model or hyperparameters is not None or not (source_dir / EVALUATION_SCRIPT).is_file():
+        return None
+    return PreparationLimits(instance_type=config.evaluation_instance_type,
+                             max_run_seconds=config.evaluation_max_run_seconds,
+                             volume_encryption=config.evaluation_volume_encryption_allowed)
 
 
 def config_for_stack(config: TrainingConfig, stack: cdk.Stack) -> TrainingConfig:

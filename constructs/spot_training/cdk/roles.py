@@ -42,18 +42,30 @@ def network_interface_arns(stack: cdk.Stack, subnets: Sequence[ec2.ISubnet],
 
 
 UNSCOPED_ENI_REASON = ("The ENI rights of VPC mode are unscoped because the role also runs the preparation "
-                       "(processing) job, whose creation-time validation fails on scoped ENI permissions (SageMaker "
+                       "or evaluation (processing) jobs, whose creation-time validation fails on scoped ENI permissions (SageMaker "
                        "developer guide, 'How to use SageMaker AI execution roles'); the pipeline role still binds "
                        "every job to our subnets and security groups.")
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparationLimits:
-    """What the pipeline's preparation step (a processing job) may request."""
+    """What one of the pipeline's processing steps (the preparation, the evaluation) may request."""
 
     instance_type: str
     max_run_seconds: int
     volume_encryption: bool
+
+
+# The status a pipeline may register a model in; a reviewer (the approver policy) moves it on.
+PENDING = "PendingManualApproval"
+REVIEWED = ("Approved", "Rejected")
+
+
+def model_package_arns(stack: cdk.Stack, group: str) -> tuple[str, str]:
+    """The group's ARN and the pattern of its versioned packages (`model-package/<group>/<version>`; SageMaker
+    ARNs carry resource names in lower case, as pipeline ARNs do)."""
+    return (stack.format_arn(service="sagemaker", resource="model-package-group", resource_name=group.lower()),
+            stack.format_arn(service="sagemaker", resource="model-package", resource_name=f"{group.lower()}/*"))
 
 
 class TrainingRoles(Construct):
@@ -72,7 +84,8 @@ class TrainingRoles(Construct):
                  inter_container_encryption: bool = True, volume_encryption: bool = False,
                  training_role: iam.IRole | None = None, pipeline_role: iam.IRole | None = None,
                  grant_training_role: bool = True, grant_pipeline_role: bool = True,
-                 preparation: PreparationLimits | None = None) -> None:
+                 preparation: PreparationLimits | None = None, evaluation: PreparationLimits | None = None,
+                 model_package_group: str | None = None) -> None:
         """
         :param image_uri: the training image; the execution role may pull from its repository only.
         :param subnets: the only subnets a training job may use.
@@ -90,12 +103,18 @@ class TrainingRoles(Construct):
         :param preparation: the preparation step's limits: the pipeline role may then create processing jobs
             under the same network, isolation and KMS conditions, with this instance type and runtime cap, and
             the execution role writes `prepared/` (@default None: no preparation step).
+        :param evaluation: the evaluation step's limits, the same way: the execution role then reads `outputs/`
+            (the fine-tuned model) and writes `evaluation/` (@default None: no evaluation step).
+        :param model_package_group: the group the pipeline registers models in: the pipeline role may create
+            packages there only, only as PendingManualApproval, and read the evaluation report the gate reads
+            (@default None: no registration).
         """
         super().__init__(scope, id)
         stack = cdk.Stack.of(self)
         self.training_policy = None
         self.pipeline_policy = None
         bucket_arn, bucket_ref = bucket_arn_and_finding(self, bucket)
+        processing = preparation is not None or evaluation is not None
         if training_role is None:
             training_role, grant_training_role = iam.Role(
                 self, "TrainingRole", assumed_by=SAGEMAKER,
@@ -104,9 +123,9 @@ class TrainingRoles(Construct):
             self.training_policy = iam.ManagedPolicy(
                 self, "TrainingPolicy", roles=[training_role],
                 statements=self._training_statements(stack, bucket_arn, key, image_uri, subnets, security_groups,
-                                                     preparation is not None))
-            self._acknowledge_training_policy(bucket_ref, preparation is not None)
-            if preparation is not None:  # the same finding for checkov, on the policy itself
+                                                     preparation is not None, evaluation is not None))
+            self._acknowledge_training_policy(bucket_ref, preparation is not None, evaluation is not None)
+            if processing:  # the same finding for checkov, on the policy itself
                 self.training_policy.node.default_child.add_metadata("checkov", {"skip": [
                     {"id": check, "comment": UNSCOPED_ENI_REASON}
                     for check in ("CKV_AWS_109", "CKV_AWS_111", "CKV_AWS_356")]})
@@ -160,17 +179,36 @@ class TrainingRoles(Construct):
         ]
         processing_arn = stack.format_arn(service="sagemaker", resource="processing-job",
                                           resource_name=PIPELINE_JOB_PATTERN)
-        if preparation is not None:
+        for sid, limits in (("Preparation", preparation), ("Evaluation", evaluation)):
+            if limits is not None:
+                statements.append(iam.PolicyStatement(
+                    sid=f"Create{sid}JobsInsideGuardrails", actions=["sagemaker:CreateProcessingJob"],
+                    resources=[processing_arn], conditions=job_conditions([limits.instance_type], limits.max_run_seconds,
+                                                                          limits.volume_encryption)))
+        if processing:
+            statements.append(iam.PolicyStatement(sid="FollowAndStopOwnProcessingJobs",
+                                                  actions=["sagemaker:DescribeProcessingJob",
+                                                           "sagemaker:StopProcessingJob", "sagemaker:AddTags"],
+                                                  resources=[processing_arn]))
+        if model_package_group is not None:
+            _, packages = model_package_arns(stack, model_package_group)
             statements += [
-                iam.PolicyStatement(sid="CreatePreparationJobsInsideGuardrails",
-                                    actions=["sagemaker:CreateProcessingJob"], resources=[processing_arn],
-                                    conditions=job_conditions([preparation.instance_type], preparation.max_run_seconds,
-                                                              preparation.volume_encryption)),
-                iam.PolicyStatement(sid="FollowAndStopOwnPreparationJobs",
-                                    actions=["sagemaker:DescribeProcessingJob", "sagemaker:StopProcessingJob",
-                                             "sagemaker:AddTags"], resources=[processing_arn]),
+                # sagemaker:ModelApprovalStatus is CreateModelPackage's key for the request's status (Service
+                # Authorization Reference for SageMaker AI); a request without one is denied too.
+                iam.PolicyStatement(sid="RegisterPendingModelsOnly", actions=["sagemaker:CreateModelPackage"],
+                                    resources=[packages],
+                                    conditions={"StringEquals": {"sagemaker:ModelApprovalStatus": PENDING}}),
+                iam.PolicyStatement(sid="DescribeOwnModelPackages", actions=["sagemaker:DescribeModelPackage"],
+                                    resources=[packages]),
+                # The gate's JsonGet: Pipelines reads a property file from S3 as the pipeline role.
+                iam.PolicyStatement(sid="ReadEvaluationReports", actions=["s3:GetObject"],
+                                    resources=[f"{bucket_arn}/{PREFIXES['evaluation']}*"]),
+                iam.PolicyStatement(sid="DecryptEvaluationReportsThroughS3", actions=["kms:Decrypt"],
+                                    resources=[key.key_arn],
+                                    conditions={"StringEquals": {"kms:ViaService": f"s3.{stack.region}.amazonaws.com"}}),
             ]
-        if volume_encryption or (preparation is not None and preparation.volume_encryption):
+        if volume_encryption or any(limits is not None and limits.volume_encryption
+                                    for limits in (preparation, evaluation)):
             # kms:GrantIsForAWSResource is defined for CreateGrant only (Service Authorization Reference for AWS KMS;
             # the IAM simulation's dead-key check reports it on DescribeKey): two statements.
             statements += [
@@ -187,30 +225,38 @@ class TrainingRoles(Construct):
             **({f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'processing-job/{PIPELINE_JOB_PATTERN}')}]":
                 "SageMaker Pipelines generate the processing job names at run time (pipelines-<execution>-<step>); "
                 "CreateProcessingJob is further bound by subnet, security group, isolation, KMS, instance type and "
-                "runtime conditions."} if preparation is not None else {}),
+                "runtime conditions."} if processing else {}),
+            **({f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'model-package/{model_package_group.lower()}/*')}]":
+                "Model package versions are numbered by SageMaker at registration; the pattern covers this one "
+                "group, and CreateModelPackage is bound to PendingManualApproval.",
+                f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES['evaluation']}*]": "The gate reads the "
+                "evaluation report of each execution, under a key made at run time, in this one prefix."}
+               if model_package_group is not None else {}),
         })
 
     def _training_statements(self, stack: cdk.Stack, bucket_arn: str, key: kms.IKey, image_uri: str,
                              subnets: Sequence[ec2.ISubnet], security_groups: Sequence[ec2.ISecurityGroup],
-                             preparation: bool) -> list[iam.PolicyStatement]:
+                             preparation: bool, evaluation: bool = False) -> list[iam.PolicyStatement]:
         def objects(kind: str) -> str:
             return f"{bucket_arn}/{PREFIXES[kind]}*"
 
         log_groups = [stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/{kind}",
                                        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)
-                      for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))]
+                      for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation or evaluation else ()))]
         eni, create_eni_resources = network_interface_arns(stack, subnets, security_groups)
         statements = [
             iam.PolicyStatement(sid="ReadInputs", actions=["s3:GetObject"],
                                 resources=[objects("data"), objects("models"), *([objects("prepared")] if preparation
-                                                                                 else [])]),
+                                                                                 else []),
+                                           *([objects("outputs")] if evaluation else [])]),
             iam.PolicyStatement(sid="ListOwnPrefixes", actions=["s3:ListBucket"], resources=[bucket_arn],
                                 conditions={"StringLike": {"s3:prefix": [p + "*" for p in PREFIXES.values()]}}),
             iam.PolicyStatement(sid="SyncCheckpoints", actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                                                                 "s3:AbortMultipartUpload"],
                                 resources=[objects("checkpoints")]),
             iam.PolicyStatement(sid="WriteOutputs", actions=["s3:PutObject", "s3:AbortMultipartUpload"],
-                                resources=[objects("outputs"), *([objects("prepared")] if preparation else [])]),
+                                resources=[objects("outputs"), *([objects("prepared")] if preparation else []),
+                                           *([objects("evaluation")] if evaluation else [])]),
             iam.PolicyStatement(sid="UseKeyThroughS3Only", actions=["kms:Decrypt", "kms:GenerateDataKey"],
                                 resources=[key.key_arn],
                                 conditions={"StringEquals": {"kms:ViaService": f"s3.{stack.region}.amazonaws.com"}}),
@@ -223,7 +269,7 @@ class TrainingRoles(Construct):
             iam.PolicyStatement(sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"]),
             iam.PolicyStatement(sid="PublishTrainingMetrics", actions=["cloudwatch:PutMetricData"], resources=["*"],
                                 conditions={"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}),
-            *self._network_interface_statements(eni, create_eni_resources, preparation),
+            *self._network_interface_statements(eni, create_eni_resources, preparation or evaluation),
             iam.PolicyStatement(sid="VpcModeDescribe",
                                 actions=["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
                                          "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], resources=["*"]),
@@ -247,20 +293,22 @@ class TrainingRoles(Construct):
         return [iam.PolicyStatement(sid="VpcModeNetworkInterfaces", actions=actions[:1], resources=create_eni_resources),
                 iam.PolicyStatement(sid="VpcModeNetworkInterfacePermissions", actions=actions[1:], resources=[eni])]
 
-    def _acknowledge_training_policy(self, bucket_ref: str, preparation: bool) -> None:
+    def _acknowledge_training_policy(self, bucket_ref: str, preparation: bool, evaluation: bool = False) -> None:
         """Acknowledge the execution role's scoped wildcards, each by its exact finding id."""
+        processing = preparation or evaluation
         s3_reason = ("Object keys under this prefix are written at run time (dataset shards, checkpoint "
                      "step folders, model files); access is limited to the one prefix this role needs.")
         acknowledge(self.training_policy, {
             **{f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES[k]}*]": s3_reason
-               for k in ("data", "models", "checkpoints", "outputs", *(("prepared",) if preparation else ()))},
+               for k in ("data", "models", "checkpoints", "outputs", *(("prepared",) if preparation else ()),
+                         *(("evaluation",) if evaluation else ()))},
             **{f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'logs', f'log-group:/aws/sagemaker/{kind}:log-stream:*')}]":
                "SageMaker creates one log stream per job instance at run time, inside its fixed log group."
-               for kind in ("TrainingJobs", *(("ProcessingJobs",) if preparation else ()))},
+               for kind in ("TrainingJobs", *(("ProcessingJobs",) if processing else ()))},
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (bound by a "
             "namespace condition) and the ec2:Describe* calls of VPC mode support no resource-level permissions."
-            + (" " + UNSCOPED_ENI_REASON if preparation else ""),
-            **({} if preparation else {
+            + (" " + UNSCOPED_ENI_REASON if processing else ""),
+            **({} if processing else {
                 f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "SageMaker creates "
                 "the training ENIs at run time in VPC mode; their ids are not known in advance. Creation is tied to "
                 "our subnets and security groups."}),

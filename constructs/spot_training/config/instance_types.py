@@ -74,6 +74,15 @@ def processing_instance_types() -> tuple[str, ...]:
     return tuple(shape.members["ProcessingResources"].members["ClusterConfig"].members["InstanceType"].enum)
 
 
+@functools.cache
+def inference_instance_types() -> tuple[str, ...]:
+    """Every instance type a model package may name for real-time inference (CreateModelPackage
+    InferenceSpecification.SupportedRealtimeInferenceInstanceTypes), per the installed botocore."""
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("CreateModelPackage").input_shape
+    return tuple(shape.members["InferenceSpecification"].members["SupportedRealtimeInferenceInstanceTypes"].member.enum)
+
+
 def family(instance_type: str) -> str:
     """`ml.p4d.24xlarge` -> `p4d`."""
     return instance_type.removeprefix("ml.").rsplit(".", 1)[0]

@@ -8,6 +8,7 @@ PREFIXES = {
     "checkpoints": "checkpoints/",
     "outputs": "outputs/",
     "prepared": "prepared/",
+    "evaluation": "evaluation/",
     "mlflow": "mlflow/",
 }
 # Each data split: the pipeline parameter with its raw data, the name of its processing input, training

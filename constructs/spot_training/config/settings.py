@@ -175,6 +175,28 @@ class TrainingConfig:
                                          "same data and model URIs reuses the shards prepared in the last N days "
                                          "(the cache keys on the arguments, not on the objects: write changed "
                                          "data under a new prefix); 0: prepare on every run.", min=0, max=3650)
+    evaluate_model: bool = _field(True, "After training, an evaluation step computes the held-out loss and "
+                                  "perplexity of the base and the fine-tuned model on the validation data "
+                                  "(prepared as for training), a gate stops a model that does not beat its base, "
+                                  "and a model that does is registered, PendingManualApproval, in the model package "
+                                  "group. false: the pipeline ends with the model in outputs/.")
+    evaluation_instance_type: str = _field("ml.g5.2xlarge", "Instance type of the evaluation step: one GPU holds "
+                                           "an 8B model in bf16 (24 GB on g5); above that pick a multi-GPU type (the "
+                                           "step spreads the layers over its GPUs).")
+    evaluation_max_run_seconds: int = _field(7200, "MaxRuntimeInSeconds of the evaluation step.",
+                                             min=60, max=5 * 24 * 3600)
+    evaluation_max_sequences: int = _field(512, "Validation sequences (of the run's SequenceLength) each model is "
+                                           "evaluated on, the first in stream order; 0: all.", min=0, max=10**8)
+    evaluation_min_improvement: float = _field(0.0, "Default of the pipeline parameter EvaluationMinImprovement: "
+                                               "the fine-tuned model's validation loss must be below the base "
+                                               "model's by more than this (nats per token) to be registered.",
+                                               min=0.0, max=100.0)
+    model_package_group: str = _field("", "Model package group the pipeline registers models in (created by the "
+                                      "stack, kept on delete). Empty: <pipeline_name>-models.",
+                                      pattern=r"|[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",
+        allowed="1 to 63 letters, digits and hyphens, not starting or ending with a hyphen, or empty")
+    inference_instance_type: str = _field("ml.g5.2xlarge", "Instance type registered models name for real-time "
+                                          "inference (InferenceInstanceTypes).")
     az_count: int = _field(2, "Availability zones (one isolated subnet each) of the created VPC.",
                            min=2, max=6)
     vpc_cidr: str = _field("10.80.0.0/16", "CIDR block of the created VPC.",
@@ -261,6 +283,13 @@ class TrainingConfig:
         if self.preparation_instance_type not in instance_types.processing_instance_types():
             raise ConfigError(f"{_PREFIX.get()}.preparation_instance_type={self.preparation_instance_type}: not an "
                               "instance type SageMaker offers (botocore ProcessingInstanceType)")
+        if self.evaluation_instance_type not in instance_types.processing_instance_types():
+            raise ConfigError(f"{_PREFIX.get()}.evaluation_instance_type={self.evaluation_instance_type}: not an "
+                              "instance type SageMaker offers for processing (botocore ProcessingInstanceType)")
+        if self.inference_instance_type not in instance_types.inference_instance_types():
+            raise ConfigError(f"{_PREFIX.get()}.inference_instance_type={self.inference_instance_type}: not an "
+                              "instance type SageMaker offers for real-time inference (botocore "
+                              "ProductionVariantInstanceType)")
         for i, allowed in enumerate(self.allowed_instance_types):
             self._check_instance_type(f"allowed_instance_types[{i}]", allowed)
         if self.allowed_instance_types and self.instance_type not in self.allowed_instance_types:
@@ -313,6 +342,15 @@ class TrainingConfig:
     def preparation_volume_encryption_allowed(self) -> bool:
         """The same rule for the preparation step's one instance type."""
         return not instance_types.has_local_storage(self.preparation_instance_type)
+
+    @property
+    def evaluation_volume_encryption_allowed(self) -> bool:
+        """The same rule for the evaluation step's instance type."""
+        return not instance_types.has_local_storage(self.evaluation_instance_type)
+
+    @property
+    def model_package_group_name(self) -> str:
+        return self.model_package_group or f"{self.pipeline_name}-models"
 
     def for_team(self, team: TeamConfig) -> TrainingConfig:
         """This deployment as seen by one team's pipeline: its name, instance types, caps and defaults."""

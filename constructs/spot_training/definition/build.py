@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from spot_training.config.settings import CONTEXT_KEY, ConfigError, TrainingConfig
-from spot_training.definition.rules import all_steps
+from spot_training.definition.rules import EVALUATE_STEP, all_steps
 from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
 from spot_training.definition.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
@@ -74,17 +74,21 @@ with without_side_effects():
     import sagemaker.utils
     from sagemaker import image_uris
     from sagemaker.inputs import TrainingInput
+    from sagemaker.model import Model
+    from sagemaker.model_metrics import MetricsSource, ModelMetrics
     from sagemaker.network import NetworkConfig
     from sagemaker.processing import ProcessingInput, ProcessingOutput, Processor
     from sagemaker.pytorch import PyTorch
     from sagemaker.workflow.condition_step import ConditionStep
-    from sagemaker.workflow.conditions import ConditionLessThanOrEqualTo
+    from sagemaker.workflow.conditions import ConditionGreaterThan, ConditionLessThanOrEqualTo
     from sagemaker.workflow.execution_variables import ExecutionVariables
     from sagemaker.workflow.fail_step import FailStep
-    from sagemaker.workflow.functions import Join
+    from sagemaker.workflow.functions import Join, JsonGet
+    from sagemaker.workflow.model_step import ModelStep
     from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
     from sagemaker.workflow.pipeline import Pipeline
     from sagemaker.workflow.pipeline_context import PipelineSession
+    from sagemaker.workflow.properties import PropertyFile
     from sagemaker.workflow.retry import (
         SageMakerJobExceptionTypeEnum,
         SageMakerJobStepRetryPolicy,
@@ -111,6 +115,18 @@ CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
 CONTAINER_ENTRY_DIR = "/tmp/spot-training-entry"
 TRAINING_ENTRYPOINT = ["/bin/bash", "-c", f"set -e; d={CONTAINER_ENTRY_DIR}; mkdir -p $d; tar -xzf {CODE_CHANNEL_DIR}/* "
                        f"-C $d {CONTAINER_ENTRY}; exec python3 $d/{CONTAINER_ENTRY} {IMAGE_COMMAND}"]
+EVALUATE_STEP_NAME = EVALUATE_STEP
+GATE_STEP_NAME = "CheckEvaluation"
+GATE_FAIL_STEP_NAME = "RefuseModelNotBetterThanBase"
+REGISTER_STEP_NAME = "Register"  # the SDK names the step it makes <name>-RegisterModel
+REGISTRATION_STEP = f"{REGISTER_STEP_NAME}-RegisterModel"
+EVALUATION_REPORT = "evaluation.json"  # written by trainer/evaluate.py
+EVALUATION_PROPERTY_FILE = "EvaluationReport"
+MIN_IMPROVEMENT_PARAMETER = "EvaluationMinImprovement"
+# The built-in trainer's defaults that decide which blocks it trained on and how it initialises a base without
+# weights (trainer/settings.py validation_holdout_fraction and seed; tests/test_evaluation.py checks they agree).
+TRAINER_HOLDOUT_FRACTION = 0.02
+TRAINER_SEED = 1234
 INSTANCE_COUNT_CHECK_STEP_NAME = "CheckInstanceCount"
 INSTANCE_COUNT_FAIL_STEP_NAME = "RefuseInstanceCountAboveCap"
 
@@ -185,8 +201,10 @@ def check_default_image(config: TrainingConfig) -> None:
             "listed versions") from None
 
 
-def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[PipelineParameter]:
+def pipeline_parameters(config: TrainingConfig, bucket_name: str, *, evaluation: bool = False) -> list[PipelineParameter]:
     """Per-run values a user can override at start-pipeline-execution; defaults come from config."""
+    gate = [PipelineParameter(MIN_IMPROVEMENT_PARAMETER, ParameterFloat, config.evaluation_min_improvement)] \
+        if evaluation else []
     validation = [PipelineParameter(DATA_PARAMETERS["validation"], ParameterString,
                                     f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
         if config.validation_data else []
@@ -207,6 +225,7 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str) -> list[Pipeli
         PipelineParameter("SequenceLength", ParameterInteger, config.sequence_length),
         PipelineParameter("CheckpointIntervalMinutes", ParameterFloat, config.checkpoint_interval_minutes),
         PipelineParameter("CheckpointEverySteps", ParameterInteger, 0),
+        *gate,
     ]
 
 
@@ -245,27 +264,31 @@ def check_trainer_arguments(hyperparameters: Mapping[str, HyperparameterValue] |
 def generate(config: TrainingConfig, *, metric_definitions: Sequence[Mapping[str, str]],
              placeholders: Placeholders, image_uri: str | None = None,
              hyperparameters: Mapping[str, HyperparameterValue] | None = None,
-             environment: Mapping[str, str] | None = None) -> dict[str, Any]:
+             environment: Mapping[str, str] | None = None, evaluation: bool | None = None) -> dict[str, Any]:
     """The pipeline definition (a dict) for `config`, with `placeholders` where deploy-time values go.
     `hyperparameters` replace the built-in trainer's (a custom trainer receives exactly these); `environment`
-    adds to the offline variables."""
+    adds to the offline variables. `evaluation`: evaluate, gate and register after training (@default
+    config.evaluate_model with the built-in trainer, whose evaluate.py the step runs)."""
     _require_region(config)
     check_trainer_arguments(hyperparameters, environment)
+    if evaluation is None:
+        evaluation = config.evaluate_model and hyperparameters is None
     with without_side_effects(), _config_validated_once():
-        return _generate(config, metric_definitions, placeholders, image_uri, hyperparameters, environment)
+        return _generate(config, metric_definitions, placeholders, image_uri, hyperparameters, environment,
+                         evaluation)
 
 
 def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, str]],
               placeholders: Placeholders, image_uri: str | None,
               hyperparameters: Mapping[str, HyperparameterValue] | None = None,
-              environment: Mapping[str, str] | None = None) -> dict[str, Any]:
+              environment: Mapping[str, str] | None = None, evaluation: bool = False) -> dict[str, Any]:
     # Fixed dummy credentials: nothing is called, and botocore never walks its credential chain.
     boto_session = boto3.Session(region_name=config.region, aws_access_key_id="offline",
                                  aws_secret_access_key="offline")
     session = PipelineSession(boto_session=boto_session, sagemaker_config=_SDK_CONFIG,
                               default_bucket=placeholders.bucket_name)
     params = {p.name: p.kind(name=p.name, default_value=p.default)
-              for p in pipeline_parameters(config, placeholders.bucket_name)}
+              for p in pipeline_parameters(config, placeholders.bucket_name, evaluation=evaluation)}
     bucket = placeholders.bucket_name
     checkpoint_s3_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['checkpoints'].rstrip('/')}",
                                              ExecutionVariables.PIPELINE_EXECUTION_ID, ""])
@@ -353,6 +376,9 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
         if prepare is not None:
             prepare.retry_policies = retry_policies
         steps = [prepare, step] if prepare is not None else [step]
+        if evaluation:
+            steps += _evaluation_steps(config, params, placeholders, image_uri or default_image_uri(config), session,
+                                       environment, step, data_uri, retry_policies)
         # The count check comes first: a refused run prepares nothing either.
         steps = [_instance_count_gate(config, params["InstanceCount"], steps)] if config.max_instance_count else steps
         # No PipelineExperimentConfig (the SDK's default would have Pipelines create a SageMaker experiment and
@@ -409,6 +435,120 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
     cache = CacheConfig(enable_caching=True, expire_after=f"P{config.preparation_cache_days}D") \
         if config.preparation_cache_days else None
     return ProcessingStep(name=PREPARE_STEP_NAME, step_args=step_args, cache_config=cache)
+
+
+def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeholders: Placeholders, image_uri: str,
+                      session: Any, environment: Mapping[str, str] | None, training: Any, data_uri: Any,
+                      retry_policies: list[Any]) -> list[Any]:
+    """Evaluate -> gate -> register. The evaluation (trainer/evaluate.py, a processing job in the training
+    subnets and security group, isolated, KMS for volume and output) scores the base and the fine-tuned model on
+    the validation data as the trainer read it; the gate (a ConditionStep on its property file) registers the
+    model only when its loss is below the base's by more than EvaluationMinImprovement, else a FailStep says
+    both losses; the registration is a versioned model package, PendingManualApproval, of the uncompressed
+    model with its metrics and its lineage."""
+    bucket = placeholders.bucket_name
+    processor = Processor(
+        role=placeholders.role_arn, image_uri=image_uri, instance_count=1,
+        instance_type=config.evaluation_instance_type,
+        entrypoint=["/bin/bash", "-c", f"set -e; mkdir -p {PREPARE_CODE_DIR}; tar -xzf {PROCESSING_ROOT}/input/code/* "
+                    f"-C {PREPARE_CODE_DIR}; exec python3 {PREPARE_CODE_DIR}/evaluate.py \"$@\"", "evaluate"],
+        volume_size_in_gb=config.volume_size_gb,
+        volume_kms_key=placeholders.kms_key_arn if config.evaluation_volume_encryption_allowed else None,
+        output_kms_key=placeholders.kms_key_arn, max_runtime_in_seconds=config.evaluation_max_run_seconds,
+        env={**TRAINING_ENVIRONMENT, **(environment or {})},
+        network_config=NetworkConfig(enable_network_isolation=config.network_isolation,
+                                     security_group_ids=list(placeholders.security_group_ids),
+                                     subnets=list(placeholders.subnet_ids),
+                                     encrypt_inter_container_traffic=config.inter_container_encryption),
+        sagemaker_session=session)
+    split = "validation" if config.validation_data else "train"
+    model_uri = training.properties.ModelArtifacts.S3ModelArtifacts  # the uncompressed output/model/ prefix
+    evaluation_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['evaluation'].rstrip('/')}",
+                                          ExecutionVariables.PIPELINE_EXECUTION_ID])
+    fingerprint = params.get("DataFingerprint", "unlisted")
+    step_args = processor.run(
+        inputs=[ProcessingInput(input_name="base", source=params["BaseModelUri"],
+                                destination=f"{PROCESSING_ROOT}/input/base"),
+                ProcessingInput(input_name="model", source=model_uri, destination=f"{PROCESSING_ROOT}/input/model"),
+                ProcessingInput(input_name="data", source=data_uri(split), destination=f"{PROCESSING_ROOT}/input/data"),
+                ProcessingInput(input_name="code",
+                                source=f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
+                                destination=f"{PROCESSING_ROOT}/input/code")],
+        outputs=[ProcessingOutput(output_name="evaluation", source=f"{PROCESSING_ROOT}/output/evaluation",
+                                  destination=evaluation_uri)],
+        arguments=["--base_model_dir", f"{PROCESSING_ROOT}/input/base", "--model_dir", f"{PROCESSING_ROOT}/input/model",
+                   "--data_dir", f"{PROCESSING_ROOT}/input/data", "--sequence_length",
+                   Join(on="", values=[params["SequenceLength"]]),  # an integer parameter; arguments are strings
+                   "--holdout_fraction", "0" if config.validation_data else str(TRAINER_HOLDOUT_FRACTION),
+                   "--max_sequences", str(config.evaluation_max_sequences), "--seed", str(TRAINER_SEED),
+                   "--data_fingerprint", fingerprint, "--output_dir", f"{PROCESSING_ROOT}/output/evaluation"])
+    report = PropertyFile(name=EVALUATION_PROPERTY_FILE, output_name="evaluation", path=EVALUATION_REPORT)
+    evaluate = ProcessingStep(name=EVALUATE_STEP_NAME, step_args=step_args, property_files=[report],
+                              retry_policies=retry_policies)
+
+    def figure(path: str) -> JsonGet:
+        return JsonGet(step_name=evaluate.name, property_file=report, json_path=path)
+
+    refuse = FailStep(name=GATE_FAIL_STEP_NAME, error_message=Join(on="", values=[
+        "the fine-tuned model's validation loss ", figure("metrics.fine_tuned.loss"), " is not below the base "
+        "model's ", figure("metrics.base.loss"), f" by more than {MIN_IMPROVEMENT_PARAMETER}=",
+        params[MIN_IMPROVEMENT_PARAMETER], "; nothing was registered"]))
+    model = Model(image_uri=inference_image_uri(config), role=placeholders.role_arn, sagemaker_session=session,
+                  model_data={"S3DataSource": {"S3Uri": model_uri, "S3DataType": "S3Prefix",
+                                               "CompressionType": "None"}},
+                  env={"HF_TASK": "text-generation", **TRAINING_ENVIRONMENT})
+    lineage = {
+        "base_model": params["BaseModelUri"],
+        "data_fingerprint": fingerprint,
+        "trainer_code": f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
+        "training_image": image_uri,
+        "training_job": training.properties.TrainingJobName,
+        "method": "full",
+        "pipeline_execution": ExecutionVariables.PIPELINE_EXECUTION_ID,
+        "training_seconds": Join(on="", values=[training.properties.TrainingTimeInSeconds]),
+        "billable_seconds": Join(on="", values=[training.properties.BillableTimeInSeconds]),
+    }
+    register = ModelStep(name=REGISTER_STEP_NAME, retry_policies=retry_policies[1:], step_args=model.register(
+        content_types=["application/json"], response_types=["application/json"],
+        inference_instances=[config.inference_instance_type],
+        model_package_group_name=config.model_package_group_name, approval_status="PendingManualApproval",
+        model_metrics=ModelMetrics(model_statistics=MetricsSource(
+            content_type="application/json", s3_uri=Join(on="/", values=[evaluation_uri, EVALUATION_REPORT]))),
+        customer_metadata_properties=lineage,
+        description=f"Fine-tuned by pipeline {config.pipeline_name}; approve after review",
+        domain="NATURAL_LANGUAGE_PROCESSING", task="OTHER", framework="PYTORCH",
+        framework_version=config.framework_version))
+    gate = ConditionStep(name=GATE_STEP_NAME, conditions=[ConditionGreaterThan(
+        left=figure("improvement"), right=params[MIN_IMPROVEMENT_PARAMETER])], if_steps=[register],
+        else_steps=[refuse])
+    return [evaluate, gate]
+
+
+def inference_image_uri(config: TrainingConfig) -> str:
+    """The AWS Hugging Face PyTorch inference DLC for the model's framework: the newest transformers version
+    the SDK's image table (read offline) lists that is not newer than the training image's, with the newest
+    PyTorch it pairs with. The table's inference images lag the training ones (4.51.3 with PyTorch 2.6.0 while
+    training is 4.56.2 with 2.8.0 in sagemaker 2.257): a Llama-family model saved by the newer version loads in
+    the older one."""
+    _require_region(config)
+    with without_side_effects():
+        table = image_uris.config_for_framework("huggingface")["inference"]["versions"]
+    wanted = _version(config.transformers_version)
+    listed = sorted((v for v in table if not v.startswith("version_") and _version(v) <= wanted), key=_version)
+    if not listed:
+        raise ConfigError(f"{CONTEXT_KEY}.transformers_version={config.transformers_version}: no Hugging Face "
+                          "inference image in the SageMaker SDK's table is as old or older")
+    version = listed[-1]
+    frameworks = sorted((k.removeprefix("pytorch") for k in table[version] if k.startswith("pytorch")), key=_version)
+    with without_side_effects():
+        return image_uris.retrieve("huggingface", region=config.region, version=version,
+                                   base_framework_version=f"pytorch{frameworks[-1]}",
+                                   py_version=table[version][f"pytorch{frameworks[-1]}"]["py_versions"][-1],
+                                   instance_type=config.inference_instance_type, image_scope="inference")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 def _instance_count_gate(config: TrainingConfig, instance_count, steps: list[Any]) -> ConditionStep:

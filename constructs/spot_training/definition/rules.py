@@ -19,6 +19,7 @@ import botocore.session
 MAX_DEFINITION_CHARACTERS = 1_048_576  # CreatePipeline PipelineDefinition length limit
 MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds service limit (not in botocore)
 EXECUTION_ID_STAND_IN = "validation0exec"
+EVALUATE_STEP = "Evaluate"  # definition.build.EVALUATE_STEP_NAME (build imports this module, not the reverse)
 _RETRYABLE_JOB_ERRORS = ("SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT", "SageMaker.JOB_INTERNAL_ERROR")
 
 
@@ -41,16 +42,39 @@ class Expectations:
     volume_encryption: bool
     # The preparation step's volume key: required (True), rejected (False), or no preparation step (None).
     preparation_volume_encryption: bool | None = None
+    # The same for the evaluation step; with it, the gate and the registration are expected too.
+    evaluation_volume_encryption: bool | None = None
 
 
-def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
+def training_job_stand_in(step_name: str) -> str:
+    """The name Pipelines would give the training job of `step_name` in the stand-in execution (job names are
+    pipelines-<execution id>-<step>-<random>, lower case)."""
+    return f"pipelines-{EXECUTION_ID_STAND_IN}-{step_name}-a1b2c3d4e5".lower()
+
+
+def resolve(definition: Mapping[str, Any], properties: Mapping[str, Any] | None = None,
+            property_files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The definition as one run with default parameters would see it: `Get` and `Std:Join` evaluated, a
-    processing step's output location included (`Steps.<step>.ProcessingOutputConfig.Outputs['<name>']...`)."""
+    processing step's output location included (`Steps.<step>.ProcessingOutputConfig.Outputs['<name>']...`), and
+    a training step's job name, model location (`ModelArtifacts.S3ModelArtifacts`: the uncompressed model under
+    `<S3OutputPath>/<job>/output/model/`) and times as a job of the stand-in execution would have them.
+    `properties` replace any of those (`Steps.<step>.<property>` -> value); `Std:JsonGet` reads
+    `property_files` (`Steps.<step>.PropertyFiles.<name>` -> the parsed file) and is left as is without it."""
     defaults = {p["Name"]: p.get("DefaultValue") for p in definition.get("Parameters", [])}
-    outputs = {f"Steps.{step['Name']}.ProcessingOutputConfig.Outputs['{out['OutputName']}'].S3Output.S3Uri":
-               out["S3Output"]["S3Uri"]
-               for step in all_steps(definition) if step.get("Type") == "Processing"
-               for out in step["Arguments"].get("ProcessingOutputConfig", {}).get("Outputs", [])}
+    known: dict[str, Any] = {
+        f"Steps.{step['Name']}.ProcessingOutputConfig.Outputs['{out['OutputName']}'].S3Output.S3Uri":
+        out["S3Output"]["S3Uri"]
+        for step in all_steps(definition) if step.get("Type") == "Processing"
+        for out in step["Arguments"].get("ProcessingOutputConfig", {}).get("Outputs", [])}
+    for step in all_steps(definition):
+        if step.get("Type") == "Training":
+            job, where = training_job_stand_in(step["Name"]), f"Steps.{step['Name']}."
+            output = step["Arguments"].get("OutputDataConfig", {}).get("S3OutputPath", "s3://stand-in/")
+            known[where + "TrainingJobName"] = job
+            known[where + "ModelArtifacts.S3ModelArtifacts"] = {"Std:Join": {"On": "", "Values": [
+                output, "/" if not isinstance(output, str) or not output.endswith("/") else "", job, "/output/model/"]}}
+            known[where + "TrainingTimeInSeconds"] = known[where + "BillableTimeInSeconds"] = 3600
+    known.update(properties or {})
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
@@ -58,18 +82,46 @@ def resolve(definition: Mapping[str, Any]) -> dict[str, Any]:
                 ref = node["Get"]
                 if ref.startswith("Parameters."):
                     return defaults[ref.removeprefix("Parameters.")]
-                if ref in outputs:
-                    return walk(outputs[ref])
+                if ref in known:
+                    return walk(known[ref])
                 return EXECUTION_ID_STAND_IN if ref == "Execution.PipelineExecutionId" else f"<{ref}>"
             if set(node) == {"Std:Join"}:
                 join = node["Std:Join"]
                 return join["On"].join(str(walk(v)) for v in join["Values"])
+            if set(node) == {"Std:JsonGet"} and property_files is not None:
+                return json_get(property_files, node["Std:JsonGet"])
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node
 
     return walk(definition)
+
+
+class PropertyFileError(KeyError):
+    """A `Std:JsonGet` whose file or path is missing: Pipelines fails the step that reads it."""
+
+
+def json_get(property_files: Mapping[str, Any], expression: Mapping[str, Any]) -> Any:
+    """`Std:JsonGet` as Pipelines evaluates it on a property file: a dotted JsonPath (`metrics.base.loss`)."""
+    name = expression["PropertyFile"]["Get"] if isinstance(expression["PropertyFile"], dict) else \
+        expression["PropertyFile"]
+    if name not in property_files:
+        raise PropertyFileError(f"{name}: no such property file (its step did not run or wrote no file)")
+    value: Any = property_files[name]
+    for part in expression["Path"].split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise PropertyFileError(f"{name}: no {expression['Path']!r} in the file")
+        value = value[part]
+    return value
+
+
+def evaluate_conditions(conditions: list[Mapping[str, Any]]) -> bool:
+    """A resolved ConditionStep's conditions (all must hold), for the comparison types this pipeline uses."""
+    compare = {"GreaterThan": lambda a, b: a > b, "GreaterThanOrEqualTo": lambda a, b: a >= b,
+               "LessThan": lambda a, b: a < b, "LessThanOrEqualTo": lambda a, b: a <= b,
+               "Equals": lambda a, b: a == b}
+    return all(compare[c["Type"]](float(c["LeftValue"]), float(c["RightValue"])) for c in conditions)
 
 
 def all_steps(definition: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -109,7 +161,21 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
         arguments = {"ProcessingJobName": "pipelines-validation", **step["Arguments"]}
         violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
                        for v in check_shape(arguments, _operation_shape("CreateProcessingJob"))]
-        violations += [Violation(f"{where}.{v.field}", v.message) for v in _processing_rules(step, expect)]
+        volume = expect.evaluation_volume_encryption if step["Name"] == EVALUATE_STEP else \
+            expect.preparation_volume_encryption
+        violations += [Violation(f"{where}.{v.field}", v.message) for v in _processing_rules(step, volume, expect)]
+    names = {s["Name"] for s in processing_steps}
+    registrations = [s for s in all_steps(resolved) if s.get("Type") == "RegisterModel"]
+    if expect.evaluation_volume_encryption is not None and (EVALUATE_STEP not in names or not registrations):
+        violations.append(Violation("Steps", f"no {EVALUATE_STEP} step and registration (the evaluation is configured)"))
+    for step in registrations:
+        where = f"Steps[{step['Name']}]"
+        violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
+                       for v in check_shape(step["Arguments"], _operation_shape("CreateModelPackage"))]
+        status = step["Arguments"].get("ModelApprovalStatus")
+        if status != "PendingManualApproval":
+            violations.append(Violation(f"{where}.Arguments.ModelApprovalStatus", f"is {status!r}: a pipeline registers "
+                                        "PendingManualApproval only; a reviewer approves"))
     return violations
 
 
@@ -117,15 +183,17 @@ def _operation_shape(operation: str) -> Any:
     return botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
 
 
-def _processing_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]:
-    """The preparation step runs like training: private subnets, isolation and encryption as configured, KMS."""
+def _processing_rules(step: Mapping[str, Any], volume_encryption: bool | None,
+                      expect: Expectations) -> list[Violation]:
+    """The preparation and evaluation steps run like training: private subnets, isolation and encryption as
+    configured, KMS."""
     args, out = step["Arguments"], []
     out += _network_rules(args.get("NetworkConfig", {}), "Arguments.NetworkConfig.", expect,
-                          "the preparation runs in the training subnets")
+                          "the step runs in the training subnets")
     if not args.get("ProcessingOutputConfig", {}).get("KmsKeyId"):
         out.append(Violation("Arguments.ProcessingOutputConfig.KmsKeyId", "is required: outputs are KMS-encrypted"))
     volume_key = args.get("ProcessingResources", {}).get("ClusterConfig", {}).get("VolumeKmsKeyId")
-    if expect.preparation_volume_encryption and not volume_key:
+    if volume_encryption and not volume_key:
         out.append(Violation("Arguments.ProcessingResources.ClusterConfig.VolumeKmsKeyId",
                              "is required for this instance type"))
     if "MaxRuntimeInSeconds" not in args.get("StoppingCondition", {}):
