@@ -76,10 +76,17 @@ def cmd_local_run(args: argparse.Namespace) -> int:
     from spot_training.local.run import local_run
     from spot_training.definition.trainer_code import default_trainer_dir
 
+    from spot_training.operations.runs import OperationError, parse_parameters
+
+    try:
+        parameters = parse_parameters(args.parameter or [])
+    except OperationError as error:
+        raise CliError(str(error)) from None
     try:
         report = local_run(load_config(), steps=args.steps, interrupt_at=args.interrupt_at_step or [],
-                           interrupt_during_save=args.interrupt_during_save or [], out=Path(args.out), trainer_dir=default_trainer_dir(),
-                           processes_per_host=args.processes_per_host, restart=args.restart,
+                           interrupt_during_save=args.interrupt_during_save or [], out=Path(args.out),
+                           trainer_dir=default_trainer_dir(), processes_per_host=args.processes_per_host,
+                           restart=args.restart, parameters=parameters,
                            on_resume=lambda message: print(message, flush=True))
     except LocalRunStopped as stopped:
         print(str(stopped), file=sys.stderr)
@@ -88,6 +95,10 @@ def cmd_local_run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     print(summary_text(report))
     print(f"report: {Path(args.out) / 'report.json'}")
+    gate = (report.get("evaluation") or {}).get("gate", {})
+    if gate and not gate["passed"]:  # the execution would end Failed at the gate's FailStep
+        print(f"FAILED: step {gate['next']}: {gate['message']}", file=sys.stderr)
+        return 1
     return 0 if report["metric_definitions_ok"] else 1
 
 
@@ -440,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--out", required=True, help="folder for instances, local S3, logs and report.json; an "
                        "unfinished run there (local-run was stopped) is resumed from its checkpoints")
     local.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
+    local.add_argument("--parameter", action="append", metavar="NAME=VALUE",
+                       help="a pipeline parameter for this execution, as `spot-training start` takes it (over the "
+                       "CPU-sized local values); repeatable, e.g. EvaluationMinImprovement=0.5")
     local.add_argument("--processes-per-host", type=_positive, default=1, metavar="N",
                        help="training processes per emulated instance (default 1: the toolkit starts one per GPU, "
                        "and one on a CPU instance; N is passed as its sagemaker_mpi_num_of_processes_per_host "

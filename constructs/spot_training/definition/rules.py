@@ -160,7 +160,7 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
         where = f"Steps[{step['Name']}]"
         arguments = {"ProcessingJobName": "pipelines-validation", **step["Arguments"]}
         violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
-                       for v in check_shape(arguments, _operation_shape("CreateProcessingJob"))]
+                       for v in check_shape(arguments, operation_shape("CreateProcessingJob"))]
         volume = expect.evaluation_volume_encryption if step["Name"] == EVALUATE_STEP else \
             expect.preparation_volume_encryption
         violations += [Violation(f"{where}.{v.field}", v.message) for v in _processing_rules(step, volume, expect)]
@@ -171,7 +171,7 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
     for step in registrations:
         where = f"Steps[{step['Name']}]"
         violations += [Violation(f"{where}.Arguments.{v.field}", v.message)
-                       for v in check_shape(step["Arguments"], _operation_shape("CreateModelPackage"))]
+                       for v in check_shape(step["Arguments"], operation_shape("CreateModelPackage"))]
         status = step["Arguments"].get("ModelApprovalStatus")
         if status != "PendingManualApproval":
             violations.append(Violation(f"{where}.Arguments.ModelApprovalStatus", f"is {status!r}: a pipeline registers "
@@ -179,7 +179,7 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
     return violations
 
 
-def _operation_shape(operation: str) -> Any:
+def operation_shape(operation: str) -> Any:
     return botocore.session.get_session().get_service_model("sagemaker").operation_model(operation).input_shape
 
 
@@ -202,7 +202,7 @@ def _processing_rules(step: Mapping[str, Any], volume_encryption: bool | None,
 
 
 def _create_training_job_shape() -> Any:
-    return _operation_shape("CreateTrainingJob")
+    return operation_shape("CreateTrainingJob")
 
 
 def check_shape(value: Any, shape: Any, path: str = "") -> list[Violation]:

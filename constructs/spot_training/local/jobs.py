@@ -105,10 +105,11 @@ class ProcessingJob:
         return [*app.get("ContainerEntrypoint", []), *app.get("ContainerArguments", [])]
 
     @staticmethod
-    def from_definition(resolved: Mapping[str, Any]) -> ProcessingJob | None:
+    def from_definition(resolved: Mapping[str, Any], name: str) -> ProcessingJob | None:
+        """The processing step `name` of the resolved definition, or None when it has none."""
         from spot_training.definition.rules import EXECUTION_ID_STAND_IN, all_steps
 
-        step = next((s for s in all_steps(resolved) if s.get("Type") == "Processing"), None)
+        step = next((s for s in all_steps(resolved) if s.get("Type") == "Processing" and s["Name"] == name), None)
         if step is None:
             return None
         arguments = json.loads(json.dumps(step["Arguments"]).replace(EXECUTION_ID_STAND_IN, EXECUTION_ID))
@@ -122,19 +123,48 @@ def _decoded(text: str) -> Any:
         return text
 
 
-def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """`definition` resolved as one execution started with these parameter values."""
+def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any], *,
+                   properties: Mapping[str, Any] | None = None,
+                   property_files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`definition` resolved as one execution started with these parameter values (and, once steps ran, with
+    their properties and property files; see `rules.resolve`)."""
     from spot_training.definition.rules import resolve
 
     copy = json.loads(json.dumps(definition))
     for parameter in copy["Parameters"]:
         if parameter["Name"] in overrides:
             parameter["DefaultValue"] = overrides[parameter["Name"]]
-    return resolve(copy)
+    resolved = resolve(copy, properties, property_files)
+    # A step reading another's output under this execution's prefix reads it under the local execution id.
+    return json.loads(json.dumps(resolved).replace(_stand_in(), EXECUTION_ID))
 
 
-def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[TrainingJob, dict[str, Any]]:
-    """The TrainingStep of the pipeline `cdk synth` builds for `config`, as one local execution runs it."""
+def _stand_in() -> str:
+    from spot_training.definition.rules import EXECUTION_ID_STAND_IN
+
+    return EXECUTION_ID_STAND_IN
+
+
+def check_parameters(definition: Mapping[str, Any], parameters: Mapping[str, str]) -> dict[str, Any]:
+    """`--parameter` values as start-pipeline-execution takes them: names of the definition's parameters, values
+    of their types; a bad one is refused in one line."""
+    kinds = {p["Name"]: p["Type"] for p in definition["Parameters"]}
+    checked: dict[str, Any] = {}
+    for name, value in parameters.items():
+        if name not in kinds:
+            raise LocalRunError(f"--parameter {name}: not a parameter of the pipeline; allowed: {', '.join(kinds)}")
+        try:
+            checked[name] = {"Integer": int, "Float": float}.get(kinds[name], str)(value)
+        except ValueError:
+            raise LocalRunError(f"--parameter {name}={value}: must be {'an' if kinds[name] == 'Integer' else 'a'} "
+                                f"{kinds[name].lower()}") from None
+    return checked
+
+
+def build_job(config: TrainingConfig, steps: int, trainer_dir: Path,
+              parameters: Mapping[str, str] | None = None) -> tuple[TrainingJob, dict[str, Any], dict[str, Any]]:
+    """The TrainingStep of the pipeline `cdk synth` builds for `config`, as one local execution runs it, the
+    definition, and the execution's parameter values (the local ones, then `parameters`, checked)."""
     from spot_training.definition import build as sdk
     from spot_training.definition.trainer_code import load_metric_definitions
 
@@ -142,15 +172,18 @@ def build_job(config: TrainingConfig, steps: int, trainer_dir: Path) -> tuple[Tr
                                        code_bucket_name=LOCAL_ASSET_BUCKET, code_object_key=LOCAL_CODE_KEY)
     definition = sdk.generate(config, metric_definitions=load_metric_definitions(trainer_dir),
                               placeholders=placeholders)
-    return TrainingJob.from_definition(with_overrides(definition, local_parameters(steps))), definition
+    values = {**local_parameters(steps), **check_parameters(definition, parameters or {})}
+    return TrainingJob.from_definition(with_overrides(definition, values)), definition, values
 
 
-def preparation_resolver(definition: Mapping[str, Any], steps: int) -> Callable[[Mapping[str, Any]],
-                                                                                ProcessingJob | None]:
+def preparation_resolver(definition: Mapping[str, Any], values: Mapping[str, Any]) -> Callable[
+        [Mapping[str, Any]], ProcessingJob | None]:
     """The preparation step of one local execution, resolved with these parameter values on top of the
-    local ones (None when the pipeline has no preparation step)."""
+    execution's (None when the pipeline has no preparation step)."""
+    from spot_training.definition.build import PREPARE_STEP_NAME
+
     def resolve(overrides: Mapping[str, Any]) -> ProcessingJob | None:
-        return ProcessingJob.from_definition(with_overrides(definition, {**local_parameters(steps), **overrides}))
+        return ProcessingJob.from_definition(with_overrides(definition, {**values, **overrides}), PREPARE_STEP_NAME)
 
     return resolve
 

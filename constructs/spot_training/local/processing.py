@@ -42,10 +42,8 @@ def cache_key(job: ProcessingJob, s3: LocalS3) -> str:
 
 def run_preparation(job: ProcessingJob, *, s3: LocalS3, out: Path, logs: Path,
                     running: Callable[[list[subprocess.Popen]], None], stop: Callable[[], None]) -> dict[str, Any]:
-    """Run the processing step, or skip it when Pipelines' step cache would. `running` is told which
+    """Run the preparation step, or skip it when Pipelines' step cache would. `running` is told which
     processes run (for a stop of local-run); `stop` ends them when this is interrupted."""
-    from spot_training.definition.build import PREPARE_CODE_DIR, PROCESSING_ROOT
-
     cache_path = out / STEP_CACHE_FILE
     key = cache_key(job, s3)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -55,7 +53,23 @@ def run_preparation(job: ProcessingJob, *, s3: LocalS3, out: Path, logs: Path,
               f"{cache[key]['finished']}); the training step reads its output", flush=True)
         return {"step": job.name, "skipped": True, "result": cache[key]["result"]}
     started = time.monotonic()
-    root = out / "processing"
+    run_processing(job, s3=s3, root=out / "processing", log_path=logs / "prepare.log", running=running, stop=stop)
+    result_file = s3.path(job.outputs["prepared"][1]) / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    # Every local execution writes the same prefix (prepared/local-execution/), so only the newest entry
+    # still has its output; in SageMaker each execution's output stays under its own id.
+    write_json(cache_path, {key: {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}})
+    seconds = round(time.monotonic() - started, 2)
+    print(f"{job.name}: prepared {result.get('tokens', {})} tokens in {seconds} s", flush=True)
+    return {"step": job.name, "skipped": False, "result": result, "seconds": seconds}
+
+
+def run_processing(job: ProcessingJob, *, s3: LocalS3, root: Path, log_path: Path,
+                   running: Callable[[list[subprocess.Popen]], None], stop: Callable[[], None]) -> None:
+    """One processing job in an emulated container under `root`: inputs copied in, the container run,
+    outputs uploaded; a failure raises LocalRunError with the container's own message (ExitMessage)."""
+    from spot_training.definition.build import PREPARE_CODE_DIR, PROCESSING_ROOT
+
     shutil.rmtree(root, ignore_errors=True)
     container = root / "opt" / "ml" / "processing"
     scratch = root / "tmp" / Path(PREPARE_CODE_DIR).name
@@ -75,7 +89,6 @@ def run_preparation(job: ProcessingJob, *, s3: LocalS3, out: Path, logs: Path,
         Path(local(path)).mkdir(parents=True)
     environment = {**container_environment(root / "opt" / "ml"), **job.arguments.get("Environment", {}),
                    "PREPARE_EXIT_MESSAGE": str(root / "opt" / "ml" / "output" / "message")}
-    log_path = logs / "prepare.log"
     with log_path.open("w") as log:
         # In a container of its own, as the instances: a SIGKILL of local-run still ends it.
         process = start_container([local(part) for part in job.command], env=environment, cwd=container, log=log)
@@ -95,11 +108,3 @@ def run_preparation(job: ProcessingJob, *, s3: LocalS3, out: Path, logs: Path,
         target = s3.path(uri)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(local(path), target)
-    result_file = s3.path(job.outputs["prepared"][1]) / "result.json"
-    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    # Every local execution writes the same prefix (prepared/local-execution/), so only the newest entry
-    # still has its output; in SageMaker each execution's output stays under its own id.
-    write_json(cache_path, {key: {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}})
-    seconds = round(time.monotonic() - started, 2)
-    print(f"{job.name}: prepared {result.get('tokens', {})} tokens in {seconds} s", flush=True)
-    return {"step": job.name, "skipped": False, "result": result, "seconds": seconds}

@@ -18,7 +18,7 @@ _LAUNCH = re.compile(r"^torchrun .*$", re.MULTILINE)
 
 def build_report(job: TrainingJob, attempts: Sequence[Attempt], *, instances: Instances, logs: Path,
                  outputs: Path, checkpoint_prefix: Path, preparation: Mapping[str, Any] | None,
-                 wall_seconds: float) -> dict[str, Any]:
+                 wall_seconds: float, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What report.json holds: the attempts, the trainer's summary, the launcher and the metric definitions
     matched against the trainer's real log lines."""
     summary = json.loads((outputs / "data" / "summary.json").read_text())
@@ -30,6 +30,7 @@ def build_report(job: TrainingJob, attempts: Sequence[Attempt], *, instances: In
     launch = _LAUNCH.findall(main_logs[-1].read_text(errors="replace")) if main_logs else []
     return {
         "preparation": preparation,
+        "evaluation": evaluation,
         "interruptions": sum(a.interrupted for a in attempts),
         "interrupted_at_steps": [a.last_step for a in attempts if a.interrupted],
         "interrupted_during_save": [a.interrupted_during_save for a in attempts if a.interrupted],
@@ -88,6 +89,10 @@ def summary_text(report: Mapping[str, Any]) -> str:
         "  metric definitions vs trainer log lines: "
         + ", ".join(f"{name} {'ok' if n else 'NO MATCH'} ({n})" for name, n in report["metric_definitions_matched"].items()),
     ]
+    if report.get("evaluation"):
+        from spot_training.local.evaluation import evaluation_text
+
+        lines += evaluation_text(report["evaluation"])
     preparation = report.get("preparation")
     if preparation:
         tokens = preparation["result"].get("tokens", {})

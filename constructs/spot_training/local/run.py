@@ -22,6 +22,8 @@ from spot_training.local.jobs import (EXECUTION_ID, LOCAL_BUCKET, Attempt, Inter
                                       LocalRunStopped, ProcessingJob, TrainingJob, build_job, job_fingerprint,
                                       preparation_resolver, save_in_progress)
 from spot_training.local.processes import signal_tree
+from spot_training.local.evaluation import REGISTRATION_FILE, evaluate_and_gate, has_evaluation, training_properties
+from spot_training.local.evaluation import model_uri as evaluation_model_uri
 from spot_training.local.processing import run_preparation, with_data_fingerprint
 from spot_training.local.report import build_report
 from spot_training.local.storage import CheckpointSync, LocalS3, write_json
@@ -35,8 +37,11 @@ class LocalRun:
     def __init__(self, job: TrainingJob, out: Path, trainer_dir: Path, interrupt_at: Sequence[int | Interruption], *,
                  processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = (),
                  preparation: ProcessingJob | None = None,
-                 preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None) -> None:
+                 preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None,
+                 definition: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None) -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
+        self.definition, self.values = definition, dict(values or {})  # for the steps after training
+        self.evaluation: dict[str, Any] | None = None
         self.preparation = preparation
         self.preparation_with = preparation_with  # the step resolved with more parameter values
         self.preparation_report: dict[str, Any] | None = None
@@ -97,10 +102,16 @@ class LocalRun:
             if finished:
                 break
             pending.pop(0)
+        if self.definition is not None and has_evaluation(self.definition):
+            self.phase = "the Evaluate step"
+            properties = training_properties(evaluation_model_uri(), int(time.monotonic() - started))
+            self.evaluation = evaluate_and_gate(self.definition, self.values, properties, s3=self.s3, out=self.out,
+                                                logs=self.logs, running=self._running, stop=self.stop)
         self._save_state(finished=True)
         return build_report(self.job, self.attempts, instances=self.instances, logs=self.logs,
                             outputs=self.outputs_path(), checkpoint_prefix=self.checkpoint_prefix,
-                            preparation=self.preparation_report, wall_seconds=time.monotonic() - started)
+                            preparation=self.preparation_report, evaluation=self.evaluation,
+                            wall_seconds=time.monotonic() - started)
 
     def _running(self, processes: list[subprocess.Popen]) -> None:
         self.processes = processes
@@ -236,11 +247,13 @@ class StopSignals:
 
 def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int], out: Path,
               trainer_dir: Path, processes_per_host: int = 1, restart: bool = False,
-              interrupt_during_save: Sequence[int] = (), on_resume=lambda message: None) -> dict[str, Any]:
+              interrupt_during_save: Sequence[int] = (), parameters: Mapping[str, str] | None = None,
+              on_resume=lambda message: None) -> dict[str, Any]:
     """Run (or resume) the training step locally in `out`; returns the report, also written to report.json.
 
     Each step of `interrupt_at` interrupts once it is reached; each of `interrupt_during_save` interrupts during
-    the first checkpoint write of that step or a later one.
+    the first checkpoint write of that step or a later one. `parameters` override pipeline parameters as
+    `start-pipeline-execution --pipeline-parameters` does (on top of the CPU-sized local ones).
 
     `out` holds one run at a time: a run in progress there (another local-run) is refused; an unfinished run
     (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
@@ -255,22 +268,22 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     interruptions = [Interruption(s) for s in interrupt_at] + [Interruption(s, True) for s in interrupt_during_save]
     with StopSignals():
         try:
-            job, definition = build_job(config, steps, trainer_dir)
+            job, definition, values = build_job(config, steps, trainer_dir, parameters)
         except KeyboardInterrupt:
             raise LocalRunStopped("stopped while building the pipeline definition; nothing was started") from None
         try:
-            return _run_locked(job, definition, steps=steps, interrupt_at=interruptions, out=out, given=given,
+            return _run_locked(job, definition, values, interrupt_at=interruptions, out=out, given=given,
                                trainer_dir=trainer_dir, processes_per_host=processes_per_host, restart=restart,
                                on_resume=on_resume)
         except KeyboardInterrupt:  # between phases: nothing of this run is running
             raise LocalRunStopped(f"stopped; run again with --out {given} to go on") from None
 
 
-def _run_locked(job: TrainingJob, definition: Mapping[str, Any], *, steps: int,
+def _run_locked(job: TrainingJob, definition: Mapping[str, Any], values: Mapping[str, Any], *,
                 interrupt_at: Sequence[Interruption],
                 out: Path, given: Path, trainer_dir: Path, processes_per_host: int, restart: bool,
                 on_resume) -> dict[str, Any]:
-    preparation_with = preparation_resolver(definition, steps)
+    preparation_with = preparation_resolver(definition, values)
     preparation = preparation_with({})
     out.mkdir(parents=True, exist_ok=True)
     with (out / LOCK_FILE).open("a+") as lock:
@@ -281,12 +294,14 @@ def _run_locked(job: TrainingJob, definition: Mapping[str, Any], *, steps: int,
                                 "choose another --out") from None
         previous = _previous_attempts(out, given, job, restart)
         if not previous:
-            for leftover in ("instances", "processing", "logs", "report.json", STATE_FILE):
+            for leftover in ("instances", "processing", "evaluation", "logs", "report.json", STATE_FILE,
+                             REGISTRATION_FILE):
                 path = out / leftover
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             _clear_s3_but_prepared(out / "s3")
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
-                       previous_attempts=previous, preparation=preparation, preparation_with=preparation_with)
+                       previous_attempts=previous, preparation=preparation, preparation_with=preparation_with,
+                       definition=definition, values=values)
         if previous:
             last = previous[-1]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
