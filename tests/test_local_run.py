@@ -43,7 +43,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
-    job, definition = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
+    job, definition, _ = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
     assert job.entry_point == "train.py" and job.instance_count == 2
     assert job.checkpoint_s3_uri == "s3://local-artifact-bucket/checkpoints/local-execution/"
     assert set(job.channels) == {"train", "model", "code"}
@@ -62,7 +62,7 @@ def test_the_job_is_the_deployed_training_step_with_cpu_parameter_overrides():
 def test_each_instance_gets_the_opt_ml_tree_sagemaker_writes_and_the_toolkit_reads(uninterrupted):
     report, _ = uninterrupted
     out = Path(report["model_s3_path"]).parents[5]
-    job, _ = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
+    job, _, _ = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir())
     for index, host in enumerate(["127.0.0.1", "127.0.0.2"]):
         opt_ml = out / "instances" / f"algo-{index + 1}" / "opt" / "ml"
         config = opt_ml / "input" / "config"
@@ -355,14 +355,76 @@ def test_a_validation_channel_is_prepared_and_read_by_the_trainer(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}", report["preparation"]["result"]["data_fingerprint"])
 
 
+def test_the_run_ends_with_the_evaluation_and_the_gate_of_the_definition_and_the_registration_request(uninterrupted):
+    """After training, the Evaluate step of the deployed definition ran (its inputs: the base model, the uploaded
+    fine-tuned model, the data as the trainer read it), the gate passed on its property file, and the
+    RegisterModel step's CreateModelPackage request was written: valid for botocore's model, pending approval,
+    pointing at the uncompressed model, with the evaluation report as its metrics and the run's lineage."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    report, stdout = uninterrupted
+    out = Path(report["model_s3_path"]).parents[5]
+    evaluation = report["evaluation"]
+    metrics = evaluation["evaluation"]["metrics"]
+    assert metrics["fine_tuned"]["loss"] < metrics["base"]["loss"]
+    assert evaluation["evaluation"]["improvement"] == metrics["base"]["loss"] - metrics["fine_tuned"]["loss"]
+    assert evaluation["evaluation"]["tokens"] == evaluation["evaluation"]["sequences"] * CPU_PARAMETERS["SequenceLength"]
+    assert evaluation["evaluation"]["data"]["fingerprint"] == report["preparation"]["result"]["data_fingerprint"]
+    processing = out / "evaluation" / "opt" / "ml" / "processing" / "input"
+    assert {p.name for p in processing.iterdir()} == {"base", "model", "data", "code"}
+    assert sorted(p.name for p in (processing / "model").glob("*.safetensors")) == ["model.safetensors"]
+    assert (processing / "data" / "manifest.json").is_file()  # the prepared shards, as training read them
+    assert evaluation["gate"] == {"step": "CheckEvaluation", "passed": True, "next": "Register-RegisterModel"}
+    request = json.loads(Path(evaluation["registration_request"]).read_text())
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    assert not ParamValidator().validate(request, model.operation_model("CreateModelPackage").input_shape).has_errors()
+    assert request["ModelApprovalStatus"] == "PendingManualApproval"
+    assert request["ModelPackageGroupName"] == "distributed-training-models"
+    (container,) = request["InferenceSpecification"]["Containers"]
+    assert container["ModelDataSource"]["S3DataSource"] == {
+        "S3Uri": "s3://local-artifact-bucket/outputs/local-execution/output/model/", "S3DataType": "S3Prefix",
+        "CompressionType": "None"}
+    assert request["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"] == \
+        "s3://local-artifact-bucket/evaluation/local-execution/evaluation.json"
+    assert (out / "s3" / "local-artifact-bucket" / "evaluation" / "local-execution" / "evaluation.json").is_file()
+    lineage = request["CustomerMetadataProperties"]
+    assert lineage["method"] == "full" and lineage["base_model"] == "s3://local-artifact-bucket/models/base/"
+    assert lineage["data_fingerprint"] == report["preparation"]["result"]["data_fingerprint"]
+    assert int(lineage["training_seconds"]) > 0 and lineage["training_job"].startswith("pipelines-local-execution")
+    assert "CheckEvaluation: passed" in stdout
+
+
+def test_a_model_that_does_not_beat_its_base_by_the_margin_stops_at_the_gate_with_both_losses(uninterrupted, tmp_path):
+    """The same run's Evaluate step and gate with EvaluationMinImprovement above the improvement: the FailStep's
+    message carries both losses and the margin, and no registration request is written."""
+    from spot_training.local.evaluation import evaluate_and_gate, model_uri, training_properties
+    from spot_training.local.storage import LocalS3
+
+    report, _ = uninterrupted
+    out = tmp_path / "copy"
+    shutil.copytree(Path(report["model_s3_path"]).parents[5] / "s3", out / "s3")
+    (out / "logs").mkdir()
+    _, definition, values = build_job(load_config(ROOT / "cdk.json"), 8, default_trainer_dir(),
+                                      {"EvaluationMinImprovement": "50"})
+    outcome = evaluate_and_gate(definition, values, training_properties(model_uri(), 10), s3=LocalS3(out / "s3"),
+                                out=out, logs=out / "logs", running=lambda processes: None, stop=lambda: None)
+    metrics = outcome["evaluation"]["metrics"]
+    assert outcome["gate"]["passed"] is False and outcome["gate"]["next"] == "RefuseModelNotBetterThanBase"
+    assert outcome["gate"]["message"] == (
+        f"the fine-tuned model's validation loss {metrics['fine_tuned']['loss']} is not below the base model's "
+        f"{metrics['base']['loss']} by more than EvaluationMinImprovement=50.0; nothing was registered")
+    assert "registration_request" not in outcome and not (out / "registration-request.json").exists()
+
+
 def test_rewritten_data_under_the_same_prefix_gets_a_new_preparation_cache_key(tmp_path):
     """local-run fingerprints its data as `spot-training start` does (operations.runs.data_fingerprint over the local
     S3) and the fingerprint is a step argument, so part of the emulated step cache's key: the same data keeps
     the key (skipped, as test_the_preparation_step_ran_from_the_definition_and_a_second_run_skips_it shows),
     one rewritten object under the same prefix changes it (prepared again)."""
     config = load_config(ROOT / "cdk.json")
-    job, definition = build_job(config, 4, default_trainer_dir())
-    preparation_with = preparation_resolver(definition, 4)
+    job, definition, values = build_job(config, 4, default_trainer_dir())
+    preparation_with = preparation_resolver(definition, values)
     run = LocalRun(job, tmp_path, default_trainer_dir(), [], preparation=preparation_with({}),
                    preparation_with=preparation_with)
     run.prepare_inputs()
