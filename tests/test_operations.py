@@ -370,3 +370,184 @@ def test_the_fixed_cost_model_counts_what_the_templates_create(default_app):
     assert len(endpoints) == len(interface_endpoints(False))
     assert count("AWS::KMS::Key") == 2 + 1
     assert count("AWS::CloudWatch::Alarm") == sizing.ALARMS_PER_PIPELINE
+
+
+# ---- evaluation, gate and registry ----------------------------------------------------------------
+EVALUATION_JOB = "pipelines-abc123-Evaluate-XYZ"
+REPORT = {"metrics": {"base": {"loss": 2.5, "perplexity": 12.18}, "fine_tuned": {"loss": 2.1, "perplexity": 8.17}},
+          "improvement": 0.4, "sequences": 512, "tokens": 1048576, "sequence_length": 2048,
+          "data": {"source": "the validation channel", "fingerprint": "f00d"}}
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/distributed-training-models/3"
+
+
+def after_training_steps(outcome: str) -> list[dict]:
+    """The steps ListPipelineExecutionSteps returns once the gate decided (newest last, Ascending)."""
+    train = steps("Succeeded")["PipelineExecutionSteps"]
+    evaluate = {"StepName": "Evaluate", "StepStatus": "Succeeded", "AttemptCount": 1, "Metadata": {"ProcessingJob": {
+        "Arn": f"arn:aws:sagemaker:us-east-1:123456789012:processing-job/{EVALUATION_JOB}"}}}
+    gate = {"StepName": "CheckEvaluation", "StepStatus": "Succeeded", "AttemptCount": 1,
+            "Metadata": {"Condition": {"Outcome": outcome}}}
+    if outcome == "True":
+        last = {"StepName": "Register-RegisterModel", "StepStatus": "Succeeded", "AttemptCount": 1,
+                "Metadata": {"RegisterModel": {"Arn": PACKAGE}}}
+    else:
+        message = "the fine-tuned model's validation loss 2.7 is not below the base model's 2.5 by more than " \
+                  "EvaluationMinImprovement=0.0; nothing was registered"
+        last = {"StepName": "RefuseModelNotBetterThanBase", "StepStatus": "Failed", "AttemptCount": 1,
+                "FailureReason": message, "Metadata": {"Fail": {"ErrorMessage": message}}}
+    return [*train, evaluate, gate, last]
+
+
+def evaluation_job() -> dict:
+    return {"ProcessingJobName": EVALUATION_JOB, "ProcessingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:"
+            f"processing-job/{EVALUATION_JOB}", "ProcessingJobStatus": "Completed", "CreationTime": T0,
+            "ProcessingOutputConfig": {"Outputs": [{"OutputName": "evaluation", "S3Output": {
+                "S3Uri": "s3://artifacts/evaluation/abc123", "LocalPath": "/opt/ml/processing/output/evaluation",
+                "S3UploadMode": "EndOfJob"}}]},
+            "ProcessingResources": {"ClusterConfig": {"InstanceCount": 1, "InstanceType": "ml.g5.2xlarge",
+                                                      "VolumeSizeInGB": 500}},
+            "AppSpecification": {"ImageUri": "image"}, "RoleArn": "arn:aws:iam::123456789012:role/r"}
+
+
+def queue_after_training(stub: Stubber, status: str, outcome: str, *, job: bool = True) -> None:
+    stub.add_response("describe_pipeline_execution", execution(status), {"PipelineExecutionArn": EXECUTION})
+    stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": after_training_steps(outcome)},
+                      {"PipelineExecutionArn": EXECUTION, "SortOrder": "Ascending"})
+    stub.add_response("describe_training_job", training_job("Completed", TRANSITIONS), {"TrainingJobName": JOB})
+    stub.add_response("describe_processing_job", evaluation_job(), {"ProcessingJobName": EVALUATION_JOB})
+
+
+def test_watch_shows_the_gate_and_the_registration():
+    sagemaker, out = stubbed_sagemaker(), io.StringIO()
+    with Stubber(sagemaker) as stub:
+        queue_after_training(stub, "Succeeded", "True")
+        assert watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(7)) == 0
+    text = out.getvalue()
+    assert "step CheckEvaluation: Succeeded: outcome True (the model goes on to registration)" in text
+    assert f"step Register-RegisterModel: Succeeded: registered {PACKAGE} (PendingManualApproval)" in text
+
+
+def test_watch_of_a_model_stopped_at_the_gate_exits_1_with_both_losses():
+    sagemaker, out = stubbed_sagemaker(), io.StringIO()
+    with Stubber(sagemaker) as stub:
+        queue_after_training(stub, "Failed", "False")
+        assert watch(sagemaker, EXECUTION, out=out, interval=0, sleep=lambda s: None, now=lambda: hours(7)) == 1
+    text = out.getvalue()
+    assert "step CheckEvaluation: Succeeded: outcome False (the model is not registered)" in text
+    assert ("FAILED: step RefuseModelNotBetterThanBase: the fine-tuned model's validation loss 2.7 is not below the "
+            "base model's 2.5 by more than EvaluationMinImprovement=0.0; nothing was registered") in text
+
+
+def test_report_shows_the_evaluation_and_the_gate(aws):
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="artifacts")
+    s3.put_object(Bucket="artifacts", Key="evaluation/abc123/evaluation.json", Body=json.dumps(REPORT).encode())
+    sagemaker = stubbed_sagemaker()
+    with Stubber(sagemaker) as stub:
+        queue_after_training(stub, "Succeeded", "True")
+        result = report(sagemaker, s3, EXECUTION, price_per_hour=10.0)
+    assert result["evaluation"] == REPORT and result["gate"] == "True" and result["model_package"] == PACKAGE
+    text = report_text(result)
+    assert ("evaluation: fine-tuned loss 2.100000 (perplexity 8.170) vs base 2.500000 (perplexity 12.180), "
+            "improvement 0.400000, 1,048,576 tokens (the validation channel)") in text
+    assert f"gate: passed; registered {PACKAGE} (PendingManualApproval)" in text
+
+
+def package(version: int, status: str, *, fingerprint: str = "f00d", job: str = "pipelines-abc-train-1") -> dict:
+    return {"ModelPackageName": "distributed-training-models", "ModelPackageGroupName": "distributed-training-models",
+            "ModelPackageVersion": version, "ModelPackageArn": PACKAGE.replace("/3", f"/{version}"),
+            "CreationTime": hours(version), "ModelPackageStatus": "Completed", "ModelApprovalStatus": status,
+            "ModelPackageStatusDetails": {"ValidationStatuses": []},
+            "ModelMetrics": {"ModelQuality": {"Statistics": {"ContentType": "application/json",
+                                                              "S3Uri": f"s3://artifacts/evaluation/run{version}/evaluation.json"}}},
+            "InferenceSpecification": {"Containers": [{"Image": "image", "ModelDataSource": {"S3DataSource": {
+                "S3Uri": f"s3://artifacts/outputs/run{version}/output/model/", "S3DataType": "S3Prefix",
+                "CompressionType": "None"}}}], "SupportedContentTypes": ["application/json"],
+                "SupportedResponseMIMETypes": ["application/json"]},
+            "CustomerMetadataProperties": {"method": "full", "base_model": "s3://artifacts/models/base/",
+                                           "data_fingerprint": fingerprint, "training_job": job}}
+
+
+@pytest.fixture
+def registry(aws):
+    """Two packages of the group, their reports in (moto) S3; a stubbed SageMaker."""
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="artifacts")
+    for version, loss in ((1, 2.3), (2, 2.1)):
+        body = {**REPORT, "metrics": {**REPORT["metrics"], "fine_tuned": {"loss": loss, "perplexity": 9.0}},
+                "improvement": 2.5 - loss}
+        s3.put_object(Bucket="artifacts", Key=f"evaluation/run{version}/evaluation.json", Body=json.dumps(body).encode())
+    return stubbed_sagemaker(), s3
+
+
+def test_models_lists_the_groups_packages_with_their_metrics_and_lineage(registry):
+    from spot_training.operations.models import list_models, models_text
+
+    sagemaker, s3 = registry
+    summaries = [{"ModelPackageArn": package(v, "PendingManualApproval")["ModelPackageArn"],
+                  "ModelPackageStatus": "Completed", "CreationTime": hours(v), "ModelPackageVersion": v,
+                  "ModelPackageGroupName": "distributed-training-models"} for v in (2, 1)]
+    with Stubber(sagemaker) as stub:
+        stub.add_response("list_model_packages", {"ModelPackageSummaryList": summaries}, {
+            "ModelPackageGroupName": "distributed-training-models", "SortBy": "CreationTime", "SortOrder": "Descending",
+            "MaxResults": 20})
+        for version, status in ((2, "PendingManualApproval"), (1, "Approved")):
+            stub.add_response("describe_model_package", package(version, status),
+                              {"ModelPackageName": package(version, status)["ModelPackageArn"]})
+        models = list_models(sagemaker, s3, "distributed-training-models")
+    assert [(m["version"], m["status"], m["fine_tuned_loss"]) for m in models] == [
+        (2, "PendingManualApproval", 2.1), (1, "Approved", 2.3)]
+    assert models[0]["improvement"] == pytest.approx(0.4) and models[0]["lineage"]["method"] == "full"
+    text = models_text(models, "distributed-training-models")
+    assert text.splitlines()[2].split() == ["2", "PendingManualApproval", "2.1000", "2.5000", "0.4000", "full",
+                                            "pipelines-abc-train-1"]
+
+
+def test_models_compare_marks_what_differs_and_warns_when_the_data_differs(registry):
+    from spot_training.operations.models import compare_text, describe
+
+    sagemaker, s3 = registry
+    with Stubber(sagemaker) as stub:
+        for version, fingerprint in ((1, "f00d"), (2, "beef")):
+            stub.add_response("describe_model_package", package(version, "Approved", fingerprint=fingerprint),
+                              {"ModelPackageName": package(version, "Approved")["ModelPackageArn"]})
+        a, b = (describe(sagemaker, s3, package(v, "Approved")["ModelPackageArn"]) for v in (1, 2))
+    text = compare_text(a, b)
+    rows = {line[2:].split("  ")[0]: (line[0], line[2:].split("  ", 1)[1].strip()) for line in text.splitlines()[2:-1]}
+    assert rows["fine-tuned loss"] == ("*", "2.300000  |  2.100000")
+    assert rows["method"] == (" ", "full  |  full")
+    assert rows["data_fingerprint"] == ("*", "f00d  |  beef")
+    assert text.splitlines()[-1] == ("lower fine-tuned validation loss: B (evaluated on different data: the "
+                                     "fingerprints differ, so the losses are not comparable)")
+
+
+def test_approve_and_reject_set_the_status_with_the_reason_and_refuse_a_repeat(registry, monkeypatch, capsys):
+    sagemaker, _ = registry
+    monkeypatch.setattr(cli, "aws_client", lambda service, region: sagemaker)
+    arn = package(2, "PendingManualApproval")["ModelPackageArn"]
+    with Stubber(sagemaker) as stub:
+        stub.add_response("describe_model_package", package(2, "PendingManualApproval"), {"ModelPackageName": arn})
+        stub.add_response("update_model_package", {"ModelPackageArn": arn}, {
+            "ModelPackageArn": arn, "ModelApprovalStatus": "Approved", "ApprovalDescription": "beats v1 on eval"})
+        assert cli.main(["approve", arn, "--group", "distributed-training-models", "--reason", "beats v1 on eval",
+                         "--region", REGION]) == 0
+        stub.add_response("describe_model_package", package(2, "Rejected"), {"ModelPackageName": arn})
+        assert cli.main(["reject", arn, "--group", "distributed-training-models", "--reason", "again",
+                         "--region", REGION]) == 2
+        stub.assert_no_pending_responses()
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{arn}: Approved"
+    assert err.strip() == f"error: {arn}: already Rejected"
+
+
+def test_a_version_number_needs_the_group_and_a_bad_package_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
+    from spot_training.operations.models import resolve_package
+
+    assert resolve_package("Distributed-Training-Models", "7", "us-east-1", "123456789012") == \
+        "arn:aws:sagemaker:us-east-1:123456789012:model-package/distributed-training-models/7"
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["models", "--region", REGION]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --outputs outputs.json: no such file; deploy with `make deploy` "
+                                              "or pass --group")
+    with pytest.raises(OperationError, match="^latest: must be a model package ARN or a version number of g$"):
+        resolve_package("g", "latest", "us-east-1", "123456789012")

@@ -204,6 +204,38 @@ def cmd_watch(args: argparse.Namespace) -> int:
                  timeout=args.timeout)
 
 
+def _group(args: argparse.Namespace) -> str:
+    from spot_training.operations.models import group_from_outputs
+
+    return args.group or group_from_outputs(Path(args.outputs))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from spot_training.operations.models import compare_text, describe, list_models, models_text, resolve_package
+
+    region = _region(args)
+    sagemaker, s3, group = aws_client("sagemaker", region), aws_client("s3", region), _group(args)
+    if args.compare:
+        account = None if all(p.startswith("arn:") for p in args.compare) else \
+            aws_client("sts", region).get_caller_identity()["Account"]
+        a, b = (describe(sagemaker, s3, resolve_package(group, p, region, account)) for p in args.compare)
+        print(compare_text(a, b))
+        return 0
+    print(models_text(list_models(sagemaker, s3, group, status=args.status, limit=args.limit), group))
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from spot_training.operations.models import resolve_package, set_status
+
+    region = _region(args)
+    group = _group(args)
+    account = None if args.package.startswith("arn:") else aws_client("sts", region).get_caller_identity()["Account"]
+    arn = resolve_package(group, args.package, region, account)
+    print(f"{arn}: {set_status(aws_client('sagemaker', region), arn, args.command, args.reason)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from spot_training.operations.runs import load_prices, report, report_text, timeline_chart
 
@@ -401,6 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--chart", metavar="PNG", help="also draw a timeline chart")
     report.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     report.set_defaults(handler=cmd_report)
+
+    registry = argparse.ArgumentParser(add_help=False, parents=[aws])
+    group = registry.add_mutually_exclusive_group()
+    group.add_argument("--group", help="the model package group (default: ModelPackageGroupName in --outputs)")
+    group.add_argument("--outputs", default="outputs.json", help="a `cdk deploy --outputs-file` file")
+    models = commands.add_parser("models", parents=[registry], help="the registered models: metrics and lineage, "
+                                 "or two compared", description="Lists the group's model packages, newest first, "
+                                 "with their evaluation (fine-tuned and base validation loss, improvement) and lineage; "
+                                 "--compare A B shows two side by side.")
+    models.add_argument("--status", choices=("PendingManualApproval", "Approved", "Rejected"))
+    models.add_argument("--limit", type=_positive, default=20)
+    models.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two packages: ARNs or version numbers")
+    models.set_defaults(handler=cmd_models)
+    for decision in ("approve", "reject"):
+        review = commands.add_parser(decision, parents=[registry], help=f"{decision} a registered model (needs the "
+                                     "approver policy)", description=f"Sets a model package "
+                                     f"{'Approved' if decision == 'approve' else 'Rejected'} (UpdateModelPackage), "
+                                     "with the reason as its ApprovalDescription.")
+        review.add_argument("package", help="the model package ARN or version number")
+        review.add_argument("--reason", required=True, help="why (kept on the package)")
+        review.set_defaults(handler=cmd_review)
 
     size = commands.add_parser("size", help="sizing math: instance-hours, cost, retries, checkpoint interval, "
                                "completion-time Monte Carlo", description="Defaults come from ./cdk.json.")

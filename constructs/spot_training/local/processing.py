@@ -23,14 +23,20 @@ from spot_training.local.storage import LocalS3, write_json
 STEP_CACHE_FILE = "step-cache.json"
 
 
-def with_data_fingerprint(job: ProcessingJob, resolve: Callable[[Mapping[str, Any]], ProcessingJob | None],
-                          s3: LocalS3) -> ProcessingJob | None:
-    """What `spot-training start` does before StartPipelineExecution: list the data URIs and pass their
-    digest as DataFingerprint, so the step cache sees changed data under an unchanged prefix."""
+def fingerprint_parameter(job: ProcessingJob, s3: LocalS3) -> dict[str, Any]:
+    """What `spot-training start` does before StartPipelineExecution: list the preparation's data URIs and pass
+    their digest as the DataFingerprint parameter (every step of the execution sees it)."""
     from spot_training.operations.runs import FINGERPRINT_PARAMETER, data_fingerprint
 
     uris = {DATA_PARAMETERS[name]: uri for name, (uri, _) in job.inputs.items() if name in DATA_PARAMETERS}
-    return resolve({FINGERPRINT_PARAMETER: data_fingerprint(s3, uris, warn=print)})
+    return {FINGERPRINT_PARAMETER: data_fingerprint(s3, uris, warn=print)}
+
+
+def with_data_fingerprint(job: ProcessingJob, resolve: Callable[[Mapping[str, Any]], ProcessingJob | None],
+                          s3: LocalS3) -> ProcessingJob | None:
+    """The preparation step resolved with the data's fingerprint, so the step cache sees changed data under an
+    unchanged prefix."""
+    return resolve(fingerprint_parameter(job, s3))
 
 
 def cache_key(job: ProcessingJob, s3: LocalS3) -> str:

@@ -24,7 +24,7 @@ from spot_training.local.jobs import (EXECUTION_ID, LOCAL_BUCKET, Attempt, Inter
 from spot_training.local.processes import signal_tree
 from spot_training.local.evaluation import REGISTRATION_FILE, evaluate_and_gate, has_evaluation, training_properties
 from spot_training.local.evaluation import model_uri as evaluation_model_uri
-from spot_training.local.processing import run_preparation, with_data_fingerprint
+from spot_training.local.processing import fingerprint_parameter, run_preparation, with_data_fingerprint
 from spot_training.local.report import build_report
 from spot_training.local.storage import CheckpointSync, LocalS3, write_json
 
@@ -91,6 +91,8 @@ class LocalRun:
                     self.preparation = with_data_fingerprint(self.preparation, self.preparation_with, self.s3)
                 self.preparation_report = run_preparation(self.preparation, s3=self.s3, out=self.out,
                                                           logs=self.logs, running=self._running, stop=self.stop)
+        if self.preparation is not None:  # the execution's parameter, for the steps after training too
+            self.values.update(fingerprint_parameter(self.preparation, self.s3))
         reached = max((a.last_step for a in self.attempts), default=0)
         pending = [i for i in self.interrupt_at if i.step > reached]
         while True:

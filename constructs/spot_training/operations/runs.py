@@ -21,6 +21,8 @@ from typing import Any, TextIO
 from spot_training.config.layout import DATA_PARAMETERS
 
 TERMINAL = {"Succeeded", "Failed", "Stopped"}
+# The steps after training (definition.build: EVALUATE_STEP_NAME, GATE_STEP_NAME).
+EVALUATE_STEP, GATE_STEP = "Evaluate", "CheckEvaluation"
 
 
 class OperationError(Exception):
@@ -136,7 +138,7 @@ def snapshot(sagemaker, arn: str) -> dict[str, Any]:
     execution = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
     steps = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn, SortOrder="Ascending")[
         "PipelineExecutionSteps"]
-    job = processing = None
+    job = processing = evaluation = None
     for step in steps:
         metadata = step.get("Metadata", {})
         job_arn = metadata.get("TrainingJob", {}).get("Arn")
@@ -145,11 +147,48 @@ def snapshot(sagemaker, arn: str) -> dict[str, Any]:
         processing_arn = metadata.get("ProcessingJob", {}).get("Arn")
         if processing_arn and step.get("StepStatus") == "Failed":
             processing = sagemaker.describe_processing_job(ProcessingJobName=processing_arn.rsplit("/", 1)[-1])
-    return {"execution": execution, "steps": steps, "job": job, "processing": processing}
+        elif processing_arn and step["StepName"] == EVALUATE_STEP and step.get("StepStatus") == "Succeeded":
+            evaluation = sagemaker.describe_processing_job(ProcessingJobName=processing_arn.rsplit("/", 1)[-1])
+    return {"execution": execution, "steps": steps, "job": job, "processing": processing, "evaluation": evaluation}
+
+
+def step_outcome(step: Mapping[str, Any]) -> str:
+    """What a finished gate, registration or fail step decided (ListPipelineExecutionSteps metadata)."""
+    metadata = step.get("Metadata", {})
+    if "Condition" in metadata and metadata["Condition"].get("Outcome"):
+        passed = metadata["Condition"]["Outcome"] == "True"
+        return f": outcome {metadata['Condition']['Outcome']}" + (
+            " (the model goes on to registration)" if passed and step["StepName"] == GATE_STEP else
+            " (the model is not registered)" if step["StepName"] == GATE_STEP else "")
+    if metadata.get("RegisterModel", {}).get("Arn"):
+        return f": registered {metadata['RegisterModel']['Arn']} (PendingManualApproval)"
+    return ""
+
+
+def evaluation_report(s3, evaluation_job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The Evaluate step's evaluation.json, read from its processing job's output."""
+    if not evaluation_job:
+        return None
+    import botocore.exceptions
+
+    outputs = evaluation_job.get("ProcessingOutputConfig", {}).get("Outputs", [])
+    uri = next((o["S3Output"]["S3Uri"] for o in outputs if o["OutputName"] == "evaluation"), None)
+    if uri is None:
+        return None
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    key = f"{prefix.rstrip('/')}/evaluation.json"
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except botocore.exceptions.ClientError as error:
+        return {"error": f"s3://{bucket}/{key}: {error.response.get('Error', {}).get('Code', 'error')}"}
 
 
 def failure_reasons(state: Mapping[str, Any]) -> list[str]:
     reasons = [f"step {s['StepName']}: {s['FailureReason']}" for s in state["steps"] if s.get("FailureReason")]
+    # A FailStep's message is its ErrorMessage (the gate's says both losses).
+    reasons += [f"step {s['StepName']}: {s['Metadata']['Fail']['ErrorMessage']}" for s in state["steps"]
+                if s.get("Metadata", {}).get("Fail", {}).get("ErrorMessage")
+                and s["Metadata"]["Fail"]["ErrorMessage"] != s.get("FailureReason")]
     processing = state.get("processing")
     if processing:  # the container's own words first (/opt/ml/output/message -> ExitMessage), then SageMaker's
         for field in ("ExitMessage", "FailureReason"):
@@ -190,7 +229,7 @@ def watch(sagemaker, arn: str, *, out: TextIO = sys.stdout, interval: float = 30
                 # (PipelineExecutionStep.CacheHitResult, SageMaker API reference).
                 source = step.get("CacheHitResult", {}).get("SourcePipelineExecutionArn")
                 cached = f" (step cache: reuses the output of execution {source.rsplit('/', 1)[-1]})" if source else ""
-                _line(out, live, f"step {step['StepName']}: {step['StepStatus']}{attempts}{cached}")
+                _line(out, live, f"step {step['StepName']}: {step['StepStatus']}{attempts}{cached}{step_outcome(step)}")
         if job:
             transitions = job.get("SecondaryStatusTransitions", [])
             for transition in transitions[seen_transitions:]:
@@ -270,6 +309,11 @@ def report(sagemaker, s3, arn: str, *, price_per_hour: float | None = None,
         "on_demand_equivalent_cost": (round(price * resource["InstanceCount"] * training / 3600, 2)
                                       if price is not None else None),
         "failure_reasons": failure_reasons(state) if execution["PipelineExecutionStatus"] != "Succeeded" else [],
+        "evaluation": evaluation_report(s3, state.get("evaluation")),
+        "gate": next((s["Metadata"]["Condition"].get("Outcome") for s in state["steps"]
+                      if s["StepName"] == GATE_STEP and "Condition" in s.get("Metadata", {})), None),
+        "model_package": next((s["Metadata"]["RegisterModel"]["Arn"] for s in state["steps"]
+                               if s.get("Metadata", {}).get("RegisterModel", {}).get("Arn")), None),
     }
     result["_timeline"] = {"transitions": transitions, "checkpoints": checkpoints}
     return result
@@ -289,6 +333,18 @@ def report_text(result: Mapping[str, Any]) -> str:
         f"  complete checkpoints in S3: {', '.join(result['checkpoints']) or 'none'}",
         f"  estimated cost: {cost}",
     ]
+    evaluation = result.get("evaluation")
+    if evaluation and "metrics" in evaluation:
+        base, tuned = evaluation["metrics"]["base"], evaluation["metrics"]["fine_tuned"]
+        lines.append(f"  evaluation: fine-tuned loss {tuned['loss']:.6f} (perplexity {tuned['perplexity']:.3f}) vs base "
+                     f"{base['loss']:.6f} (perplexity {base['perplexity']:.3f}), improvement "
+                     f"{evaluation['improvement']:.6f}, {evaluation['tokens']:,} tokens ({evaluation['data']['source']})")
+    elif evaluation:
+        lines.append(f"  evaluation: report unreadable: {evaluation['error']}")
+    if result.get("gate") is not None:
+        lines.append(f"  gate: {'passed' if result['gate'] == 'True' else 'refused'}"
+                     + (f"; registered {result['model_package']} (PendingManualApproval)" if result.get("model_package")
+                        else ""))
     lines += [f"  FAILED: {reason}" for reason in result["failure_reasons"]]
     return "\n".join(lines)
 
