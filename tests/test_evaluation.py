@@ -241,3 +241,28 @@ def test_bad_input_stops_the_evaluation_in_one_line(models, tmp_path):
     assert done.stderr.strip() == f"error: {tmp_path / 'empty'}: no prepared shards (manifest.json), *.jsonl or *.npy files"
     assert (tmp_path / "message").read_text() == done.stderr.strip()
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_with_approved_adds_a_limit_from_the_latest_approved_model():
+    definition = generate(TrainingConfig(region="us-east-1", compare_with_approved=True))
+    parameters = {p["Name"]: p["DefaultValue"] for p in definition["Parameters"]}
+    assert parameters["ApprovedModelLoss"] == 1e9  # none known: no limit
+    report = {"metrics": {"base": {"loss": 2.5}, "fine_tuned": {"loss": 2.2}}, "improvement": 0.3}
+
+    def decide(approved: float) -> tuple[bool, str]:
+        copy = json.loads(json.dumps(definition))
+        for parameter in copy["Parameters"]:
+            if parameter["Name"] == "ApprovedModelLoss":
+                parameter["DefaultValue"] = approved
+        steps = {s["Name"]: s for s in all_steps(resolve(copy, property_files={
+            "Steps.Evaluate.PropertyFiles.EvaluationReport": report}))}
+        return (evaluate_conditions(steps["CheckEvaluation"]["Arguments"]["Conditions"]),
+                steps["RefuseModelNotBetterThanBase"]["Arguments"]["ErrorMessage"])
+
+    assert decide(1e9)[0] is True and decide(2.2)[0] is True
+    passed, message = decide(2.1)  # better than its base, worse than what is approved
+    assert passed is False
+    assert message == ("the fine-tuned model's validation loss 2.2 is not below the base model's 2.5 by more than "
+                       "EvaluationMinImprovement=0.0, or is above the latest approved model's ApprovedModelLoss=2.1; "
+                       "nothing was registered")
+    assert check(definition, EXPECT) == []

@@ -100,9 +100,11 @@ def test_training_role_reaches_only_its_prefixes_and_the_key_through_s3(default_
     statements = _policy(default_app, "TrainingPolicy")
     prefixes = {sid: [r["Fn::Join"][1][-1] for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])]
                 for sid, s in statements.items() if sid in ("ReadInputs", "SyncCheckpoints", "WriteOutputs")}
-    # prepared/: the preparation step writes the token shards there, the training step reads them.
-    assert prefixes == {"ReadInputs": ["/data/*", "/models/*", "/prepared/*"], "SyncCheckpoints": ["/checkpoints/*"],
-                        "WriteOutputs": ["/outputs/*", "/prepared/*"]}
+    # prepared/: the preparation step writes the token shards there, the training step reads them; the evaluation
+    # step reads the fine-tuned model from outputs/ and writes its report to evaluation/.
+    assert prefixes == {"ReadInputs": ["/data/*", "/models/*", "/outputs/*", "/prepared/*"],
+                        "SyncCheckpoints": ["/checkpoints/*"],
+                        "WriteOutputs": ["/evaluation/*", "/outputs/*", "/prepared/*"]}
     assert statements["UseKeyThroughS3Only"]["Condition"] == {
         "StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}
     wildcard = {sid for sid, s in statements.items() if s["Resource"] == "*"}
@@ -114,16 +116,37 @@ def test_processing_jobs_get_the_documented_unscoped_eni_rights_and_training_alo
         default_app, tmp_path_factory):
     """The developer guide's processing section of "How to use SageMaker AI execution roles": no conditions or
     resource filters on the ENI permissions of a processing job in a VPC, or its creation-time validation fails."""
-    from tests.conftest import synth
-
     eni = _policy(default_app, "TrainingPolicy")["VpcModeNetworkInterfacesUnscopedForProcessing"]
     assert sorted(eni["Action"]) == ["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
                                      "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission"]
     assert eni["Resource"] == "*" and "Condition" not in eni
-    training_only = _policy(synth(tmp_path_factory.getbasetemp(), prepare_data="false"), "TrainingPolicy")
+    training_only = _training_only_policy()  # neither a preparation nor an evaluation step
     assert "VpcModeNetworkInterfacesUnscopedForProcessing" not in training_only
     assert "network-interface/*" in json.dumps(training_only["VpcModeNetworkInterfacePermissions"]["Resource"])
     assert len(training_only["VpcModeNetworkInterfaces"]["Resource"]) > 1  # the ENI pattern, subnets, groups
+
+
+def _training_only_policy() -> dict:
+    """The execution role's statements for a pipeline without processing steps (TrainingRoles on its own)."""
+    import aws_cdk as cdk
+    from aws_cdk import assertions
+    from aws_cdk import aws_ec2 as ec2
+
+    from spot_training.cdk.roles import TrainingRoles
+    from spot_training.cdk.storage import ArtifactStore
+    from spot_training.config.settings import TrainingConfig
+
+    stack = cdk.Stack(cdk.App(), "TrainingOnly", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    store = ArtifactStore.for_config(stack, "Store", TrainingConfig())
+    TrainingRoles(stack, "Roles", bucket=store.bucket, key=store.key, image_uri="123456789012.dkr.ecr.us-east-1."
+                  "amazonaws.com/train:1", subnets=vpc.isolated_subnets,
+                  security_groups=[ec2.SecurityGroup(stack, "Group", vpc=vpc)],
+                  allowed_instance_types=["ml.p4d.24xlarge"], max_run_seconds=3600)
+    policies = assertions.Template.from_stack(stack).find_resources("AWS::IAM::ManagedPolicy")
+    (statements,) = [p["Properties"]["PolicyDocument"]["Statement"] for k, p in policies.items() if "TrainingPolicy" in k]
+    return {s["Sid"]: s for s in statements}
 
 
 def test_training_role_pulls_only_the_training_image_repository(default_app):

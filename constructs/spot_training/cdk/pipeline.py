@@ -157,15 +157,28 @@ class TrainingPipeline(Construct):
         `spot-training start` does to fingerprint the data (operations.runs.data_fingerprint): keys only, no
         object reads. `s3:prefix` is ListBucket's condition key for the requested prefix (Service Authorization
         Reference, Amazon S3: list_amazons3.html)."""
-        return [{"actions": START_ACTIONS, "resource_arns": [self.pipeline_arn, f"{self.pipeline_arn}/execution/*"]},
-                {"actions": ["s3:ListBucket"], "resource_arns": [self.bucket.bucket_arn],
-                 "conditions": {"StringLike": {"s3:prefix": [f"{PREFIXES['data']}*"]}}}]
+        grants = [{"actions": START_ACTIONS, "resource_arns": [self.pipeline_arn, f"{self.pipeline_arn}/execution/*"]},
+                  {"actions": ["s3:ListBucket"], "resource_arns": [self.bucket.bucket_arn],
+                   "conditions": {"StringLike": {"s3:prefix": [f"{PREFIXES['data']}*"]}}}]
+        if self.model_package_group_name and self.config.compare_with_approved:
+            # `start` reads the latest Approved model's lineage and report (operations.runs.approved_model_loss).
+            _, packages = model_package_arns(cdk.Stack.of(self), self.model_package_group_name)
+            bucket_arn, _ = bucket_arn_and_finding(self, self.bucket)
+            grants += [{"actions": ["sagemaker:ListModelPackages"], "resource_arns": ["*"]},
+                       {"actions": ["sagemaker:DescribeModelPackage"], "resource_arns": [packages]},
+                       {"actions": ["s3:GetObject"], "resource_arns": [f"{bucket_arn}/{PREFIXES['evaluation']}*"]},
+                       {"actions": ["kms:Decrypt"], "resource_arns": [self.key.key_arn], "conditions": {
+                           "StringEquals": {"kms:ViaService": f"s3.{cdk.Stack.of(self).region}.amazonaws.com"}}}]
+        return grants
 
     def grant_start_execution(self, grantee: iam.IGrantable) -> iam.Grant:
         """Let `grantee` start runs of this pipeline and follow them (start, retry, describe, list steps, stop),
         with `spot-training start`'s listing of the data prefix."""
         grants = [iam.Grant.add_to_principal(grantee=grantee, **grant) for grant in self._start_grants()]
-        return grants[0].combine(grants[1])
+        combined = grants[0]
+        for grant in grants[1:]:
+            combined = combined.combine(grant)
+        return combined
 
     def start_execution_policy(self, id: str, roles: Sequence[iam.IRole]) -> iam.ManagedPolicy:
         """The same rights as `grant_start_execution`, as a managed policy attached to `roles` (for roles this
@@ -178,6 +191,15 @@ class TrainingPipeline(Construct):
             "/execution/*]": "Execution ids are created at start; the wildcard covers executions of this one "
             "pipeline only.",
         })
+        if self.model_package_group_name and self.config.compare_with_approved:
+            _, bucket_ref = bucket_arn_and_finding(self, self.bucket)
+            acknowledge(policy, {
+                f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'model-package/{self.model_package_group_name.lower()}/*')}]":
+                "start reads the latest approved version of this one group; versions are numbered at registration.",
+                "AwsSolutions-IAM5[Resource::*]": "sagemaker:ListModelPackages supports no resource-level permissions.",
+                f"AwsSolutions-IAM5[Resource::{bucket_ref}/{PREFIXES['evaluation']}*]": "start reads the approved "
+                "model's evaluation report, under a key made at run time, in this one prefix.",
+            })
         return policy
 
     def _create_model_package_group(self) -> sagemaker.CfnModelPackageGroup:

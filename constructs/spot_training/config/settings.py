@@ -191,6 +191,10 @@ class TrainingConfig:
                                                "the fine-tuned model's validation loss must be below the base "
                                                "model's by more than this (nats per token) to be registered.",
                                                min=0.0, max=100.0)
+    compare_with_approved: bool = _field(False, "The gate also requires the fine-tuned model's validation loss to be "
+                                         "no worse than that of the group's latest Approved model (pipeline parameter "
+                                         "ApprovedModelLoss, which `spot-training start` fills in when that model was "
+                                         "evaluated on the same data and base model, else leaves at 1e9: no limit).")
     model_package_group: str = _field("", "Model package group the pipeline registers models in (created by the "
                                       "stack, kept on delete). Empty: <pipeline_name>-models.",
                                       pattern=r"|[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",

@@ -123,6 +123,9 @@ REGISTRATION_STEP = f"{REGISTER_STEP_NAME}-RegisterModel"
 EVALUATION_REPORT = "evaluation.json"  # written by trainer/evaluate.py
 EVALUATION_PROPERTY_FILE = "EvaluationReport"
 MIN_IMPROVEMENT_PARAMETER = "EvaluationMinImprovement"
+# The validation loss of the group's latest approved model, when it is comparable (operations.runs.start fills it
+# in); the default means "none": no limit.
+APPROVED_LOSS_PARAMETER, NO_APPROVED_LOSS = "ApprovedModelLoss", 1e9
 # The built-in trainer's defaults that decide which blocks it trained on and how it initialises a base without
 # weights (trainer/settings.py validation_holdout_fraction and seed; tests/test_evaluation.py checks they agree).
 TRAINER_HOLDOUT_FRACTION = 0.02
@@ -205,6 +208,8 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str, *, evaluation:
     """Per-run values a user can override at start-pipeline-execution; defaults come from config."""
     gate = [PipelineParameter(MIN_IMPROVEMENT_PARAMETER, ParameterFloat, config.evaluation_min_improvement)] \
         if evaluation else []
+    if evaluation and config.compare_with_approved:
+        gate.append(PipelineParameter(APPROVED_LOSS_PARAMETER, ParameterFloat, NO_APPROVED_LOSS))
     validation = [PipelineParameter(DATA_PARAMETERS["validation"], ParameterString,
                                     f"s3://{bucket_name}/{PREFIXES['data']}validation/")] \
         if config.validation_data else []
@@ -489,10 +494,13 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
     def figure(path: str) -> JsonGet:
         return JsonGet(step_name=evaluate.name, property_file=report, json_path=path)
 
+    approved = params.get(APPROVED_LOSS_PARAMETER)
     refuse = FailStep(name=GATE_FAIL_STEP_NAME, error_message=Join(on="", values=[
         "the fine-tuned model's validation loss ", figure("metrics.fine_tuned.loss"), " is not below the base "
         "model's ", figure("metrics.base.loss"), f" by more than {MIN_IMPROVEMENT_PARAMETER}=",
-        params[MIN_IMPROVEMENT_PARAMETER], "; nothing was registered"]))
+        params[MIN_IMPROVEMENT_PARAMETER],
+        *([f", or is above the latest approved model's {APPROVED_LOSS_PARAMETER}=", approved] if approved else []),
+        "; nothing was registered"]))
     model = Model(image_uri=inference_image_uri(config), role=placeholders.role_arn, sagemaker_session=session,
                   model_data={"S3DataSource": {"S3Uri": model_uri, "S3DataType": "S3Prefix",
                                                "CompressionType": "None"}},
@@ -518,9 +526,10 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         description=f"Fine-tuned by pipeline {config.pipeline_name}; approve after review",
         domain="NATURAL_LANGUAGE_PROCESSING", task="OTHER", framework="PYTORCH",
         framework_version=config.framework_version))
-    gate = ConditionStep(name=GATE_STEP_NAME, conditions=[ConditionGreaterThan(
-        left=figure("improvement"), right=params[MIN_IMPROVEMENT_PARAMETER])], if_steps=[register],
-        else_steps=[refuse])
+    conditions = [ConditionGreaterThan(left=figure("improvement"), right=params[MIN_IMPROVEMENT_PARAMETER])]
+    if approved:  # all conditions must hold
+        conditions.append(ConditionLessThanOrEqualTo(left=figure("metrics.fine_tuned.loss"), right=approved))
+    gate = ConditionStep(name=GATE_STEP_NAME, conditions=conditions, if_steps=[register], else_steps=[refuse])
     return [evaluate, gate]
 
 

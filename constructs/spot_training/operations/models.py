@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from spot_training.operations.runs import OperationError
+from spot_training.operations.errors import OperationError
 
 STATUSES = {"approve": "Approved", "reject": "Rejected"}
 LINEAGE = ("method", "base_model", "data_fingerprint", "training_job", "pipeline_execution", "training_image",
@@ -53,6 +53,7 @@ def describe(sagemaker, s3, package_arn: str) -> dict[str, Any]:
             "base_loss": metrics.get("base", {}).get("loss"), "fine_tuned_loss": metrics.get("fine_tuned", {}).get("loss"),
             "fine_tuned_perplexity": metrics.get("fine_tuned", {}).get("perplexity"),
             "improvement": report.get("improvement"), "tokens": report.get("tokens"),
+            "sequence_length": report.get("sequence_length"),
             "report_error": report.get("error"),
             "model": package.get("InferenceSpecification", {}).get("Containers", [{}])[0].get(
                 "ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri"),

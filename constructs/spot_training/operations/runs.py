@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from spot_training.config.layout import DATA_PARAMETERS
+from spot_training.operations.errors import OperationError
 
 TERMINAL = {"Succeeded", "Failed", "Stopped"}
 # The steps after training (definition.build: EVALUATE_STEP_NAME, GATE_STEP_NAME).
 EVALUATE_STEP, GATE_STEP = "Evaluate", "CheckEvaluation"
 
 
-class OperationError(Exception):
-    """A user-facing failure; the message is one line."""
 
 
 # ---- pipeline name and parameters -----------------------------------------------------------------------
@@ -124,11 +123,62 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
         fingerprint = data_fingerprint(s3, uris, warn=warn)
         if fingerprint:
             parameters = {**parameters, FINGERPRINT_PARAMETER: fingerprint}
+    if s3 is not None and APPROVED_LOSS_PARAMETER in known and APPROVED_LOSS_PARAMETER not in parameters:
+        loss = approved_model_loss(sagemaker, s3, definition, parameters, warn=warn)
+        if loss is not None:
+            parameters = {**parameters, APPROVED_LOSS_PARAMETER: repr(loss)}
     request = {"PipelineName": pipeline_name, "ClientRequestToken": str(uuid.uuid4()),
                "PipelineExecutionDisplayName": display_name or datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")}
     if parameters:
         request["PipelineParameters"] = [{"Name": k, "Value": v} for k, v in parameters.items()]
     return sagemaker.start_pipeline_execution(**request)["PipelineExecutionArn"]
+
+
+APPROVED_LOSS_PARAMETER = "ApprovedModelLoss"  # definition.build.APPROVED_LOSS_PARAMETER
+
+
+def approved_model_loss(sagemaker, s3, definition: Mapping[str, Any], parameters: Mapping[str, str], *,
+                        warn: Callable[[str], None]) -> float | None:
+    """The fine-tuned validation loss of the registry group's latest Approved model, when it is comparable with
+    this run's: evaluated on the same data (its lineage's data_fingerprint is this start's DataFingerprint) from
+    the same base model at the same SequenceLength. Otherwise None, and `warn` says why (the gate then sets no
+    limit)."""
+    from spot_training.operations.models import describe
+
+    groups = [s["Arguments"]["ModelPackageGroupName"] for s in _all_steps(definition["Steps"])
+              if s.get("Type") == "RegisterModel"]
+    if not groups:
+        return None
+    defaults = {p["Name"]: str(p.get("DefaultValue")) for p in definition.get("Parameters", [])}
+    values = {**defaults, **parameters}
+    found = sagemaker.list_model_packages(ModelPackageGroupName=groups[0], ModelApprovalStatus="Approved",
+                                          SortBy="CreationTime", SortOrder="Descending", MaxResults=1)
+    if not found["ModelPackageSummaryList"]:
+        warn(f"note: {groups[0]} has no Approved model yet; the gate compares with the base model only")
+        return None
+    latest = describe(sagemaker, s3, found["ModelPackageSummaryList"][0]["ModelPackageArn"])
+    lineage = latest["lineage"]
+    mismatch = [name for name, mine in (("data_fingerprint", values.get(FINGERPRINT_PARAMETER)),
+                                        ("base_model", values.get("BaseModelUri")))
+                if lineage.get(name) != mine]
+    if latest["sequence_length"] is not None and str(latest["sequence_length"]) != values.get("SequenceLength"):
+        mismatch.append("sequence_length")
+    if mismatch or latest["fine_tuned_loss"] is None:
+        why = (f"its {' and '.join(mismatch)} {'differs' if len(mismatch) == 1 else 'differ'} from this run's"
+               if mismatch else "its evaluation report cannot be read")
+        warn(f"note: the latest Approved model ({latest['arn']}) is not compared: {why}; the gate compares with "
+             "the base model only")
+        return None
+    return float(latest["fine_tuned_loss"])
+
+
+def _all_steps(steps: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    out = []
+    for step in steps:
+        out.append(step)
+        for branch in ("IfSteps", "ElseSteps"):
+            out += _all_steps(step.get("Arguments", {}).get(branch, []))
+    return out
 
 
 # ---- state of a run ---------------------------------------------------------------------------------
