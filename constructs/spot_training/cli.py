@@ -491,9 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = commands.add_parser("local-run", help="run the pipeline's training step on this machine, with "
                                 "simulated spot interruptions",
-                                description="Runs the same TrainingStep that `cdk synth` builds (config from "
-                                "./cdk.json) on the local CPU: N emulated instances, checkpoints synced to a "
-                                "local S3 folder, spot interruptions injected. Writes OUT/report.json.")
+                                description="Runs the same steps that `cdk synth` builds (config from "
+                                "./cdk.json) on the local CPU: the preparation, the training on N emulated "
+                                "instances with checkpoints synced to a local S3 folder and spot interruptions "
+                                "injected, then the evaluation and its gate, writing the registration request it would "
+                                "send. Writes OUT/report.json; exits 1 when the gate refuses the model.")
     local.add_argument("--steps", type=_positive, required=True, help="optimizer steps (pipeline parameter MaxSteps)")
     local.add_argument("--interrupt-at-step", type=_positive, action="append", metavar="K",
                        help="interrupt every instance once step K is reached; repeatable; none: no interruption")

@@ -5,8 +5,9 @@ instances, channels, checkpoint sync and spot interruptions.
 May import: `spot_training.config`, `spot_training.definition`, `spot_training.operations` (the data
 fingerprint `start` computes) and the trainer's files; never `spot_training.cdk`. Modules, in the order a
 run uses them: `jobs` (the jobs read from the definition, and their attempts), `storage` (the local S3 and
-the checkpoint sync), `instances` (each instance's /opt/ml and the launcher), `processing` (the preparation
-step and its cache), `run` (the attempts, interruptions and stops), `report`; `supervisor` and `processes`
+the checkpoint sync), `instances` (each instance's /opt/ml and the launcher), `processing` (the processing steps,
+the preparation's cache), `run` (the attempts, interruptions and stops), `evaluation` (the steps after training:
+evaluation, gate, registration request), `report`; `supervisor` and `processes`
 stand in for the container runtime; `tiny` makes the tiny model and data a local run trains on.
 
 What SageMaker does, and what stands in for it here:
@@ -40,6 +41,9 @@ What SageMaker does, and what stands in for it here:
   ProcessingOutput uploaded to its destination; the training step's `train` channel is that output. Pipelines
   step caching is emulated: the same resolved arguments (and the same code archive, whose CDK asset key is its
   hash) as an earlier successful run in this --out skip the step and reuse its output;
+- after training, the Evaluate step runs the same way on the uploaded model; the gate is evaluated on its
+  property file as Pipelines evaluates it, and the registration's CreateModelPackage request is written, not
+  sent;
 What it does not prove: real S3 consistency and throughput, real spot reclaim timing and notice, EFA/NCCL
 networking, GPU memory behaviour, network isolation. See the README's "Local run" section.
 """
