@@ -274,9 +274,37 @@ def cmd_size(args: argparse.Namespace) -> int:
         name, _, rest = str(error).partition("=")
         raise CliError(f"{args.flag_names.get(name, name)}={rest}") from None
     print(sizing_text(workload, args.instance_type))
+    if args.capacity_ladder:
+        print(ladder_text(workload, config, args))
     if not model:
         print(platform_cost_text(config))
     return 0
+
+
+def ladder_text(w, config: TrainingConfig, args: argparse.Namespace) -> str:
+    """The capacity ladder for this workload, and spot-only against the ladder over synthetic capacity traces."""
+    from spot_training.config import ladder
+
+    if not 0 <= args.spot_unavailable <= 1 or args.spot_wait_hours <= 0:
+        raise CliError(f"--spot-unavailable={args.spot_unavailable:g}, --spot-wait-hours={args.spot_wait_hours:g}: "
+                       "the probability must be from 0 to 1 and the wait above 0")
+    rungs = ladder.ladder(w, instance_type=args.instance_type, allowed_instance_types=config.instance_type_allow_list,
+                          max_run_seconds=config.max_run_seconds)
+    capacity = ladder.Capacity(spot_wait_hours=args.spot_wait_hours, spot_unavailable=args.spot_unavailable)
+    lines = [f"capacity ladder (deadline {w.slo_hours:g} h after the run starts):"]
+    for i, rung in enumerate(rungs, 1):
+        budget = (f"waits up to {rung.wait_hours:.1f} h for capacity (MaxWaitTimeInSeconds {rung.max_wait_seconds})"
+                  if rung.capacity == ladder.SPOT else f"the fallback: {ladder.on_demand_hours(w):.1f} h uninterrupted")
+        lines.append(f"  {i}. {rung.name}: {budget}")
+    lines.append(f"  simulation over 2000 synthetic capacity traces (spot capacity per type: none within the horizon "
+                 f"with probability {capacity.spot_unavailable:g}, else after {capacity.spot_wait_hours:g} h on "
+                 "average; on-demand there after provisioning):")
+    for outcome in ladder.compare_strategies(w, rungs, capacity):
+        cost = f"${outcome.expected_cost:,.2f}" if outcome.expected_cost is not None else "unknown (no price)"
+        p90 = f"{outcome.p90_hours:.1f} h" if outcome.p90_hours != float("inf") else "never (no capacity)"
+        lines.append(f"    {outcome.strategy:<9}  P(SLO met) {outcome.probability_within_slo:6.1%}, expected cost {cost} "
+                     f"per run, p90 completion {p90}, on-demand in {outcome.on_demand_share:.1%} of runs")
+    return "\n".join(lines)
 
 
 def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, int]:
@@ -486,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--model-channel", dest="model_channel", choices=("FastFile", "File"),
                       help="input mode of the model channel (the pipeline's: FastFile)")
     size.add_argument("--max-lost-minutes", dest="max_lost_work_minutes", type=float)
+    size.add_argument("--capacity-ladder", action="store_true", help="also print the capacity ladder (spot on each "
+                      "allowed type, then on-demand) with its wait budgets, and P(SLO met) and expected cost of "
+                      "spot-only against the ladder over synthetic capacity traces")
+    size.add_argument("--spot-wait-hours", type=float, default=1.0, help="traces: mean wait for spot capacity when it "
+                      "comes (default 1)")
+    size.add_argument("--spot-unavailable", type=float, default=0.15, help="traces: probability that an instance "
+                      "type's spot capacity does not come within the deadline (default 0.15)")
     size.set_defaults(handler=cmd_size, flag_names={a.dest: a.option_strings[0] for a in size._actions
                                                     if a.option_strings})
 

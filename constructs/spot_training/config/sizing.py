@@ -132,29 +132,35 @@ def recommended_interval_minutes(w: Workload) -> float:
     return min(young_daly_interval_minutes(w), w.max_lost_work_minutes)
 
 
-def simulate(w: Workload, *, trials: int = 4000, seed: int = 0) -> Completion:
-    rng = random.Random(seed)
+def one_run(w: Workload, rng: random.Random) -> tuple[float, float, int]:
+    """One simulated run once capacity is there: (wall hours, training hours, interruptions)."""
     tau, save_hours = w.checkpoint_interval_minutes / 60, w.checkpoint_save_seconds / 3600
     rate, restart = w.job_interruptions_per_hour, w.restart_minutes / 60
+    done = wall = training = 0.0
+    interruptions = 0
+    while done < w.run_hours:
+        # Wall time needed from here to finish, saving every tau of work.
+        remaining = w.run_hours - done
+        needed = remaining + math.floor(remaining / tau) * save_hours
+        gap = rng.expovariate(rate) if rate > 0 else math.inf
+        if gap >= needed:
+            wall += needed
+            training += needed
+            break
+        # Interrupted after `gap`: keep the work up to the last completed save.
+        saved_intervals = math.floor(gap / (tau + save_hours))
+        done += saved_intervals * tau
+        wall += gap + restart
+        training += gap
+        interruptions += 1
+    return wall, training, interruptions
+
+
+def simulate(w: Workload, *, trials: int = 4000, seed: int = 0) -> Completion:
+    rng = random.Random(seed)
     walls, trainings, counts = [], [], []
     for _ in range(trials):
-        done = wall = training = 0.0
-        interruptions = 0
-        while done < w.run_hours:
-            # Wall time needed from here to finish, saving every tau of work.
-            remaining = w.run_hours - done
-            needed = remaining + math.floor(remaining / tau) * save_hours
-            gap = rng.expovariate(rate) if rate > 0 else math.inf
-            if gap >= needed:
-                wall += needed
-                training += needed
-                break
-            # Interrupted after `gap`: keep the work up to the last completed save.
-            saved_intervals = math.floor(gap / (tau + save_hours))
-            done += saved_intervals * tau
-            wall += gap + restart
-            training += gap
-            interruptions += 1
+        wall, training, interruptions = one_run(w, rng)
         walls.append(wall)
         trainings.append(training)
         counts.append(interruptions)
