@@ -27,7 +27,8 @@ RUNBOOK = (ROOT / "docs" / "incidents" / "sagemaker-distributed-training.md").re
 def test_runbook_covers_every_scenario_with_the_five_parts():
     scenarios = ["Spot capacity unavailable, MaxWaitTimeExceeded", "Job stuck in Starting",
                  "One node lost, NCCL timeout", "Checkpoint not restored, or corrupt", "Out of memory",
-                 "KMS access denied", "Quota: ResourceLimitExceeded", "Runaway cost"]
+                 "KMS access denied", "Quota: ResourceLimitExceeded", "Runaway cost",
+                 "Model refused at the gate, or not registered"]
     sections = RUNBOOK.split("\n## ")[1:]
     assert len(sections) == len(scenarios)
     for scenario, section in zip(scenarios, sections):
