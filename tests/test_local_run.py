@@ -439,3 +439,34 @@ def test_rewritten_data_under_the_same_prefix_gets_a_new_preparation_cache_key(t
     part.write_text(part.read_text() + '{"text": "one more document"}\n')
     changed = key_and_fingerprint()
     assert changed[0] != first[0] and changed[1] != first[1]
+
+
+def test_local_run_exits_1_when_the_gate_refuses_as_the_execution_would_fail(uninterrupted, monkeypatch, capsys,
+                                                                              tmp_path):
+    """The command's exit status and last line for a refused model (the run itself is the one above, its gate
+    outcome replaced): the execution would end Failed at the gate's FailStep."""
+    import spot_training.local.run
+    from spot_training import cli
+
+    report = json.loads(json.dumps(uninterrupted[0]))
+    report["evaluation"]["gate"] = {"step": "CheckEvaluation", "passed": False, "next": "RefuseModelNotBetterThanBase",
+                                    "message": "the fine-tuned model's validation loss 2 is not below ..."}
+    monkeypatch.setattr(spot_training.local.run, "local_run", lambda *args, **kwargs: report)
+    assert cli.main(["local-run", "--steps", "8", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "  CheckEvaluation: refused, RefuseModelNotBetterThanBase: the fine-tuned model's" in out
+    assert err.strip() == ("FAILED: step RefuseModelNotBetterThanBase: the fine-tuned model's validation loss 2 is "
+                           "not below ...")
+
+
+@pytest.mark.parametrize("parameter, message", [
+    ("Bogus=1", "--parameter Bogus: not a parameter of the pipeline; allowed: TrainingDataUri, DataFingerprint, "),
+    ("MaxSteps=many", "--parameter MaxSteps=many: must be an integer"),
+    ("EvaluationMinImprovement", "--parameter EvaluationMinImprovement: must be Name=Value"),
+])
+def test_a_bad_parameter_is_refused_in_one_line_before_anything_runs(tmp_path, parameter, message):
+    done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "4", "--out",
+                           str(tmp_path / "out"), "--parameter", parameter], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {message}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
