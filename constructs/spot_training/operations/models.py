@@ -89,11 +89,11 @@ def resolve_package(group: str, package: str, region: str, account: str | None =
 def set_status(sagemaker, package_arn: str, decision: str, reason: str) -> str:
     """Approve or reject a package (UpdateModelPackage); a package already in that status is refused."""
     status = STATUSES[decision]
+    if not reason.strip():
+        raise OperationError(f"--reason: required to {decision} a model (it is kept as its ApprovalDescription)")
     current = sagemaker.describe_model_package(ModelPackageName=package_arn)["ModelApprovalStatus"]
     if current == status:
         raise OperationError(f"{package_arn}: already {status}")
-    if not reason.strip():
-        raise OperationError(f"--reason: required to {decision} a model (it is kept as its ApprovalDescription)")
     sagemaker.update_model_package(ModelPackageArn=package_arn, ModelApprovalStatus=status,
                                    ApprovalDescription=reason[:1024])
     return status
