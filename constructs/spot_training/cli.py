@@ -293,13 +293,14 @@ def ladder_text(w, config: TrainingConfig, args: argparse.Namespace) -> str:
     capacity = ladder.Capacity(spot_wait_hours=args.spot_wait_hours, spot_unavailable=args.spot_unavailable)
     lines = [f"capacity ladder (deadline {w.slo_hours:g} h after the run starts):"]
     for i, rung in enumerate(rungs, 1):
-        budget = (f"waits up to {rung.wait_hours:.1f} h for capacity (MaxWaitTimeInSeconds {rung.max_wait_seconds})"
+        budget = (f"MaxWaitTimeInSeconds {rung.max_wait_seconds} ({rung.hours:.1f} h: p90 completion plus "
+                  f"{rung.wait_hours:.1f} h of capacity wait), MaxRuntimeInSeconds {rung.max_run_seconds}"
                   if rung.capacity == ladder.SPOT else f"the fallback: {ladder.on_demand_hours(w):.1f} h uninterrupted")
         lines.append(f"  {i}. {rung.name}: {budget}")
     lines.append(f"  simulation over 2000 synthetic capacity traces (spot capacity per type: none within the horizon "
                  f"with probability {capacity.spot_unavailable:g}, else after {capacity.spot_wait_hours:g} h on "
                  "average; on-demand there after provisioning):")
-    for outcome in ladder.compare_strategies(w, rungs, capacity):
+    for outcome in ladder.compare_strategies(w, rungs, capacity, spot_only_max_wait_seconds=config.max_wait_seconds):
         cost = f"${outcome.expected_cost:,.2f}" if outcome.expected_cost is not None else "unknown (no price)"
         p90 = f"{outcome.p90_hours:.1f} h" if outcome.p90_hours != float("inf") else "never (no capacity)"
         lines.append(f"    {outcome.strategy:<9}  P(SLO met) {outcome.probability_within_slo:6.1%}, expected cost {cost} "

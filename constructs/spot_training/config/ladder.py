@@ -1,17 +1,23 @@
 """The capacity ladder: which capacity a run climbs to when spot capacity does not come, how long each rung may
-wait, the controller's decision after an execution ends, and a simulation of both strategies.
+take, the controller's decision after an execution ends, and a simulation of both strategies.
 
-Managed spot has no on-demand fallback: a job whose capacity never arrives waits until MaxWaitTimeInSeconds and
-stops (MaxWaitTimeExceeded), or fails with a capacity error once the step's retries are spent. The ladder's rungs,
-in order: spot on the default instance type, spot on each other allowed type, then on-demand on the default type.
+Managed spot has no on-demand fallback and no "wait this long for capacity" setting: a spot job has only
+MaxWaitTimeInSeconds, the cap on waiting plus training, and stops with MaxWaitTimeExceeded when it is reached
+(https://docs.aws.amazon.com/sagemaker/latest/dg/model-managed-spot-training.html), or fails with a capacity
+error once the step's retries are spent. So a spot rung that never gets capacity ends at its MaxWait, and the
+ladder's budgets are MaxWaits. The rungs, in order: spot on the default instance type, spot on each other
+allowed type, then on-demand on the default type.
 
-Wait budgets (from the sizing model, `sizing.simulate`): a spot start later than `slo - p90 spot completion`
-probably misses the deadline, while an on-demand start needs only `run + saves + provisioning` (no
-interruptions). So the spot rungs share the window up to that latest spot start, in equal parts, and the
-on-demand rung is the fallback that still fits. A rung's MaxWait is its budget plus its p90 completion.
+Budgets (from the sizing model, `sizing.simulate`): each spot rung's MaxWait is its p90 completion once capacity
+is there plus a share of the slack, so that every spot rung ending at its MaxWait still leaves the on-demand rung
+its `run + saves + provisioning` before the deadline: k x p90 + on-demand <= slo, with the slack
+`slo - on-demand - k x p90` shared equally among the k spot rungs. Spot types that do not fit are left off the
+ladder (the default type always stays). A spot rung's MaxRuntime is at most its MaxWait (SageMaker requires
+MaxWait >= MaxRuntime). Work done on a rung that reaches its MaxWait is not lost: the next rung resumes from
+the run's checkpoints.
 
-Pure functions of their inputs (no AWS calls): `spot-training size --capacity-ladder` prints them, and the
-controller acts on `decide`.
+Pure functions of their inputs (no AWS calls): `spot-training size --capacity-ladder` prints them, the pipeline
+definition takes each rung's MaxWait and MaxRuntime, and the controller acts on `decide`.
 """
 
 from __future__ import annotations
@@ -34,26 +40,36 @@ CAPACITY_FAILURES = ("MaxWaitTimeExceeded", "CapacityError", "InsufficientCapaci
 class Rung:
     capacity: str           # "spot" or "on-demand"
     instance_type: str
-    wait_hours: float       # how long this rung waits for capacity before the run climbs
+    wait_hours: float       # the capacity wait this rung tolerates at p90 (its MaxWait less its p90 completion)
     max_wait_seconds: int   # MaxWaitTimeInSeconds of a spot rung (0 on demand: no MaxWait without spot)
+    max_run_seconds: int    # MaxRuntimeInSeconds: the configured cap, at most the rung's MaxWait
 
     @property
     def name(self) -> str:
         return f"{self.capacity}:{self.instance_type}"
 
+    @property
+    def hours(self) -> float:
+        """How long the rung can take before the run climbs: its MaxWait (spot) or MaxRuntime (on demand)."""
+        return (self.max_wait_seconds or self.max_run_seconds) / 3600
+
+
+MAX_WAIT_LIMIT_SECONDS = 28 * 24 * 3600  # SageMaker's cap on MaxWaitTimeInSeconds (StoppingCondition)
+
 
 def ladder(w: Workload, *, instance_type: str, allowed_instance_types: Sequence[str] = (),
            on_demand: bool = True, max_run_seconds: int) -> list[Rung]:
-    """The rungs for workload `w`: spot on `instance_type`, spot on each other allowed type, and (with
-    `on_demand`) on-demand on `instance_type`, with their wait budgets."""
+    """The rungs for workload `w`: spot on `instance_type`, spot on each other allowed type that fits before the
+    deadline, and (with `on_demand`) on-demand on `instance_type`, with their MaxWaits."""
     spot_types = [instance_type, *[t for t in allowed_instance_types if t != instance_type]]
     spot_p90 = simulate(w, trials=2000).p90_hours
-    window = max(0.0, w.slo_hours - spot_p90)  # the latest spot start that still probably meets the SLO
-    share = window / len(spot_types)
-    rungs = [Rung(SPOT, t, share, int(min(2 * 28 * 24 * 3600, max(max_run_seconds, (share + spot_p90) * 3600))))
-             for t in spot_types]
+    reserve = on_demand_hours(w) if on_demand else 0.0
+    fitting = max(1, min(len(spot_types), math.floor((w.slo_hours - reserve) / spot_p90 + 1e-9)))
+    share = max(0.0, (w.slo_hours - reserve - fitting * spot_p90) / fitting)
+    max_wait = int(min(MAX_WAIT_LIMIT_SECONDS, (share + spot_p90) * 3600))
+    rungs = [Rung(SPOT, t, share, max_wait, min(max_run_seconds, max_wait)) for t in spot_types[:fitting]]
     if on_demand:
-        rungs.append(Rung(ON_DEMAND, instance_type, 0.0, 0))
+        rungs.append(Rung(ON_DEMAND, instance_type, 0.0, 0, max_run_seconds))
     return rungs
 
 
@@ -118,38 +134,52 @@ class Outcome:
 
 
 def compare_strategies(w: Workload, rungs: Sequence[Rung], capacity: Capacity, *, trials: int = 2000,
-                       seed: int = 0) -> list[Outcome]:
-    """P(SLO met), expected cost and p90 completion of spot-only (wait on the default type until the deadline)
-    and of the ladder, over the same synthetic capacity traces."""
+                       seed: int = 0, spot_only_max_wait_seconds: int | None = None) -> list[Outcome]:
+    """P(SLO met), expected cost and p90 completion of spot-only (one spot job on the default type with
+    MaxWait `spot_only_max_wait_seconds`, default the deadline) and of the ladder, over the same synthetic
+    capacity traces. A job ends at its MaxWait whether or not capacity came: what it trained by its last save
+    carries over to the next rung, which starts with a restart (restore from the checkpoint)."""
     rng = random.Random(seed)
     price = w.on_demand_price_per_instance_hour
+    tau = w.checkpoint_interval_minutes / 60
+    spot_only_wait = (spot_only_max_wait_seconds or w.slo_hours * 3600) / 3600
     results: dict[str, list[tuple[float, float, bool]]] = {"spot only": [], "ladder": []}
     for _ in range(trials):
         waits = [math.inf if rng.random() < capacity.spot_unavailable else rng.expovariate(1 / capacity.spot_wait_hours)
                  for _ in rungs]
-        wall, billable, _ = one_run(w, rng)  # the same run on whichever spot rung gets capacity
-        # Spot only: the default type, whenever its capacity comes (a capacity error retried, MaxWait generous).
-        finish = waits[0] + wall
-        results["spot only"].append((finish, billable * w.spot_fraction * w.instance_count if math.isfinite(finish)
-                                     else 0.0, False))
-        # The ladder: each spot rung waits its budget, then the run climbs; on-demand is the last resort.
-        elapsed, done = 0.0, None
+        wall, billable, _ = one_run(w, rng)  # the whole run on a spot rung once capacity is there
+        # Spot only: the default type, until its MaxWait (a capacity error is retried by the step's retries).
+        if waits[0] + wall <= spot_only_wait:
+            results["spot only"].append((waits[0] + wall, billable * w.spot_fraction * w.instance_count, False))
+        else:  # MaxWaitTimeExceeded: whatever trained before it was billed, and the run is not done
+            trained = max(0.0, spot_only_wait - waits[0]) / wall * billable
+            results["spot only"].append((math.inf, trained * w.spot_fraction * w.instance_count, False))
+        # The ladder: each spot rung runs until done or its MaxWait, then the run climbs with its checkpoints.
+        elapsed, left, paid, done = 0.0, 1.0, 0.0, None   # hours, fraction of the run's work left, instance-hours
         for rung, wait in zip(rungs, waits):
+            restart = w.restart_minutes / 60 if left < 1.0 else 0.0
             if rung.capacity == ON_DEMAND:
-                hours = on_demand_hours(w)
-                done = (elapsed + hours, (hours - w.provisioning_minutes / 60) * w.instance_count, True)
+                hours = w.provisioning_minutes / 60 + restart + left * (on_demand_hours(w) - w.provisioning_minutes / 60)
+                done = (elapsed + hours, paid + (hours - w.provisioning_minutes / 60) * w.instance_count, True)
                 break
-            if wait <= rung.wait_hours:
-                done = (elapsed + wait + wall, billable * w.spot_fraction * w.instance_count, False)
+            needed = restart + left * wall
+            if wait + needed <= rung.hours:
+                paid += (restart + left * billable) * w.spot_fraction * w.instance_count
+                done = (elapsed + wait + needed, paid, False)
                 break
-            elapsed += rung.wait_hours
-        results["ladder"].append(done or (math.inf, 0.0, False))
+            if wait < rung.hours:  # capacity came but the rung's MaxWait ended the job: keep the saved work
+                ran = rung.hours - wait - restart
+                paid += max(0.0, ran) / wall * billable * w.spot_fraction * w.instance_count
+                trained = math.floor(max(0.0, ran) / wall * w.run_hours / tau) * tau
+                left = max(0.0, left - trained / w.run_hours)
+            elapsed += rung.hours
+        results["ladder"].append(done or (math.inf, paid, False))
     outcomes = []
     for strategy, runs in results.items():
         finishes = sorted(r[0] for r in runs)
         outcomes.append(Outcome(
             strategy=strategy, probability_within_slo=sum(f <= w.slo_hours for f in finishes) / trials,
-            # A run that never got capacity cost nothing (and missed the SLO, which the probability shows).
+            # A run that never finished paid for what it trained (and missed the SLO, which the probability shows).
             expected_cost=statistics.fmean(r[1] for r in runs) * price if price else None,
             p90_hours=finishes[int(0.9 * (trials - 1))], on_demand_share=sum(r[2] for r in runs) / trials))
     return outcomes
