@@ -125,6 +125,29 @@ def test_bad_evaluation_settings_are_refused_in_one_line(field, value, message):
     assert str(raised.value).startswith(message)
 
 
+def test_each_team_registers_in_its_own_group_and_a_name_over_63_characters_is_refused():
+    from spot_training.config.settings import TeamConfig
+
+    team = TeamConfig(name="nlp", instance_types=("ml.p4d.24xlarge",), max_instance_count=2, max_run_seconds=3600)
+    other = dataclasses.replace(team, name="vision")
+    for group, names in (("", ["distributed-training-nlp-models", "distributed-training-vision-models"]),
+                         ("shared", ["shared-nlp", "shared-vision"])):
+        config = TrainingConfig(model_package_group=group, teams=(team, other))
+        assert [config.for_team(t).model_package_group_name for t in (team, other)] == names
+    with pytest.raises(ConfigError) as raised:
+        TrainingConfig.from_context({"training": {"region": "us-east-1", "pipeline_name": "p" * 48,
+                                                  "model_package_group": "g" * 60,
+                                                  "teams": {"vision": {"instance_types": ["ml.p4d.24xlarge"],
+                                                                       "max_instance_count": 2,
+                                                                       "max_run_seconds": 3600}}}})
+    assert str(raised.value) == (f"training.teams.vision.name=vision: the team's model package group {'g' * 60}-vision "
+                                 "is 67 characters, SageMaker allows at most 63; use a shorter team name or "
+                                 "model_package_group")
+    # Without evaluation nothing is registered, so no group name needs to fit.
+    TrainingConfig(model_package_group="g" * 60, evaluate_model=False,
+                   teams=(dataclasses.replace(team, name="vision"),))
+
+
 def test_the_steps_use_the_trainers_own_holdout_and_seed():
     sys.path.insert(0, str(ROOT / "trainer"))
     try:

@@ -305,3 +305,17 @@ def test_imported_immutable_roles_get_the_managed_policies_attached_by_name():
     attached = sorted((json.dumps(r["Properties"]["Roles"]), "sagemaker:CreateTrainingJob" in json.dumps(r))
                       for r in template["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
     assert attached == [('["their-pipeline"]', True), ('["their-training"]', False), ('["their-training"]', False)]
+
+
+def test_an_existing_model_package_group_is_used_not_created_again():
+    # The group is kept on delete, so after `cdk destroy` a redeployment must register in it, not create it.
+    app = cdk.App()
+    stack = cdk.Stack(app, "S", env=cdk.Environment(region="us-east-1"))
+    vpc = ec2.Vpc(stack, "Vpc", nat_gateways=0, subnet_configuration=[
+        ec2.SubnetConfiguration(name="iso", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)])
+    config = TrainingConfig(model_package_group="kept-models", create_model_package_group=False)
+    pipeline = TrainingPipeline(stack, "T", config=config, vpc=vpc, alarms=False)
+    template = app.synth().get_stack_by_name("S").template
+    assert pipeline.model_package_group is None and pipeline.model_package_group_name == "kept-models"
+    assert not [r for r in template["Resources"].values() if r["Type"] == "AWS::SageMaker::ModelPackageGroup"]
+    assert "model-package/kept-models/*" in json.dumps(template)  # the pipeline role still registers there

@@ -136,7 +136,8 @@ class TrainingPipeline(Construct):
                                              self.preparation.volume_encryption if self.preparation else None),
                                          evaluation_volume_encryption=(
                                              self.evaluation.volume_encryption if self.evaluation else None))
-        self.model_package_group = self._create_model_package_group() if self.evaluation else None
+        self.model_package_group = (self._create_model_package_group()
+                                    if self.evaluation and config.create_model_package_group else None)
         self.pipeline = sagemaker.CfnPipeline(
             self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
             pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",

@@ -196,9 +196,14 @@ class TrainingConfig:
                                          "ApprovedModelLoss, which `spot-training start` fills in when that model was "
                                          "evaluated on the same data and base model, else leaves at 1e9: no limit).")
     model_package_group: str = _field("", "Model package group the pipeline registers models in (created by the "
-                                      "stack, kept on delete). Empty: <pipeline_name>-models.",
+                                      "stack, kept on delete). Empty: <pipeline_name>-models. With teams, each "
+                                      "team's pipeline registers in <group>-<team>.",
                                       pattern=r"|[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",
         allowed="1 to 63 letters, digits and hyphens, not starting or ending with a hyphen, or empty")
+    create_model_package_group: bool = _field(True, "The stack creates the model package group. False: the group "
+                                              "already exists (the stack keeps it on delete, so a redeployment "
+                                              "after `cdk destroy` must use it, not create it again) and the "
+                                              "stack only registers in it.")
     inference_instance_type: str = _field("ml.g5.2xlarge", "Instance type registered models name for real-time "
                                           "inference (InferenceInstanceTypes).")
     az_count: int = _field(2, "Availability zones (one isolated subnet each) of the created VPC.",
@@ -316,6 +321,12 @@ class TrainingConfig:
             raise ConfigError(f"{_PREFIX.get()}.teams: team names must be unique, got {', '.join(names)}")
         for team in self.teams:
             self.for_team(team)  # raises on a default that breaks the team's limits
+        group = self.model_package_group_name
+        if self.evaluate_model and len(group) > 63:
+            source = ("model_package_group" if self.model_package_group
+                      else f"pipeline_name={self.pipeline_name} (model_package_group empty: <pipeline_name>-models)")
+            raise ConfigError(f"{_PREFIX.get()}.{source}: the model package group name {group} is {len(group)} "
+                              "characters, SageMaker allows at most 63; set a shorter model_package_group")
         if self.use_spot and self.max_wait_seconds < self.max_run_seconds:
             raise ConfigError(
                 f"{_PREFIX.get()}.max_wait_seconds={self.max_wait_seconds}: must be >= "
@@ -371,8 +382,15 @@ class TrainingConfig:
         if self.use_spot and self.max_wait_seconds < team.max_run_seconds:
             raise ConfigError(f"{where}.max_run_seconds={team.max_run_seconds}: above {_PREFIX.get()}.max_wait_seconds "
                               f"({self.max_wait_seconds}); spot needs MaxWait >= MaxRuntime")
+        group = (f"{self.model_package_group}-{team.name}" if self.model_package_group
+                 else f"{self.pipeline_name}-{team.name}-models")
+        if self.evaluate_model and len(group) > 63:
+            raise ConfigError(f"{where}.name={team.name}: the team's model package group {group} is {len(group)} "
+                              "characters, SageMaker allows at most 63; use a shorter team name or model_package_group")
         return dataclasses.replace(
+            # Each team's pipeline registers in its own group: a shared explicit name would be created twice.
             self, pipeline_name=f"{self.pipeline_name}-{team.name}", instance_type=instance_type,
+            model_package_group=group if self.model_package_group and self.evaluate_model else "",
             allowed_instance_types=allowed, instance_count=instance_count, max_instance_count=team.max_instance_count,
             max_run_seconds=team.max_run_seconds, teams=())
 
