@@ -253,6 +253,41 @@ def test_the_loss_is_the_token_weighted_mean_the_model_computes_itself(models):
     assert report["metrics"]["fine_tuned"]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_the_loss_in_chunks_of_positions_is_the_loss_of_the_whole_sequence(models, monkeypatch):
+    """The fp32 cast happens LOSS_CHUNK_TOKENS positions at a time (memory); chunks of 5 over 32 positions, with
+    a batch of 3 over blocks that do not divide by it, sum to the same token-weighted mean."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "trainer"))
+    try:
+        import evaluate
+    finally:
+        sys.path.remove(str(ROOT / "trainer"))
+    device = torch.device("cpu")
+    blocks, _ = evaluate.evaluation_blocks(str(models["data"]), str(models["base"]), 32, 0.0, 0, 1234)
+    model = evaluate.load_model(str(models["tuned"]), 1234, device)
+    whole, tokens = evaluate.mean_loss(model, blocks, 1, device)
+    monkeypatch.setattr(evaluate, "LOSS_CHUNK_TOKENS", 5)
+    chunked, same = evaluate.mean_loss(model, blocks, 3, device)
+    assert same == tokens == blocks.num_blocks * 32 and chunked == pytest.approx(whole, rel=1e-6)
+
+
+def test_an_unreadable_model_stops_the_evaluation_in_one_line(models, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in models["tuned"].iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    done = subprocess.run([sys.executable, str(ROOT / "trainer" / "evaluate.py"), "--base_model_dir", str(models["base"]),
+                           "--model_dir", str(broken), "--data_dir", str(models["data"]), "--sequence_length", "32",
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          env={"PREPARE_EXIT_MESSAGE": str(tmp_path / "message"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
+    assert (tmp_path / "message").read_text() == done.stderr.strip()
+
+
 def test_bad_input_stops_the_evaluation_in_one_line(models, tmp_path):
     (tmp_path / "empty").mkdir()
     done = subprocess.run([sys.executable, str(ROOT / "trainer" / "evaluate.py"), "--base_model_dir", str(models["base"]),

@@ -71,7 +71,13 @@ def load_model(model_dir: str, seed: int, device):
 
     if modeling.weight_files(model_dir):
         kwargs = {"dtype": torch.bfloat16, "device_map": "auto"} if device.type == "cuda" else {"dtype": torch.float32}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
+        from safetensors import SafetensorError
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
+        except (OSError, SafetensorError) as error:  # a truncated or half-copied model folder
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise EvaluationError(f"{model_dir}: its weights cannot be loaded ({first[:400]})") from None
     else:
         with modeling.no_init_warnings():
             model = modeling.empty_model(modeling.read_config(model_dir))
@@ -80,8 +86,16 @@ def load_model(model_dir: str, seed: int, device):
     return model.eval()
 
 
+LOSS_CHUNK_TOKENS = 512  # positions whose logits are cast to fp32 at once (bounds the loss's memory)
+
+
 def mean_loss(model, blocks, batch_size: int, device) -> tuple[float, int]:
-    """Token-weighted mean next-token cross-entropy over `blocks` (in stream order), and the token count."""
+    """Token-weighted mean next-token cross-entropy over `blocks` (in stream order), and the token count.
+
+    Memory: the forward keeps no KV cache (use_cache=False) and returns logits in the model's dtype (bf16 on
+    GPU); they are cast to fp32 LOSS_CHUNK_TOKENS positions at a time, so the loss adds batch x chunk x vocab
+    x 4 bytes (1 x 512 x 128,256 x 4 = 263 MB for Llama 3) instead of a full fp32 copy and its log-softmax
+    (batch 4 x 2048 x 128,256 x 4 = 4.2 GB each, which does not fit beside an 8B model on a 24 GB A10G)."""
     import numpy as np
     import torch
 
@@ -93,11 +107,16 @@ def mean_loss(model, blocks, batch_size: int, device) -> tuple[float, int]:
             starts = [(blocks.first_block + i) * blocks.block for i in range(first, first + count)]
             batch = torch.as_tensor(np.stack([read(s, s + blocks.block) for s in starts]).astype(np.int64),
                                     device=device)
-            logits = model(input_ids=batch[:, :-1]).logits.float()
-            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                       batch[:, 1:].reshape(-1).to(logits.device), reduction="sum")
-            total += float(losses)
-            tokens += batch[:, 1:].numel()
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            labels = batch[:, 1:].to(logits.device)
+            for at in range(0, labels.size(1), LOSS_CHUNK_TOKENS):
+                chunk = logits[:, at:at + LOSS_CHUNK_TOKENS].float()
+                total += float(torch.nn.functional.cross_entropy(chunk.reshape(-1, chunk.size(-1)),
+                                                                 labels[:, at:at + LOSS_CHUNK_TOKENS].reshape(-1),
+                                                                 reduction="sum"))
+                del chunk
+            tokens += labels.numel()
+            del logits
     return total / tokens, tokens
 
 
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout_fraction", type=float, default=0.0,
                         help="evaluate the last blocks the trainer held out of --data_dir (its validation_holdout_fraction)")
     parser.add_argument("--max_sequences", type=int, default=0, help="at most this many sequences (0: all)")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward (memory: see mean_loss)")
     parser.add_argument("--seed", type=int, default=1234, help="the trainer's seed (random init of a base without weights)")
     parser.add_argument("--data_fingerprint", default="unlisted", help="recorded in the report")
     parser.add_argument("--output_dir", required=True)
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from modeling import ModelError
     from tokens import DataError
 
+    message, report = None, None
     try:
         for name in ("sequence_length", "batch_size"):
             if getattr(args, name) < 1:
@@ -151,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(args)
     except (EvaluationError, DataError, ModelError) as error:
         message = f"error: {error}"
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; so are CUDA and shape errors
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "out of memory" in str(error).lower():
+            message = (f"error: out of memory evaluating with batch_size={args.batch_size}, sequence_length="
+                       f"{args.sequence_length}: use an evaluation_instance_type with more GPU memory ({first[:300]})")
+        else:
+            message = f"error: the evaluation failed: {type(error).__name__}: {first[:600]}"
+    except OSError as error:  # an unreadable model folder (from_pretrained), a full disk
+        message = f"error: {error}".splitlines()[0][:900]
+    if report is None:
         print(message, file=sys.stderr)
         if EXIT_MESSAGE.parent.is_dir():
             EXIT_MESSAGE.write_text(message[:1024], encoding="utf-8")
