@@ -267,6 +267,12 @@ def test_the_approver_policy_may_approve_or_reject_this_groups_models_only(tmp_p
                        {"sagemaker:ModelApprovalStatus": status})
     requests = [update("Approved"), update("Rejected"), update("PendingManualApproval"),
                 update("Approved", model_package_arn(auth.region, "other-models")),
+                Request("approve and rewrite the lineage", reviewer, "sagemaker:UpdateModelPackage", package,
+                        {"sagemaker:ModelApprovalStatus": "Approved",
+                         "sagemaker:CustomerMetadataProperties/data_fingerprint": "forged"}),
+                Request("approve and remove the lineage", reviewer, "sagemaker:UpdateModelPackage", package,
+                        {"sagemaker:ModelApprovalStatus": "Approved",
+                         "sagemaker:CustomerMetadataPropertiesToRemove": ["base_model"]}),
                 Request("describe", reviewer, "sagemaker:DescribeModelPackage", package),
                 Request("list", reviewer, "sagemaker:ListModelPackages", "*"),
                 *auth.s3_requests(reviewer, "report", report.rstrip("/") + "/", ["s3:GetObject"], "evaluation.json"),
@@ -276,6 +282,7 @@ def test_the_approver_policy_may_approve_or_reject_this_groups_models_only(tmp_p
     assert {i: v for i, v in results.items() if v != "Allowed"} == {
         f"update PendingManualApproval {package}": "ImplicitlyDenied",
         f"update Approved {model_package_arn(auth.region, 'other-models')}": "ImplicitlyDenied",
+        "approve and rewrite the lineage": "ImplicitlyDenied", "approve and remove the lineage": "ImplicitlyDenied",
         "pipeline approves": "ImplicitlyDenied"}
     assert group == "distributed-training-models"
     checks, actions = policy_key_checks(auth)  # UpdateModelPackage's status key included

@@ -554,17 +554,16 @@ def test_a_version_number_needs_the_group_and_a_bad_package_is_refused_in_one_li
 
 
 def test_start_passes_the_latest_approved_models_loss_when_it_was_evaluated_on_the_same_data(aws):
-    """compare_with_approved: start finds the group's newest Approved package, checks that its lineage names this
-    run's data fingerprint, base model and sequence length, and passes its fine-tuned loss as ApprovedModelLoss;
-    an approved model of other data is not compared, and start says so."""
+    """compare_with_approved: start finds the group's newest Approved package, checks that its evaluation report
+    names this run's data fingerprint, base model and sequence length, and passes its fine-tuned loss as
+    ApprovedModelLoss. The report decides, not the package's lineage properties (a reviewer's UpdateModelPackage
+    can rewrite those): a report of other data, or of unfingerprinted data, is not compared, and start says so."""
     from spot_training.operations.runs import data_fingerprint
 
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="artifacts")
     s3.put_object(Bucket="artifacts", Key="data/train/part-000.jsonl", Body=b'{"text": "a"}\n')
     fingerprint = data_fingerprint(s3, {"TrainingDataUri": "s3://artifacts/data/train/"}, warn=print)
-    s3.put_object(Bucket="artifacts", Key="evaluation/run2/evaluation.json", Body=json.dumps(
-        {**REPORT, "metrics": {**REPORT["metrics"], "fine_tuned": {"loss": 2.05, "perplexity": 7.8}}}).encode())
     definition = {"Version": "2020-12-01", "Parameters": [
         {"Name": "TrainingDataUri", "Type": "String", "DefaultValue": "s3://artifacts/data/train/"},
         {"Name": "DataFingerprint", "Type": "String", "DefaultValue": "unlisted"},
@@ -574,14 +573,17 @@ def test_start_passes_the_latest_approved_models_loss_when_it_was_evaluated_on_t
         "Steps": [{"Name": "CheckEvaluation", "Type": "Condition", "Arguments": {"IfSteps": [
             {"Name": "Register-RegisterModel", "Type": "RegisterModel",
              "Arguments": {"ModelPackageGroupName": "distributed-training-models"}}], "ElseSteps": []}}]}
-    approved = package(2, "Approved", fingerprint=fingerprint)
-    approved["CustomerMetadataProperties"]["base_model"] = "s3://artifacts/models/base/"
+    approved = package(2, "Approved", fingerprint=fingerprint)  # its lineage always claims this run's data
     sagemaker, warnings, sent = stubbed_sagemaker(), [], []
     sagemaker.meta.events.register("provide-client-params.sagemaker.StartPipelineExecution",
                                    lambda params, **kwargs: sent.append(
                                        {p["Name"]: p["Value"] for p in params.get("PipelineParameters", [])}))
     with Stubber(sagemaker) as stub:
-        for lineage_fingerprint in (fingerprint, "other-data"):
+        for report_fingerprint in (fingerprint, "other-data", "unlisted"):
+            s3.put_object(Bucket="artifacts", Key="evaluation/run2/evaluation.json", Body=json.dumps({
+                **REPORT, "metrics": {**REPORT["metrics"], "fine_tuned": {"loss": 2.05, "perplexity": 7.8}},
+                "data": {"source": "the validation channel", "fingerprint": report_fingerprint},
+                "base_model": "s3://artifacts/models/base/"}).encode())
             stub.add_response("describe_pipeline", {"PipelineDefinition": json.dumps(definition)},
                               {"PipelineName": "distributed-training"})
             stub.add_response("list_model_packages", {"ModelPackageSummaryList": [{
@@ -591,11 +593,23 @@ def test_start_passes_the_latest_approved_models_loss_when_it_was_evaluated_on_t
                 "SortBy": "CreationTime", "SortOrder": "Descending", "MaxResults": 1})
             described = json.loads(json.dumps(approved, default=str))
             described["CreationTime"] = hours(2)
-            described["CustomerMetadataProperties"]["data_fingerprint"] = lineage_fingerprint
             stub.add_response("describe_model_package", described, {"ModelPackageName": approved["ModelPackageArn"]})
             stub.add_response("start_pipeline_execution", {"PipelineExecutionArn": EXECUTION})
             start(sagemaker, "distributed-training", parameters={}, s3=s3, warn=warnings.append)
+        # Without preparation there is no DataFingerprint: nothing is shown to be the same data, no registry call.
+        unprepared = {**definition, "Parameters": [p for p in definition["Parameters"]
+                                                   if p["Name"] != "DataFingerprint"]}
+        stub.add_response("describe_pipeline", {"PipelineDefinition": json.dumps(unprepared)},
+                          {"PipelineName": "distributed-training"})
+        stub.add_response("start_pipeline_execution", {"PipelineExecutionArn": EXECUTION})
+        start(sagemaker, "distributed-training", parameters={}, s3=s3, warn=warnings.append)
         stub.assert_no_pending_responses()
-    assert sent == [{"DataFingerprint": fingerprint, "ApprovedModelLoss": "2.05"}, {"DataFingerprint": fingerprint}]
-    assert warnings == [f"note: the latest Approved model ({approved['ModelPackageArn']}) is not compared: its "
-                        "data_fingerprint differs from this run's; the gate compares with the base model only"]
+    assert sent == [{"DataFingerprint": fingerprint, "ApprovedModelLoss": "2.05"}, {"DataFingerprint": fingerprint},
+                    {"DataFingerprint": fingerprint}, {}]
+    not_compared = (f"note: the latest Approved model ({approved['ModelPackageArn']}) is not compared: its evaluation "
+                    "report's data fingerprint differs from this run's or is missing; the gate compares with the "
+                    "base model only")
+    assert warnings == [not_compared, not_compared,
+                        "note: this run's data has no fingerprint (DataFingerprint is absent: prepare_data is off), "
+                        "so no approved model can be shown to be evaluated on the same data; the gate compares with "
+                        "the base model only"]

@@ -15,7 +15,9 @@ trainer's seed), so the comparison is with the model training started from.
 
 Output: OUT/evaluation.json, the pipeline's property file:
     {"metrics": {"base": {"loss", "perplexity"}, "fine_tuned": {...}}, "improvement": base loss - fine-tuned
-     loss, "sequences", "tokens", "sequence_length", "data": {"source", "fingerprint"}}
+     loss, "sequences", "tokens", "sequence_length", "data": {"source", "fingerprint"}, "base_model"}
+The report, which only the execution role writes, is what later runs compare with (not the package's
+CustomerMetadataProperties, which UpdateModelPackage can change).
 A loss that is not finite, or data with no full sequence, stops the step with one line (written to
 /opt/ml/output/message too, which DescribeProcessingJob returns as ExitMessage).
 """
@@ -140,7 +142,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               f"in {time.perf_counter() - started:.1f} s", flush=True)
     return {"metrics": metrics, "improvement": metrics["base"]["loss"] - metrics["fine_tuned"]["loss"],
             "sequences": blocks.num_blocks, "tokens": tokens, "sequence_length": args.sequence_length,
-            "data": {"source": source, "fingerprint": args.data_fingerprint}}
+            "data": {"source": source, "fingerprint": args.data_fingerprint}, "base_model": args.base_model_uri}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward (memory: see mean_loss)")
     parser.add_argument("--seed", type=int, default=1234, help="the trainer's seed (random init of a base without weights)")
     parser.add_argument("--data_fingerprint", default="unlisted", help="recorded in the report")
+    parser.add_argument("--base_model_uri", default="", help="where the base model came from, recorded in the report")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     from modeling import ModelError

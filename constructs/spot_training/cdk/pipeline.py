@@ -22,7 +22,7 @@ from constructs import Construct
 from spot_training.cdk.alarms import PipelineAlarms
 from spot_training.config.settings import ConfigError, TrainingConfig
 from spot_training.definition.rules import Expectations
-from spot_training.config.layout import PREFIXES
+from spot_training.config.layout import LINEAGE_KEYS, PREFIXES
 from spot_training.cdk.nag import acknowledge, arn_finding, bucket_arn_and_finding
 from spot_training.cdk.network import TrainingSecurityGroup
 from spot_training.cdk.roles import REVIEWED, PreparationLimits, TrainingRoles, model_package_arns
@@ -221,9 +221,14 @@ class TrainingPipeline(Construct):
         group, packages = model_package_arns(cdk.Stack.of(self), self.model_package_group_name)
         bucket_arn, _ = bucket_arn_and_finding(self, self.bucket)
         return [
+            # The status only: a request that sets or removes any lineage property is not allowed (the keys are
+            # defined for UpdateModelPackage in the Service Authorization Reference; Null true = not in the request).
             iam.PolicyStatement(sid="ApproveOrRejectModels", actions=["sagemaker:UpdateModelPackage"],
                                 resources=[packages],
-                                conditions={"StringEquals": {"sagemaker:ModelApprovalStatus": list(REVIEWED)}}),
+                                conditions={"StringEquals": {"sagemaker:ModelApprovalStatus": list(REVIEWED)},
+                                            "Null": {"sagemaker:CustomerMetadataPropertiesToRemove": "true",
+                                                     **{f"sagemaker:CustomerMetadataProperties/{key}": "true"
+                                                        for key in LINEAGE_KEYS}}}),
             iam.PolicyStatement(sid="ReadModels", actions=["sagemaker:DescribeModelPackage"], resources=[packages]),
             iam.PolicyStatement(sid="ReadModelGroup", actions=["sagemaker:DescribeModelPackageGroup"],
                                 resources=[group]),

@@ -27,7 +27,7 @@ from typing import Any
 
 from spot_training.config.settings import CONTEXT_KEY, ConfigError, TrainingConfig
 from spot_training.definition.rules import EVALUATE_STEP, all_steps
-from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, PREFIXES
+from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, LINEAGE_KEYS, NO_FINGERPRINT, PREFIXES
 from spot_training.definition.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
 _SDK_LOGGERS = ("sagemaker", "sagemaker.config", "sagemaker.workflow.utilities", "sagemaker.telemetry")
@@ -215,7 +215,8 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str, *, evaluation:
         if config.validation_data else []
     # An argument of the preparation step, so its cache key: `spot-training start` passes a digest of the data
     # objects (operations.runs.data_fingerprint), and changed data under the same prefix is prepared again.
-    fingerprint = [PipelineParameter("DataFingerprint", ParameterString, "unlisted")] if config.prepare_data else []
+    fingerprint = ([PipelineParameter("DataFingerprint", ParameterString, NO_FINGERPRINT)] if config.prepare_data
+                   else [])
     return [
         PipelineParameter(DATA_PARAMETERS["train"], ParameterString, f"s3://{bucket_name}/{PREFIXES['data']}train/"),
         *validation,
@@ -470,7 +471,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
     model_uri = training.properties.ModelArtifacts.S3ModelArtifacts  # the uncompressed output/model/ prefix
     evaluation_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['evaluation'].rstrip('/')}",
                                           ExecutionVariables.PIPELINE_EXECUTION_ID])
-    fingerprint = params.get("DataFingerprint", "unlisted")
+    fingerprint = params.get("DataFingerprint", NO_FINGERPRINT)
     step_args = processor.run(
         inputs=[ProcessingInput(input_name="base", source=params["BaseModelUri"],
                                 destination=f"{PROCESSING_ROOT}/input/base"),
@@ -486,7 +487,8 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
                    Join(on="", values=[params["SequenceLength"]]),  # an integer parameter; arguments are strings
                    "--holdout_fraction", "0" if config.validation_data else str(TRAINER_HOLDOUT_FRACTION),
                    "--max_sequences", str(config.evaluation_max_sequences), "--seed", str(TRAINER_SEED),
-                   "--data_fingerprint", fingerprint, "--output_dir", f"{PROCESSING_ROOT}/output/evaluation"])
+                   "--data_fingerprint", fingerprint, "--base_model_uri", params["BaseModelUri"],
+                   "--output_dir", f"{PROCESSING_ROOT}/output/evaluation"])
     report = PropertyFile(name=EVALUATION_PROPERTY_FILE, output_name="evaluation", path=EVALUATION_REPORT)
     evaluate = ProcessingStep(name=EVALUATE_STEP_NAME, step_args=step_args, property_files=[report],
                               retry_policies=retry_policies)
@@ -505,7 +507,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
                   model_data={"S3DataSource": {"S3Uri": model_uri, "S3DataType": "S3Prefix",
                                                "CompressionType": "None"}},
                   env={"HF_TASK": "text-generation", **TRAINING_ENVIRONMENT})
-    lineage = {
+    lineage = {  # LINEAGE_KEYS: informational; comparisons read the evaluation report, which reviewers cannot edit
         "base_model": params["BaseModelUri"],
         "data_fingerprint": fingerprint,
         "trainer_code": f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
@@ -516,6 +518,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         "training_seconds": Join(on="", values=[training.properties.TrainingTimeInSeconds]),
         "billable_seconds": Join(on="", values=[training.properties.BillableTimeInSeconds]),
     }
+    assert tuple(lineage) == LINEAGE_KEYS
     register = ModelStep(name=REGISTER_STEP_NAME, retry_policies=retry_policies[1:], step_args=model.register(
         content_types=["application/json"], response_types=["application/json"],
         inference_instances=[config.inference_instance_type],

@@ -54,6 +54,8 @@ def describe(sagemaker, s3, package_arn: str) -> dict[str, Any]:
             "fine_tuned_perplexity": metrics.get("fine_tuned", {}).get("perplexity"),
             "improvement": report.get("improvement"), "tokens": report.get("tokens"),
             "sequence_length": report.get("sequence_length"),
+            "report_data_fingerprint": report.get("data", {}).get("fingerprint"),
+            "report_base_model": report.get("base_model"),
             "report_error": report.get("error"),
             "model": package.get("InferenceSpecification", {}).get("Containers", [{}])[0].get(
                 "ModelDataSource", {}).get("S3DataSource", {}).get("S3Uri"),

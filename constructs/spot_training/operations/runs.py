@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from spot_training.config.layout import DATA_PARAMETERS
+from spot_training.config.layout import DATA_PARAMETERS, NO_FINGERPRINT
 from spot_training.operations.errors import OperationError
 
 TERMINAL = {"Succeeded", "Failed", "Stopped"}
@@ -140,9 +140,11 @@ APPROVED_LOSS_PARAMETER = "ApprovedModelLoss"  # definition.build.APPROVED_LOSS_
 def approved_model_loss(sagemaker, s3, definition: Mapping[str, Any], parameters: Mapping[str, str], *,
                         warn: Callable[[str], None]) -> float | None:
     """The fine-tuned validation loss of the registry group's latest Approved model, when it is comparable with
-    this run's: evaluated on the same data (its lineage's data_fingerprint is this start's DataFingerprint) from
-    the same base model at the same SequenceLength. Otherwise None, and `warn` says why (the gate then sets no
-    limit)."""
+    this run's: its evaluation report says it was evaluated on the same data (the report's data fingerprint is
+    this start's DataFingerprint, and neither is missing or "unlisted") from the same base model at the same
+    SequenceLength. The report is read, not the package's lineage properties: only the execution role writes
+    reports, while UpdateModelPackage can rewrite CustomerMetadataProperties. Otherwise None, and `warn` says
+    why (the gate then sets no limit)."""
     from spot_training.operations.models import describe
 
     groups = [s["Arguments"]["ModelPackageGroupName"] for s in _all_steps(definition["Steps"])
@@ -151,23 +153,32 @@ def approved_model_loss(sagemaker, s3, definition: Mapping[str, Any], parameters
         return None
     defaults = {p["Name"]: str(p.get("DefaultValue")) for p in definition.get("Parameters", [])}
     values = {**defaults, **parameters}
+    mine = values.get(FINGERPRINT_PARAMETER)
+    if mine in (None, "", NO_FINGERPRINT):
+        warn(f"note: this run's data has no fingerprint ({FINGERPRINT_PARAMETER} is "
+             f"{'absent: prepare_data is off' if mine is None else repr(mine)}), so no approved model can be shown to "
+             "be evaluated on the same data; the gate compares with the base model only")
+        return None
     found = sagemaker.list_model_packages(ModelPackageGroupName=groups[0], ModelApprovalStatus="Approved",
                                           SortBy="CreationTime", SortOrder="Descending", MaxResults=1)
     if not found["ModelPackageSummaryList"]:
         warn(f"note: {groups[0]} has no Approved model yet; the gate compares with the base model only")
         return None
     latest = describe(sagemaker, s3, found["ModelPackageSummaryList"][0]["ModelPackageArn"])
-    lineage = latest["lineage"]
-    mismatch = [name for name, mine in (("data_fingerprint", values.get(FINGERPRINT_PARAMETER)),
-                                        ("base_model", values.get("BaseModelUri")))
-                if lineage.get(name) != mine]
-    if latest["sequence_length"] is not None and str(latest["sequence_length"]) != values.get("SequenceLength"):
-        mismatch.append("sequence_length")
-    if mismatch or latest["fine_tuned_loss"] is None:
-        why = (f"its {' and '.join(mismatch)} {'differs' if len(mismatch) == 1 else 'differ'} from this run's"
-               if mismatch else "its evaluation report cannot be read")
-        warn(f"note: the latest Approved model ({latest['arn']}) is not compared: {why}; the gate compares with "
-             "the base model only")
+    if latest["fine_tuned_loss"] is None:
+        warn(f"note: the latest Approved model ({latest['arn']}) is not compared: its evaluation report cannot be "
+             f"read{' (' + latest['report_error'] + ')' if latest.get('report_error') else ''}; the gate compares "
+             "with the base model only")
+        return None
+    mismatch = [name for name, theirs, ours in (
+        ("data fingerprint", latest["report_data_fingerprint"], mine),
+        ("base model", latest["report_base_model"], values.get("BaseModelUri")),
+        ("sequence length", None if latest["sequence_length"] is None else str(latest["sequence_length"]),
+         values.get("SequenceLength"))) if theirs in (None, "", NO_FINGERPRINT) or theirs != ours]
+    if mismatch:
+        warn(f"note: the latest Approved model ({latest['arn']}) is not compared: its evaluation report's "
+             f"{' and '.join(mismatch)} {'differs' if len(mismatch) == 1 else 'differ'} from this run's or "
+             f"{'is' if len(mismatch) == 1 else 'are'} missing; the gate compares with the base model only")
         return None
     return float(latest["fine_tuned_loss"])
 
