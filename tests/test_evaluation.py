@@ -39,6 +39,7 @@ def test_evaluation_runs_isolated_in_the_training_subnets_on_the_trained_model(s
                                     "Subnets": train["VpcConfig"]["Subnets"]}
     cluster = args["ProcessingResources"]["ClusterConfig"]
     assert cluster["InstanceType"] == "ml.g5.2xlarge" and "VolumeKmsKeyId" not in cluster  # local NVMe
+    assert cluster["VolumeSizeInGB"] == 100  # its own setting: two models and the data, not the training volume
     assert args["ProcessingOutputConfig"]["KmsKeyId"] == train["OutputDataConfig"]["KmsKeyId"]
     assert args["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200}
     inputs = {i["InputName"]: i["S3Input"]["S3Uri"] for i in args["ProcessingInputs"]}
@@ -74,6 +75,8 @@ def test_the_registration_is_pending_with_metrics_lineage_and_the_uncompressed_m
         "CompressionType": "None"}
     assert container["Image"].endswith("/huggingface-pytorch-inference:2.6.0-transformers4.51.3-gpu-py312-cu124-"
                                        "ubuntu22.04")
+    # The serving image's PyTorch (the training image runs 2.8.0).
+    assert (container.get("Framework"), container.get("FrameworkVersion")) == ("PYTORCH", "2.6.0")
     assert set(args["CustomerMetadataProperties"]) == {
         "base_model", "data_fingerprint", "trainer_code", "training_image", "training_job", "method",
         "pipeline_execution", "training_seconds", "billable_seconds"}
@@ -93,6 +96,10 @@ def test_the_definition_rules_pass_and_catch_a_registration_that_approves_itself
         "PendingManualApproval only; a reviewer approves"]
     assert [str(v) for v in check(generate(TrainingConfig(region="us-east-1"), evaluation=False), EXPECT)] == [
         "Steps: no Evaluate step and registration (the evaluation is configured)"]
+    # The evaluation is a Processing step too: it does not stand in for a missing preparation.
+    unprepared = generate(TrainingConfig(region="us-east-1", prepare_data=False))
+    assert [str(v) for v in check(unprepared, EXPECT)] == [
+        "Steps: no PrepareData Processing step (the data preparation is configured)"]
 
 
 def test_a_validation_channel_is_what_the_evaluation_reads():
@@ -211,6 +218,26 @@ def gate(report: dict, margin: float = 0.0) -> tuple[bool, str]:
         "Steps.Evaluate.PropertyFiles.EvaluationReport": report}))}
     return (evaluate_conditions(steps["CheckEvaluation"]["Arguments"]["Conditions"]),
             steps["RefuseModelNotBetterThanBase"]["Arguments"]["ErrorMessage"])
+
+
+def test_local_runs_resolve_only_the_branch_the_gate_takes():
+    """A JsonGet in the branch not taken is never read: a report without the losses the FailStep's message
+    quotes still registers when the gate passes, as in Pipelines (resolving every step would fail on it)."""
+    from spot_training.definition.rules import PropertyFileError
+    from spot_training.local.evaluation import gate_branch, training_properties
+
+    definition = generate(TrainingConfig(region="us-east-1"))
+    properties = training_properties("s3://b/outputs/x/output/model/", 60)
+    report = {"improvement": 0.5, "metrics": {"fine_tuned": {"loss": 1.0}}}
+    with pytest.raises(PropertyFileError):
+        resolve(definition, properties=properties, property_files={
+            "Steps.Evaluate.PropertyFiles.EvaluationReport": report})
+    passed, resolved = gate_branch(definition, {}, properties, report)
+    names = [s["Name"] for s in all_steps(resolved)]
+    assert passed is True and "Register-RegisterModel" in names and "RefuseModelNotBetterThanBase" not in names
+    passed, resolved = gate_branch(definition, {}, properties, {**report, "improvement": -0.1,
+                                                                 "metrics": {"base": {"loss": 0.9}, "fine_tuned": {"loss": 1.0}}})
+    assert passed is False and "Register-RegisterModel" not in [s["Name"] for s in all_steps(resolved)]
 
 
 def test_a_better_model_passes_the_gate_and_a_worse_one_stops_there_with_both_losses(models):

@@ -185,6 +185,12 @@ class TrainingConfig:
                                            "step spreads the layers over its GPUs).")
     evaluation_max_run_seconds: int = _field(7200, "MaxRuntimeInSeconds of the evaluation step.",
                                              min=60, max=5 * 24 * 3600)
+    evaluation_volume_size_gb: int = _field(100, "Storage volume (GB) of the evaluation step: the base and the "
+                                            "fine-tuned model and the evaluated data are copied onto it (File mode; "
+                                            "Processing has no FastFile, botocore ProcessingS3InputMode is Pipe or "
+                                            "File): 2 x 16 GB for an 8B model in bf16, plus the data. Without a "
+                                            "validation channel the whole training data is copied.",
+                                            min=1, max=16384)
     evaluation_max_sequences: int = _field(512, "Validation sequences (of the run's SequenceLength) each model is "
                                            "evaluated on, the first in stream order; 0: all.", min=0, max=10**8)
     evaluation_min_improvement: float = _field(0.0, "Default of the pipeline parameter EvaluationMinImprovement: "

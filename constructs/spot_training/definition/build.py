@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from spot_training.config.settings import CONTEXT_KEY, ConfigError, TrainingConfig
-from spot_training.definition.rules import EVALUATE_STEP, all_steps
+from spot_training.definition.rules import EVALUATE_STEP, PREPARE_STEP, all_steps
 from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, LINEAGE_KEYS, NO_FINGERPRINT, PREFIXES
 from spot_training.definition.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
@@ -98,7 +98,7 @@ with without_side_effects():
     from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep
 
 TRAINING_STEP_NAME = "Train"
-PREPARE_STEP_NAME = "PrepareData"
+PREPARE_STEP_NAME = PREPARE_STEP
 # Where the preparation step's container finds its inputs and leaves its output (SageMaker Processing copies
 # each ProcessingInput to its LocalPath and uploads each ProcessingOutput's LocalPath; developer guide,
 # "How Amazon SageMaker Processing Runs Your Processing Container Image").
@@ -458,7 +458,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         instance_type=config.evaluation_instance_type,
         entrypoint=["/bin/bash", "-c", f"set -e; mkdir -p {PREPARE_CODE_DIR}; tar -xzf {PROCESSING_ROOT}/input/code/* "
                     f"-C {PREPARE_CODE_DIR}; exec python3 {PREPARE_CODE_DIR}/evaluate.py \"$@\"", "evaluate"],
-        volume_size_in_gb=config.volume_size_gb,
+        volume_size_in_gb=config.evaluation_volume_size_gb,
         volume_kms_key=placeholders.kms_key_arn if config.evaluation_volume_encryption_allowed else None,
         output_kms_key=placeholders.kms_key_arn, max_runtime_in_seconds=config.evaluation_max_run_seconds,
         env={**TRAINING_ENVIRONMENT, **(environment or {})},
@@ -503,7 +503,8 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         params[MIN_IMPROVEMENT_PARAMETER],
         *([f", or is above the latest approved model's {APPROVED_LOSS_PARAMETER}=", approved] if approved else []),
         "; nothing was registered"]))
-    model = Model(image_uri=inference_image_uri(config), role=placeholders.role_arn, sagemaker_session=session,
+    serving_image, serving_pytorch = inference_image(config)
+    model = Model(image_uri=serving_image, role=placeholders.role_arn, sagemaker_session=session,
                   model_data={"S3DataSource": {"S3Uri": model_uri, "S3DataType": "S3Prefix",
                                                "CompressionType": "None"}},
                   env={"HF_TASK": "text-generation", **TRAINING_ENVIRONMENT})
@@ -528,7 +529,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         customer_metadata_properties=lineage,
         description=f"Fine-tuned by pipeline {config.pipeline_name}; approve after review",
         domain="NATURAL_LANGUAGE_PROCESSING", task="OTHER", framework="PYTORCH",
-        framework_version=config.framework_version))
+        framework_version=serving_pytorch))  # the PyTorch of the image that serves it, not of training
     conditions = [ConditionGreaterThan(left=figure("improvement"), right=params[MIN_IMPROVEMENT_PARAMETER])]
     if approved:  # all conditions must hold
         conditions.append(ConditionLessThanOrEqualTo(left=figure("metrics.fine_tuned.loss"), right=approved))
@@ -537,7 +538,11 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
 
 
 def inference_image_uri(config: TrainingConfig) -> str:
-    """The AWS Hugging Face PyTorch inference DLC for the model's framework: the newest transformers version
+    return inference_image(config)[0]
+
+
+def inference_image(config: TrainingConfig) -> tuple[str, str]:
+    """(image URI, its PyTorch version): the AWS Hugging Face PyTorch inference DLC for the model's framework: the newest transformers version
     the SDK's image table (read offline) lists that is not newer than the training image's, with the newest
     PyTorch it pairs with. The table's inference images lag the training ones (4.51.3 with PyTorch 2.6.0 while
     training is 4.56.2 with 2.8.0 in sagemaker 2.257): a Llama-family model saved by the newer version loads in
@@ -553,10 +558,11 @@ def inference_image_uri(config: TrainingConfig) -> str:
     version = listed[-1]
     frameworks = sorted((k.removeprefix("pytorch") for k in table[version] if k.startswith("pytorch")), key=_version)
     with without_side_effects():
-        return image_uris.retrieve("huggingface", region=config.region, version=version,
-                                   base_framework_version=f"pytorch{frameworks[-1]}",
-                                   py_version=table[version][f"pytorch{frameworks[-1]}"]["py_versions"][-1],
-                                   instance_type=config.inference_instance_type, image_scope="inference")
+        uri = image_uris.retrieve("huggingface", region=config.region, version=version,
+                                  base_framework_version=f"pytorch{frameworks[-1]}",
+                                  py_version=table[version][f"pytorch{frameworks[-1]}"]["py_versions"][-1],
+                                  instance_type=config.inference_instance_type, image_scope="inference")
+    return uri, frameworks[-1]
 
 
 def _version(text: str) -> tuple[int, ...]:

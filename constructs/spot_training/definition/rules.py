@@ -20,6 +20,7 @@ MAX_DEFINITION_CHARACTERS = 1_048_576  # CreatePipeline PipelineDefinition lengt
 MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds service limit (not in botocore)
 EXECUTION_ID_STAND_IN = "validation0exec"
 EVALUATE_STEP = "Evaluate"  # definition.build.EVALUATE_STEP_NAME (build imports this module, not the reverse)
+PREPARE_STEP = "PrepareData"  # definition.build.PREPARE_STEP_NAME
 _RETRYABLE_JOB_ERRORS = ("SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT", "SageMaker.JOB_INTERNAL_ERROR")
 
 
@@ -154,8 +155,8 @@ def check(definition: Mapping[str, Any], expect: Expectations) -> list[Violation
                        for v in check_shape(arguments, _create_training_job_shape())]
         violations += [Violation(f"{where}.{v.field}", v.message) for v in _own_rules(step, expect)]
     processing_steps = [s for s in all_steps(resolved) if s.get("Type") == "Processing"]
-    if expect.preparation_volume_encryption is not None and not processing_steps:
-        violations.append(Violation("Steps", "no Processing step (the data preparation is configured)"))
+    if expect.preparation_volume_encryption is not None and PREPARE_STEP not in {s["Name"] for s in processing_steps}:
+        violations.append(Violation("Steps", f"no {PREPARE_STEP} Processing step (the data preparation is configured)"))
     for step in processing_steps:
         where = f"Steps[{step['Name']}]"
         arguments = {"ProcessingJobName": "pipelines-validation", **step["Arguments"]}

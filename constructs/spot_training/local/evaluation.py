@@ -46,8 +46,7 @@ def evaluate_and_gate(definition: Mapping[str, Any], values: Mapping[str, Any], 
                       s3: LocalS3, out: Path, logs: Path, running: Callable[[list[subprocess.Popen]], None],
                       stop: Callable[[], None]) -> dict[str, Any]:
     from spot_training.definition import build as sdk
-    from spot_training.definition.rules import (PropertyFileError, operation_shape, all_steps, check_shape,
-                                                evaluate_conditions)
+    from spot_training.definition.rules import PropertyFileError, all_steps, check_shape, operation_shape
 
     started = time.monotonic()
     job = ProcessingJob.from_definition(with_overrides(definition, values, properties=properties),
@@ -57,14 +56,12 @@ def evaluate_and_gate(definition: Mapping[str, Any], values: Mapping[str, Any], 
     if not report_path.is_file():
         raise LocalRunError(f"the {job.name} step wrote no {sdk.EVALUATION_REPORT}; log: {logs / 'evaluate.log'}")
     report = json.loads(report_path.read_text())
-    files = {f"Steps.{sdk.EVALUATE_STEP_NAME}.PropertyFiles.{sdk.EVALUATION_PROPERTY_FILE}": report}
     try:
-        resolved = with_overrides(definition, values, properties=properties, property_files=files)
+        passed, resolved = gate_branch(definition, values, properties, report)
     except PropertyFileError as error:
         raise LocalRunError(f"the {sdk.GATE_STEP_NAME} step failed: {error}") from None
     steps = {s["Name"]: s for s in all_steps(resolved)}
     gate = steps[sdk.GATE_STEP_NAME]
-    passed = evaluate_conditions(gate["Arguments"]["Conditions"])
     outcome: dict[str, Any] = {"step": job.name, "seconds": round(time.monotonic() - started, 2),
                                "evaluation": report, "evaluation_s3_uri": job.outputs["evaluation"][1],
                                "gate": {"step": gate["Name"], "passed": passed}}
@@ -82,6 +79,39 @@ def evaluate_and_gate(definition: Mapping[str, Any], values: Mapping[str, Any], 
         outcome["gate"]["next"] = sdk.GATE_FAIL_STEP_NAME
         outcome["gate"]["message"] = steps[sdk.GATE_FAIL_STEP_NAME]["Arguments"]["ErrorMessage"]
     return outcome
+
+
+def gate_branch(definition: Mapping[str, Any], values: Mapping[str, Any], properties: Mapping[str, Any],
+                report: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """The gate as Pipelines runs it on the evaluation report: its conditions first, then only the branch taken
+    is resolved (a JsonGet in the branch not taken is never read, so a report it does not fit cannot fail the
+    run). Returns whether the gate passed and the definition resolved along that branch."""
+    from spot_training.definition import build as sdk
+    from spot_training.definition.rules import all_steps, evaluate_conditions
+
+    files = {f"Steps.{sdk.EVALUATE_STEP_NAME}.PropertyFiles.{sdk.EVALUATION_PROPERTY_FILE}": report}
+    conditions = next(s for s in all_steps(with_overrides(
+        only_branch(definition, sdk.GATE_STEP_NAME, None), values, properties=properties, property_files=files))
+        if s["Name"] == sdk.GATE_STEP_NAME)["Arguments"]["Conditions"]
+    passed = evaluate_conditions(conditions)
+    return passed, with_overrides(only_branch(definition, sdk.GATE_STEP_NAME, "IfSteps" if passed else "ElseSteps"),
+                                  values, properties=properties, property_files=files)
+
+
+def only_branch(definition: Mapping[str, Any], step: str, keep: str | None) -> dict[str, Any]:
+    """A copy of `definition` whose ConditionStep `step` keeps only its `keep` branch ("IfSteps" or
+    "ElseSteps"; None: neither)."""
+    copy = json.loads(json.dumps(definition))
+
+    def prune(steps: list[dict[str, Any]]) -> None:
+        for candidate in steps:
+            arguments = candidate.get("Arguments", {})
+            for branch in ("IfSteps", "ElseSteps"):
+                if candidate["Name"] == step and branch != keep:
+                    arguments[branch] = []
+                prune(arguments.get(branch, []))
+    prune(copy["Steps"])
+    return copy
 
 
 def model_uri() -> str:
