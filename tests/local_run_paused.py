@@ -1,5 +1,5 @@
 """`spot-training local-run` held inside one phase, so that a test can stop it there for certain: PAUSE_IN names
-the phase (definition, preparation, set-up, upload), PAUSE_FLAG the file touched once local-run is inside it.
+the phase (definition, preparation, set-up, upload, evaluation), PAUSE_FLAG the file touched once local-run is inside it.
 Training needs no hold: a test waits for a step in the trainer's log."""
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ elif phase == "set-up":
     instances.Instances.fresh = _inside(instances.Instances.fresh)
 elif phase == "upload":
     run.LocalRun._upload_outputs = _inside(run.LocalRun._upload_outputs)
+elif phase == "evaluation":  # training finished; held before the Evaluate step's container starts
+    def _held_evaluation(*args, **kwargs):
+        Path(os.environ["PAUSE_FLAG"]).touch()
+        time.sleep(120)
+        raise SystemExit("held evaluation was not stopped")
+    run.evaluate_and_gate = _held_evaluation
 else:
     raise SystemExit(f"PAUSE_IN={phase}: not a phase this wrapper holds")
 sys.exit(cli.main(["local-run", *sys.argv[1:]]))

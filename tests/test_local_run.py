@@ -260,8 +260,8 @@ def stop_in(out: Path, phase: str, signum: int = signal.SIGINT, **kwargs) -> tup
 
 def test_a_stop_in_every_phase_ends_every_process_and_the_next_run_resumes_bit_identically(uninterrupted, tmp_path):
     """Ctrl-C or SIGTERM while the definition is built, while the preparation step's container runs (SIGINT
-    inherited ignored, as a background job gets it), while the instances are set up, while they train, and while
-    the model is uploaded; a SIGKILL of local-run too. Each run in the same --out goes on from the last.
+    inherited ignored, as a background job gets it), while the instances are set up, while they train, while
+    the model is uploaded and while it is evaluated; a SIGKILL of local-run too. Each run in the same --out goes on from the last.
 
     The stops from training on happen in a copy of the finished reference run: the new run there finds the
     preparation step's output under the same cache key and skips the step (Pipelines step caching, emulated),
@@ -288,9 +288,15 @@ def test_a_stop_in_every_phase_ends_every_process_and_the_next_run_resumes_bit_i
     assert wait_until_no_process_works_in(out, 10) < 10
 
     assert stop_in(out, "upload")[0].startswith("stopped during the model upload: ")
+    # Stopped once training finished: the next run goes straight on with the Evaluate step, no new attempt.
+    assert stop_in(out, "evaluation")[0].startswith("stopped during the Evaluate step: ")
+    attempts = json.loads((out / "run.json").read_text())["attempts"]
     report, stdout = local_run(out, "--steps", "8")
-    assert "resuming the unfinished run" in stdout
+    assert f"resuming the unfinished run in {out}: its training finished (step 8)" in stdout
     assert report["stops"] == 3 and report["interruptions"] == 0
+    assert len(json.loads((out / "run.json").read_text())["attempts"]) == len(attempts)
+    # The same model evaluated on the same blocks in the same process layout: the reference's figures.
+    assert report["evaluation"]["evaluation"]["metrics"] == reference["evaluation"]["evaluation"]["metrics"]
     assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
     assert report["final_loss"] == reference["final_loss"]
 

@@ -503,6 +503,28 @@ def test_models_lists_the_groups_packages_with_their_metrics_and_lineage(registr
                                             "pipelines-abc-train-1"]
 
 
+def test_models_reads_every_page_up_to_the_limit(registry):
+    from spot_training.operations.models import list_models
+
+    sagemaker, s3 = registry
+    summaries = [{"ModelPackageArn": package(v, "Approved")["ModelPackageArn"], "ModelPackageStatus": "Completed",
+                  "CreationTime": hours(v), "ModelPackageVersion": v,
+                  "ModelPackageGroupName": "distributed-training-models"} for v in range(150, 0, -1)]
+    request = {"ModelPackageGroupName": "distributed-training-models", "SortBy": "CreationTime",
+               "SortOrder": "Descending"}
+    with Stubber(sagemaker) as stub:
+        stub.add_response("list_model_packages", {"ModelPackageSummaryList": summaries[:100], "NextToken": "p2"},
+                          {**request, "MaxResults": 100})
+        stub.add_response("list_model_packages", {"ModelPackageSummaryList": summaries[100:120], "NextToken": "p3"},
+                          {**request, "MaxResults": 20, "NextToken": "p2"})
+        for v in range(150, 30, -1):
+            stub.add_response("describe_model_package", package(v, "Approved"),
+                              {"ModelPackageName": package(v, "Approved")["ModelPackageArn"]})
+        models = list_models(sagemaker, s3, "distributed-training-models", limit=120)
+        stub.assert_no_pending_responses()
+    assert [m["version"] for m in models] == list(range(150, 30, -1))
+
+
 def test_models_compare_marks_what_differs_and_warns_when_the_data_differs(registry):
     from spot_training.operations.models import compare_text, describe
 

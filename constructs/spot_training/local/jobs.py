@@ -208,6 +208,7 @@ class Attempt:
     interrupted_during_save: bool = False
     stopped: bool = False  # local-run itself was stopped (Ctrl-C, SIGTERM, SIGKILL) during this attempt
     returncodes: list[int] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # wall time of the attempt's containers (TrainingTimeInSeconds sums them)
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -38,8 +38,10 @@ class LocalRun:
                  processes_per_host: int = 1, previous_attempts: Sequence[Attempt] = (),
                  preparation: ProcessingJob | None = None,
                  preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None,
-                 definition: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None) -> None:
+                 definition: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None,
+                 training_done: bool = False) -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
+        self.training_done = training_done  # a resumed run whose training finished goes on with the evaluation
         self.definition, self.values = definition, dict(values or {})  # for the steps after training
         self.evaluation: dict[str, Any] | None = None
         self.preparation = preparation
@@ -92,21 +94,22 @@ class LocalRun:
                 self.preparation_report = run_preparation(self.preparation, s3=self.s3, out=self.out,
                                                           logs=self.logs, running=self._running, stop=self.stop)
         if self.preparation is not None:  # the execution's parameter, for the steps after training too
-            self.values.update(fingerprint_parameter(self.preparation, self.s3))
+            for name, value in fingerprint_parameter(self.preparation, self.s3).items():
+                self.values.setdefault(name, value)  # a --parameter DataFingerprint given by hand stays
         reached = max((a.last_step for a in self.attempts), default=0)
         pending = [i for i in self.interrupt_at if i.step > reached]
-        while True:
+        while not self.training_done:
             attempt = Attempt(number=len(self.attempts) + 1)
             self.attempts.append(attempt)
             self._save_state(finished=False)
-            finished = self._run_attempt(attempt, pending[0] if pending else None)
+            self.training_done = self._run_attempt(attempt, pending[0] if pending else None)
             self._save_state(finished=False)
-            if finished:
-                break
-            pending.pop(0)
+            if not self.training_done:
+                pending.pop(0)
         if self.definition is not None and has_evaluation(self.definition):
             self.phase = "the Evaluate step"
-            properties = training_properties(evaluation_model_uri(), int(time.monotonic() - started))
+            # TrainingTimeInSeconds: the training job's attempts, not the preparation before them.
+            properties = training_properties(evaluation_model_uri(), int(sum(a.seconds for a in self.attempts)))
             self.evaluation = evaluate_and_gate(self.definition, self.values, properties, s3=self.s3, out=self.out,
                                                 logs=self.logs, running=self._running, stop=self.stop)
         self._save_state(finished=True)
@@ -126,6 +129,7 @@ class LocalRun:
                               self.checkpoint_prefix)
         main_checkpoints = self.instances.in_instance(instances[0], self.job.checkpoint_local_path)
         self.processes = []
+        began = time.monotonic()
         try:
             for base, log in zip(instances, logs):
                 self.processes.append(start_container(self.instances.container_command(base),
@@ -148,6 +152,7 @@ class LocalRun:
             self._read_progress(attempt, self.logs / f"attempt-{attempt.number}-algo-1.log")
             raise
         finally:
+            attempt.seconds += time.monotonic() - began
             sync.stop()
             for log in logs:
                 log.close()
@@ -223,6 +228,7 @@ class LocalRun:
 
     def _save_state(self, *, finished: bool) -> None:
         write_json(self.out / STATE_FILE, {"job": job_fingerprint(self.job), "finished": finished,
+                                            "training_done": self.training_done,
                                             "attempts": [dataclasses.asdict(a) for a in self.attempts]})
 
 class StopSignals:
@@ -294,7 +300,7 @@ def _run_locked(job: TrainingJob, definition: Mapping[str, Any], values: Mapping
         except BlockingIOError:
             raise LocalRunError(f"--out {given}: another local-run is using this folder; wait for it to end or "
                                 "choose another --out") from None
-        previous = _previous_attempts(out, given, job, restart)
+        previous, training_done = _previous_attempts(out, given, job, restart)
         if not previous:
             for leftover in ("instances", "processing", "evaluation", "logs", "report.json", STATE_FILE,
                              REGISTRATION_FILE):
@@ -303,8 +309,12 @@ def _run_locked(job: TrainingJob, definition: Mapping[str, Any], values: Mapping
             _clear_s3_but_prepared(out / "s3")
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
                        previous_attempts=previous, preparation=preparation, preparation_with=preparation_with,
-                       definition=definition, values=values)
-        if previous:
+                       definition=definition, values=values, training_done=training_done)
+        if previous and training_done:
+            on_resume(f"resuming the unfinished run in {given}: its training finished (step "
+                      f"{max(a.last_step for a in previous)}),"
+                      " so it goes on with the steps after it; pass --restart to start over")
+        elif previous:
             last = previous[-1]
             run._read_progress(last, run.logs / f"attempt-{last.number}-algo-1.log")
             on_resume(f"resuming the unfinished run in {given} (stopped after step {last.last_step}) from its "
@@ -334,23 +344,25 @@ def _clear_s3_but_prepared(root: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _previous_attempts(out: Path, given: Path, job: TrainingJob, restart: bool) -> list[Attempt]:
-    """The attempts of an unfinished run of the same job in `out`, to resume; [] to start afresh."""
+def _previous_attempts(out: Path, given: Path, job: TrainingJob, restart: bool) -> tuple[list[Attempt], bool]:
+    """The attempts of an unfinished run of the same job in `out` and whether its training finished, to resume;
+    ([], False) to start afresh."""
     state_path = out / STATE_FILE
     if restart or not state_path.is_file():
-        return []
+        return [], False
     try:
         state = json.loads(state_path.read_text())
         attempts = [Attempt(**a) for a in state["attempts"]]
         finished, fingerprint = state["finished"], state["job"]
+        training_done = bool(state.get("training_done", False))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise LocalRunError(f"--out {given}: unreadable {STATE_FILE} ({error}); pass --restart to discard "
                             "that run") from None
     if finished or not attempts:
-        return []
+        return [], False
     if fingerprint != job_fingerprint(job):
         raise LocalRunError(f"--out {given}: holds an unfinished run of a different job (other steps or "
                             "settings); pass --restart to discard it, or choose another --out")
-    if not attempts[-1].interrupted:
+    if not attempts[-1].interrupted and not training_done:
         attempts[-1].stopped = True  # it ended with local-run, not with an emulated interruption
-    return attempts
+    return attempts, training_done

@@ -66,12 +66,17 @@ def list_models(sagemaker, s3, group: str, *, status: str | None = None, limit: 
     """The group's newest packages first (at most `limit`), each described."""
     import botocore.exceptions
 
-    request: dict[str, Any] = {"ModelPackageGroupName": group, "SortBy": "CreationTime", "SortOrder": "Descending",
-                               "MaxResults": min(limit, 100)}
+    request: dict[str, Any] = {"ModelPackageGroupName": group, "SortBy": "CreationTime", "SortOrder": "Descending"}
     if status:
         request["ModelApprovalStatus"] = status
+    summaries: list[dict[str, Any]] = []
     try:
-        summaries = sagemaker.list_model_packages(**request)["ModelPackageSummaryList"]
+        while len(summaries) < limit:  # ListModelPackages returns at most 100 a page (MaxResults)
+            page = sagemaker.list_model_packages(**request, MaxResults=min(limit - len(summaries), 100))
+            summaries += page["ModelPackageSummaryList"]
+            if not page.get("NextToken"):
+                break
+            request["NextToken"] = page["NextToken"]
     except botocore.exceptions.ClientError as error:
         raise OperationError(f"--group {group}: {error.response.get('Error', {}).get('Message', error)}") from None
     return [describe(sagemaker, s3, s["ModelPackageArn"]) for s in summaries[:limit]]
