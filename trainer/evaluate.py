@@ -42,6 +42,11 @@ class EvaluationError(ValueError):
     """Input the evaluation cannot use; the message names it."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first non-empty line (its type's name when it has no message): one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def evaluation_blocks(data_dir: str, base_model_dir: str, sequence_length: int, holdout_fraction: float,
                       max_sequences: int, seed: int):
     """The blocks to evaluate (a BlockDataset) and where they come from, as the trainer would read them."""
@@ -78,8 +83,7 @@ def load_model(model_dir: str, seed: int, device):
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
         except (OSError, SafetensorError) as error:  # a truncated or half-copied model folder
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise EvaluationError(f"{model_dir}: its weights cannot be loaded ({first[:400]})") from None
+            raise EvaluationError(f"{model_dir}: its weights cannot be loaded ({first_line(error)[:400]})") from None
     else:
         with modeling.no_init_warnings():
             model = modeling.empty_model(modeling.read_config(model_dir))
@@ -175,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError, ModelError) as error:
         message = f"error: {error}"
     except RuntimeError as error:  # torch.OutOfMemoryError is one; so are CUDA and shape errors
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if "out of memory" in str(error).lower():
             message = (f"error: out of memory evaluating with batch_size={args.batch_size}, sequence_length="
                        f"{args.sequence_length}: use an evaluation_instance_type with more GPU memory ({first[:300]})")
         else:
             message = f"error: the evaluation failed: {type(error).__name__}: {first[:600]}"
     except OSError as error:  # an unreadable model folder (from_pretrained), a full disk
-        message = f"error: {error}".splitlines()[0][:900]
+        message = f"error: {first_line(error)}"[:900]
     if report is None:
         print(message, file=sys.stderr)
         if EXIT_MESSAGE.parent.is_dir():

@@ -168,9 +168,9 @@ def compare_strategies(w: Workload, rungs: Sequence[Rung], capacity: Capacity, *
                 done = (elapsed + wait + needed, paid, False)
                 break
             if wait < rung.hours:  # capacity came but the rung's MaxWait ended the job: keep the saved work
-                ran = rung.hours - wait - restart
-                paid += max(0.0, ran) / wall * billable * w.spot_fraction * w.instance_count
-                trained = math.floor(max(0.0, ran) / wall * w.run_hours / tau) * tau
+                ran = max(0.0, rung.hours - wait - restart)
+                paid += ran / wall * billable * w.spot_fraction * w.instance_count
+                trained = math.floor(ran / wall * w.run_hours / tau) * tau
                 left = max(0.0, left - trained / w.run_hours)
             elapsed += rung.hours
         results["ladder"].append(done or (math.inf, paid, False))
