@@ -14,4 +14,5 @@ class NetworkingStack(cdk.Stack):
         super().__init__(scope, id, **kwargs)
         self.network = TrainingNetwork(self, "Network", az_count=config.az_count, cidr=config.vpc_cidr,
                                        flow_log_retention_days=config.log_retention_days,
-                                       mlflow_endpoint=config.mlflow)
+                                       mlflow_endpoint=config.mlflow,
+                                       sns_endpoint=config.capacity_ladder)

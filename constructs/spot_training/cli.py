@@ -368,7 +368,7 @@ def platform_cost_text(config: TrainingConfig) -> str:
     from spot_training.config.endpoints import interface_endpoints
 
     rows = sizing.platform_monthly_cost(az_count=config.az_count,
-                                        interface_endpoints=len(interface_endpoints(config.mlflow)),
+                                        interface_endpoints=len(interface_endpoints(config.mlflow, config.capacity_ladder)),
                                         pipelines=1 + len(config.teams))
     lines = [f"platform fixed cost per month (whether or not it trains): ${sum(usd for _, usd in rows):,.2f}"]
     lines += [f"  {item}: ${usd:,.2f}" for item, usd in rows]

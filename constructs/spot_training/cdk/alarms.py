@@ -20,9 +20,8 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from spot_training.cdk.nag import acknowledge, arn_finding
-from spot_training.cdk.network import https_between, keep_default_egress_closed, let_logs_use
-from spot_training.cdk.roles import network_interface_arns
+from spot_training.cdk.functions import vpc_function
+from spot_training.cdk.network import let_logs_use
 
 # EventBridge and CloudWatch names for SageMaker Pipelines (SageMaker developer guide, "Monitor pipelines").
 EXECUTION_STATUS_EVENT = "SageMaker Model Building Pipeline Execution Status Change"
@@ -128,70 +127,18 @@ class PipelineAlarms(Construct):
     def _monitor_function(self, pipeline_name: str, pipeline_arn: str, vpc: ec2.IVpc,
                           subnets: Sequence[ec2.ISubnet], endpoint_security_group: ec2.ISecurityGroup | None,
                           monitor_reserved_concurrency: int | None) -> lambda_.Function:
-        group = ec2.SecurityGroup(self, "MonitorSecurityGroup", vpc=vpc, allow_all_outbound=False,
-                                  description="Execution-age monitor: HTTPS to the VPC interface endpoints only")
-        if endpoint_security_group is not None:
-            https_between(self, "MonitorToEndpoints", group, endpoint_security_group,
-                          "Execution-age monitor to the VPC interface endpoints")
-            keep_default_egress_closed(group)
-        else:
-            group.add_egress_rule(ec2.Peer.ipv4(vpc.vpc_cidr_block), ec2.Port.tcp(443),
-                                  "HTTPS to the VPC interface endpoints")
-        log_group = logs.LogGroup(self, "MonitorLogs", encryption_key=self.key, retention=logs.RetentionDays.ONE_YEAR,
-                                  removal_policy=cdk.RemovalPolicy.DESTROY)
-        role = iam.Role(self, "MonitorRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-                        description="Execution-age monitor of the training pipeline")
-        dead_letters = sqs.Queue(self, "MonitorDeadLetters", encryption=sqs.QueueEncryption.KMS,
-                                 encryption_master_key=self.key, enforce_ssl=True,
-                                 retention_period=cdk.Duration.days(14))
-        stack = cdk.Stack.of(self)
-        eni, create_eni_resources = network_interface_arns(stack, subnets, [group])
-        policy = iam.ManagedPolicy(self, "MonitorPolicy", roles=[role], statements=[
-            iam.PolicyStatement(sid="ListThisPipelinesExecutions", actions=["sagemaker:ListPipelineExecutions"],
-                                resources=[pipeline_arn]),
-            iam.PolicyStatement(sid="PublishAgeMetric", actions=["cloudwatch:PutMetricData"], resources=["*"],
-                                conditions={"StringEquals": {"cloudwatch:namespace": AGE_METRICS_NAMESPACE}}),
-            iam.PolicyStatement(sid="WriteOwnLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents"],
-                                resources=[log_group.log_group_arn]),
-            iam.PolicyStatement(sid="CreateVpcNetworkInterfaces", actions=["ec2:CreateNetworkInterface"],
-                                resources=create_eni_resources),
-            iam.PolicyStatement(sid="ManageVpcNetworkInterfaces",
-                                actions=["ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
-                                         "ec2:UnassignPrivateIpAddresses"], resources=[eni]),
-            # The EC2 rights of AWSLambdaVPCAccessExecutionRole (v3), which a VPC function needs (Lambda developer
-            # guide, "Giving Lambda functions access to resources in an Amazon VPC"); Describe* take no resource.
-            iam.PolicyStatement(sid="DescribeVpcNetworkInterfaces",
-                                actions=["ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets"], resources=["*"]),
-            iam.PolicyStatement(sid="DeadLetters", actions=["sqs:SendMessage"], resources=[dead_letters.queue_arn]),
-            iam.PolicyStatement(sid="EncryptDeadLettersAndLogs", actions=["kms:GenerateDataKey", "kms:Decrypt"],
-                                resources=[self.key.key_arn]),
-        ])
-        function = lambda_.Function(
-            self, "Monitor", runtime=lambda_.Runtime.PYTHON_3_14, handler="execution_age.handler",
-            code=lambda_.Code.from_asset(str(MONITOR_CODE), exclude=["__pycache__"]),
-            role=role.without_policy_updates(), timeout=cdk.Duration.seconds(60), memory_size=256,
-            dead_letter_queue=dead_letters, log_group=log_group,
-            reserved_concurrent_executions=monitor_reserved_concurrency, environment_encryption=self.key,
-            vpc=vpc, vpc_subnets=ec2.SubnetSelection(subnets=list(subnets)), security_groups=[group],
+        function, dead_letters = vpc_function(
+            self, "Monitor", handler="execution_age.handler",
+            code=lambda_.Code.from_asset(str(MONITOR_CODE), exclude=["__pycache__", "capacity_ladder.py"]),
+            vpc=vpc, subnets=subnets, endpoint_security_group=endpoint_security_group, key=self.key,
+            purpose="Execution-age monitor", reserved_concurrency=monitor_reserved_concurrency,
             environment={"PIPELINE_NAME": pipeline_name, "METRIC_NAMESPACE": AGE_METRICS_NAMESPACE},
-            description=f"Publishes the age of the oldest running {pipeline_name} execution")
-        function.node.add_dependency(policy)
+            description=f"Publishes the age of the oldest running {pipeline_name} execution",
+            statements=[
+                iam.PolicyStatement(sid="ListThisPipelinesExecutions", actions=["sagemaker:ListPipelineExecutions"],
+                                    resources=[pipeline_arn]),
+                iam.PolicyStatement(sid="PublishAgeMetric", actions=["cloudwatch:PutMetricData"], resources=["*"],
+                                    conditions={"StringEquals": {"cloudwatch:namespace": AGE_METRICS_NAMESPACE}})])
         events.Rule(self, "EveryFiveMinutes", schedule=events.Schedule.rate(cdk.Duration.minutes(5)),
                     targets=[targets.LambdaFunction(function, retry_attempts=2, dead_letter_queue=dead_letters)])
-        acknowledge(policy, {
-            "AwsSolutions-IAM5[Resource::*]": "cloudwatch:PutMetricData (bound to one namespace by condition) and "
-            "ec2:DescribeNetworkInterfaces and ec2:DescribeSubnets support no resource-level permissions.",
-            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'ec2', 'network-interface/*')}]": "Lambda creates the "
-            "function's VPC network interfaces at run time, so their ids are unknown; creation is tied to this "
-            "function's subnets and security group.",
-        })
-        if monitor_reserved_concurrency is None:
-            reason = ("No reserved concurrency by default: accounts at the default Lambda concurrency quota of 10 "
-                      "reject any reservation (the unreserved pool must stay >= 10) and the stack would roll back. "
-                      "The monitor runs every 5 minutes for seconds; pass monitor_reserved_concurrency to reserve.")
-            acknowledge(function, {"NIST.800.53.R5-LambdaConcurrency": reason, "HIPAA.Security-LambdaConcurrency": reason})
-        acknowledge(dead_letters, {
-            "AwsSolutions-SQS3": "This queue is itself the dead-letter queue of the monitor function and its "
-            "schedule; a dead-letter queue for it would only move the same messages again.",
-        })
         return function

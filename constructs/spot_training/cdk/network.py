@@ -61,12 +61,14 @@ class TrainingNetwork(Construct):
     endpoints with private DNS, the training security group, and KMS-encrypted VPC flow logs."""
 
     def __init__(self, scope: Construct, id: str, *, az_count: int = 2, cidr: str = "10.80.0.0/16",
-                 flow_log_retention_days: int = 365, mlflow_endpoint: bool = False) -> None:
+                 flow_log_retention_days: int = 365, mlflow_endpoint: bool = False,
+                 sns_endpoint: bool = False) -> None:
         """
         :param az_count: availability zones, one isolated subnet each (@default 2).
         :param cidr: the VPC's CIDR block (@default 10.80.0.0/16).
         :param flow_log_retention_days: retention of the flow log group, a CloudWatch Logs value (@default 365).
         :param mlflow_endpoint: add the interface endpoint of SageMaker managed MLflow (@default False).
+        :param sns_endpoint: add the SNS interface endpoint, for the capacity ladder's controller (@default False).
         """
         super().__init__(scope, id)
         self.vpc = ec2.Vpc(
@@ -89,7 +91,7 @@ class TrainingNetwork(Construct):
             name: self.vpc.add_interface_endpoint(
                 name, service=ec2.InterfaceVpcEndpointAwsService(service, prefix), private_dns_enabled=True,
                 open=False, subnets=self.subnets, security_groups=[self.endpoint_security_group])
-            for name, (service, prefix, _reason) in interface_endpoints(mlflow_endpoint).items()}
+            for name, (service, prefix, _reason) in interface_endpoints(mlflow_endpoint, sns_endpoint).items()}
         self.flow_log_key = kms.Key(self, "FlowLogKey", enable_key_rotation=True,
                                     description="Encrypts the training VPC's flow log group")
         let_logs_use(self.flow_log_key)

@@ -20,6 +20,9 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from spot_training.cdk.alarms import PipelineAlarms
+from spot_training.cdk.ladder import CapacityController, RunIdentity
+from spot_training.config.capacity import ON_DEMAND, SPOT
+from spot_training.config.ladder import on_demand_pipeline_name, plan_for
 from spot_training.config.settings import ConfigError, TrainingConfig
 from spot_training.definition.rules import Expectations
 from spot_training.config.layout import LINEAGE_KEYS, PREFIXES
@@ -53,7 +56,8 @@ class TrainingPipeline(Construct):
                  hyperparameters: Mapping[str, str | int | float | bool] | None = None,
                  environment: Mapping[str, str] | None = None,
                  alarms: bool = True, endpoint_security_group: ec2.ISecurityGroup | None = None,
-                 alarm_key: kms.IKey | None = None, alarm_topic: sns.ITopic | None = None) -> None:
+                 alarm_key: kms.IKey | None = None, alarm_topic: sns.ITopic | None = None,
+                 run_identity: RunIdentity | None = None) -> None:
         """
         :param config: the validated platform settings (instance type and count, spot, limits, ...).
         :param vpc: the VPC the training instances run in.
@@ -90,6 +94,13 @@ class TrainingPipeline(Construct):
         :param alarm_topic: an existing topic for the alarms (@default - a new encrypted topic).
         :param endpoint_security_group: the VPC interface endpoints' group, for the HTTPS of the alarm monitor and
             of the security group this construct creates (@default - HTTPS to the VPC's CIDR block).
+        :param run_identity: the function of the pipeline's ResolveRun step (@default - a new `RunIdentity`;
+            `TeamPipelines` give their pipelines the shared pipeline's). The pipeline role gets a managed policy to
+            invoke it.
+
+        With `config.capacity_ladder`, a second pipeline `<pipeline_name>-on-demand` runs the same definition
+        without spot (`on_demand_pipeline`), the spot pipeline's MaxWait and MaxRuntime come from the ladder's
+        first rung (`ladder_plan`), and a `CapacityController` climbs a run whose execution ended for capacity.
         """
         super().__init__(scope, id)
         _require_pair("bucket", bucket, "key", key)
@@ -125,40 +136,76 @@ class TrainingPipeline(Construct):
         self.mlflow_tracking_server = self._create_mlflow_tracking_server() if config.mlflow else None
         self.code_asset = self._package_trainer(source_dir)
         self.placeholders = sdk.Placeholders.for_counts(len(self.subnets), 1)
-        self.definition = sdk.generate(config, placeholders=self.placeholders, image_uri=self.image_uri,
-                                       metric_definitions=metric_definitions or load_metric_definitions(source_dir),
-                                       hyperparameters=hyperparameters, environment=environment,
-                                       evaluation=self.evaluation is not None)
-        self.expectations = Expectations(use_spot=config.use_spot, network_isolation=config.network_isolation,
-                                         inter_container_encryption=config.inter_container_encryption,
-                                         volume_encryption=config.volume_encryption_allowed,
-                                         preparation_volume_encryption=(
-                                             self.preparation.volume_encryption if self.preparation else None),
-                                         evaluation_volume_encryption=(
-                                             self.evaluation.volume_encryption if self.evaluation else None))
+        self.run_identity = run_identity or RunIdentity(self, "RunIdentity", vpc=vpc, subnets=self.subnets,
+                                                        endpoint_security_group=endpoint_security_group)
+        self.run_identity.invoke_policy("InvokeResolveRun", self, [self.pipeline_role])
+        self.ladder_plan = plan_for(config) if config.capacity_ladder else None
+
+        def definition_for(capacity: str) -> tuple[dict[str, Any], Expectations]:
+            rung = config
+            if capacity == ON_DEMAND:
+                rung = dataclasses.replace(config, use_spot=False, capacity_ladder=False,
+                                           pipeline_name=on_demand_pipeline_name(config.pipeline_name))
+            elif self.ladder_plan is not None:  # the first rung's budget: on demand still fits after it
+                first = self.ladder_plan.rungs[0]
+                rung = dataclasses.replace(config, max_wait_seconds=first.max_wait_seconds,
+                                           max_run_seconds=first.max_run_seconds)
+            definition = sdk.generate(rung, placeholders=self.placeholders, image_uri=self.image_uri,
+                                      metric_definitions=metric_definitions or load_metric_definitions(source_dir),
+                                      hyperparameters=hyperparameters, environment=environment,
+                                      evaluation=self.evaluation is not None)
+            return definition, Expectations(
+                use_spot=rung.use_spot, network_isolation=config.network_isolation,
+                inter_container_encryption=config.inter_container_encryption,
+                volume_encryption=config.volume_encryption_allowed,
+                preparation_volume_encryption=self.preparation.volume_encryption if self.preparation else None,
+                evaluation_volume_encryption=self.evaluation.volume_encryption if self.evaluation else None)
+
+        self.definition, self.expectations = definition_for(SPOT)
         self.model_package_group = (self._create_model_package_group()
                                     if self.evaluation and config.create_model_package_group else None)
         self.pipeline = sagemaker.CfnPipeline(
             self, "Resource", pipeline_name=config.pipeline_name, role_arn=self.pipeline_role.role_arn,
             pipeline_description="Multi-node PyTorch fine-tuning on managed spot with checkpoint recovery",
-            pipeline_definition={"PipelineDefinitionBody": self._definition_body()})
-        if self.model_package_group is not None:
-            self.pipeline.node.add_dependency(self.model_package_group)
+            pipeline_definition={"PipelineDefinitionBody": self._definition_body(self.definition)})
         self.pipeline_name = config.pipeline_name
-        self.pipeline_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="pipeline",
-                                                          resource_name=config.pipeline_name.lower())
+        self.pipeline_arn = self._pipeline_arn(config.pipeline_name)
+        # Every deployed definition with what it must say: the definition rules check each one at synth.
+        self.checked_definitions = [(self.pipeline, self.definition, self.expectations)]
+        self.on_demand_pipeline = None
+        if self.ladder_plan is not None:
+            definition, expectations = definition_for(ON_DEMAND)
+            self.on_demand_pipeline = sagemaker.CfnPipeline(
+                self, "OnDemand", pipeline_name=self.ladder_plan.pipelines[ON_DEMAND], role_arn=self.pipeline_role.role_arn,
+                pipeline_description="The capacity ladder's on-demand rung: the same training without managed spot",
+                pipeline_definition={"PipelineDefinitionBody": self._definition_body(definition)})
+            self.checked_definitions.append((self.on_demand_pipeline, definition, expectations))
+        for resource, _, _ in self.checked_definitions:
+            if self.model_package_group is not None:
+                resource.node.add_dependency(self.model_package_group)
+        self.pipeline_arns = [self._pipeline_arn(resource.pipeline_name) for resource, _, _ in self.checked_definitions]
         self.alarms = PipelineAlarms(
             self, "Alarms", pipeline_name=config.pipeline_name, pipeline_arn=self.pipeline_arn, vpc=vpc,
             subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
             endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
+        self.capacity_controller = CapacityController(
+            self, "CapacityLadder", plan=self.ladder_plan, pipeline_arns=self.pipeline_arns,
+            training_step=sdk.TRAINING_STEP_NAME, vpc=vpc, subnets=self.subnets,
+            endpoint_security_group=endpoint_security_group, key=self.run_identity.key, topic=self.alarm_topic,
+            topic_key=self.alarms.key if self.alarms and alarm_topic is None else None) \
+            if self.ladder_plan is not None else None
+
+    def _pipeline_arn(self, name: str) -> str:
+        return cdk.Stack.of(self).format_arn(service="sagemaker", resource="pipeline", resource_name=name.lower())
 
     def _start_grants(self) -> list[dict[str, Any]]:
         """Start and follow runs of this pipeline; and list the data prefix of the artifact bucket, which
         `spot-training start` does to fingerprint the data (operations.runs.data_fingerprint): keys only, no
         object reads. `s3:prefix` is ListBucket's condition key for the requested prefix (Service Authorization
         Reference, Amazon S3: list_amazons3.html)."""
-        grants = [{"actions": START_ACTIONS, "resource_arns": [self.pipeline_arn, f"{self.pipeline_arn}/execution/*"]},
+        grants = [{"actions": START_ACTIONS,
+                   "resource_arns": [*self.pipeline_arns, *[f"{arn}/execution/*" for arn in self.pipeline_arns]]},
                   {"actions": ["s3:ListBucket"], "resource_arns": [self.bucket.bucket_arn],
                    "conditions": {"StringLike": {"s3:prefix": [f"{PREFIXES['data']}*"]}}}]
         if self.model_package_group_name and self.config.compare_with_approved:
@@ -188,10 +235,9 @@ class TrainingPipeline(Construct):
             iam.PolicyStatement(actions=g["actions"], resources=g["resource_arns"], conditions=g.get("conditions"))
             for g in self._start_grants()])
         acknowledge(policy, {
-            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'pipeline/{self.pipeline_name.lower()}')}"
-            "/execution/*]": "Execution ids are created at start; the wildcard covers executions of this one "
-            "pipeline only.",
-        })
+            f"AwsSolutions-IAM5[Resource::{arn_finding(self, 'sagemaker', f'pipeline/{name.lower()}')}/execution/*]":
+            "Execution ids are created at start; the wildcard covers executions of this one pipeline only."
+            for name in [resource.pipeline_name for resource, _, _ in self.checked_definitions]})
         if self.model_package_group_name and self.config.compare_with_approved:
             _, bucket_ref = bucket_arn_and_finding(self, self.bucket)
             acknowledge(policy, {
@@ -310,10 +356,11 @@ class TrainingPipeline(Construct):
                                 conditions={"StringEquals": {"s3:prefix": asset.s3_object_key}})])
         return asset
 
-    def _definition_body(self) -> str:
-        """The generated definition as JSON, each placeholder swapped for its deploy-time token."""
+    def _definition_body(self, definition: Mapping[str, Any]) -> str:
+        """A generated definition as JSON, each placeholder swapped for its deploy-time token."""
         placeholders = self.placeholders
         substitutions = {
+            placeholders.resolve_run_function_arn: self.run_identity.function.function_arn,
             placeholders.role_arn: self.training_role.role_arn,
             placeholders.bucket_name: self.bucket.bucket_name,
             placeholders.kms_key_arn: self.key.key_arn,
@@ -324,7 +371,7 @@ class TrainingPipeline(Construct):
             **({placeholders.mlflow_tracking_server_arn: self.mlflow_tracking_server.attr_tracking_server_arn}
                if self.mlflow_tracking_server else {}),
         }
-        body = json.dumps(self.definition, separators=(",", ":"))
+        body = json.dumps(definition, separators=(",", ":"))
         for placeholder, token in substitutions.items():
             body = body.replace(placeholder, token)
         return body

@@ -55,7 +55,7 @@ class TeamPipelines(Construct):
                 security_group=shared.security_group, bucket=shared.bucket, key=shared.key,
                 training_role=shared.training_role, grant_roles=False, trainer_source_dir=trainer_source_dir,
                 hyperparameters=hyperparameters, environment=environment,
-                endpoint_security_group=shared.endpoint_security_group)
+                endpoint_security_group=shared.endpoint_security_group, run_identity=shared.run_identity)
             if team.principals:
                 roles = [iam.Role.from_role_arn(self, f"Team{name}Principal{i}", arn, mutable=False)
                          for i, arn in enumerate(team.principals)]

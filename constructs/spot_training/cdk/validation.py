@@ -36,13 +36,14 @@ class DefinitionValidationPlugin:
         for pipeline in _pipelines(context.app_construct):
             stack = cdk.Stack.of(pipeline)
             template = os.path.join(_outdir(stack), stack.template_file)
-            for violation in check(pipeline.definition, pipeline.expectations):
-                violations.append(cdk.PolicyViolationBeta1(
-                    rule_name=RULE_NAME, description=str(violation), severity="error",
-                    fix="Correct the training setting named in the message (cdk.json `training` context).",
-                    violating_resources=[cdk.PolicyViolatingResourceBeta1(
-                        resource_logical_id=stack.resolve(pipeline.pipeline.logical_id),
-                        template_path=template, locations=[violation.field])]))
+            for resource, definition, expectations in pipeline.checked_definitions:
+                for violation in check(definition, expectations):
+                    violations.append(cdk.PolicyViolationBeta1(
+                        rule_name=RULE_NAME, description=str(violation), severity="error",
+                        fix="Correct the training setting named in the message (cdk.json `training` context).",
+                        violating_resources=[cdk.PolicyViolatingResourceBeta1(
+                            resource_logical_id=stack.resolve(resource.logical_id),
+                            template_path=template, locations=[violation.field])]))
         return cdk.PolicyValidationPluginReportBeta1(success=not violations, violations=violations)
 
 

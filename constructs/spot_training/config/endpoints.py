@@ -28,8 +28,14 @@ MLFLOW_ENDPOINTS: dict[str, tuple[str, str, str]] = {
     "MlflowExperiments": ("experiments", "aws.sagemaker",
                           "the trainer logs to the SageMaker managed MLflow tracking server (training.mlflow=true)"),
 }
+# The capacity ladder's controller reads executions through SageMakerApi and says what it did in the alarm topic.
+CAPACITY_LADDER_ENDPOINTS: dict[str, tuple[str, str, str]] = {
+    "Sns": ("sns", "com.amazonaws", "the capacity ladder's controller publishes its decisions to the alarm topic "
+            "(training.capacity_ladder=true)"),
+}
 ENDPOINT_USD_PER_AZ_MONTH = 7.30  # 0.01 USD per endpoint per AZ per hour x 730 h (AWS PrivateLink pricing)
 
 
-def interface_endpoints(mlflow: bool) -> dict[str, tuple[str, str, str]]:
-    return {**INTERFACE_ENDPOINTS, **(MLFLOW_ENDPOINTS if mlflow else {})}
+def interface_endpoints(mlflow: bool, capacity_ladder: bool = False) -> dict[str, tuple[str, str, str]]:
+    return {**INTERFACE_ENDPOINTS, **(MLFLOW_ENDPOINTS if mlflow else {}),
+            **(CAPACITY_LADDER_ENDPOINTS if capacity_ladder else {})}

@@ -27,32 +27,14 @@ import math
 import random
 import statistics
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from spot_training.config.sizing import Workload, one_run, simulate
 
-SPOT, ON_DEMAND = "spot", "on-demand"
-# What ends an execution for capacity (DescribeTrainingJob FailureReason / SecondaryStatus, the step's
-# exception type after its retries): the controller climbs on these, and only these.
-CAPACITY_FAILURES = ("MaxWaitTimeExceeded", "CapacityError", "InsufficientCapacity", "ResourceLimitExceeded")
+from spot_training.config.capacity import ON_DEMAND, SPOT, Decision, Plan, Rung, decide  # noqa: F401 (re-exported)
 
-
-@dataclasses.dataclass(frozen=True)
-class Rung:
-    capacity: str           # "spot" or "on-demand"
-    instance_type: str
-    wait_hours: float       # the capacity wait this rung tolerates at p90 (its MaxWait less its p90 completion)
-    max_wait_seconds: int   # MaxWaitTimeInSeconds of a spot rung (0 on demand: no MaxWait without spot)
-    max_run_seconds: int    # MaxRuntimeInSeconds: the configured cap, at most the rung's MaxWait
-
-    @property
-    def name(self) -> str:
-        return f"{self.capacity}:{self.instance_type}"
-
-    @property
-    def hours(self) -> float:
-        """How long the rung can take before the run climbs: its MaxWait (spot) or MaxRuntime (on demand)."""
-        return (self.max_wait_seconds or self.max_run_seconds) / 3600
-
+if TYPE_CHECKING:
+    from spot_training.config.settings import TrainingConfig
 
 MAX_WAIT_LIMIT_SECONDS = 28 * 24 * 3600  # SageMaker's cap on MaxWaitTimeInSeconds (StoppingCondition)
 
@@ -67,49 +49,32 @@ def ladder(w: Workload, *, instance_type: str, allowed_instance_types: Sequence[
     fitting = max(1, min(len(spot_types), math.floor((w.slo_hours - reserve) / spot_p90 + 1e-9)))
     share = max(0.0, (w.slo_hours - reserve - fitting * spot_p90) / fitting)
     max_wait = int(min(MAX_WAIT_LIMIT_SECONDS, (share + spot_p90) * 3600))
-    rungs = [Rung(SPOT, t, share, max_wait, min(max_run_seconds, max_wait)) for t in spot_types[:fitting]]
+    rungs = [Rung(SPOT, t, share, max_wait, min(max_run_seconds, max_wait), spot_p90) for t in spot_types[:fitting]]
     if on_demand:
-        rungs.append(Rung(ON_DEMAND, instance_type, 0.0, 0, max_run_seconds))
+        rungs.append(Rung(ON_DEMAND, instance_type, 0.0, 0, max_run_seconds, reserve))
     return rungs
+
+
+ON_DEMAND_PIPELINE_SUFFIX = "-on-demand"
+
+
+def on_demand_pipeline_name(pipeline_name: str) -> str:
+    """The construct's second pipeline: the same definition without managed spot (MaxWait must be absent there)."""
+    return f"{pipeline_name}{ON_DEMAND_PIPELINE_SUFFIX}"
+
+
+def plan_for(config: TrainingConfig) -> Plan:
+    """The ladder of a deployment: its rungs with their budgets, its deadline and its two pipelines."""
+    rungs = ladder(config.workload(), instance_type=config.instance_type,
+                   allowed_instance_types=config.instance_type_allow_list, max_run_seconds=config.max_run_seconds)
+    return Plan(slo_hours=config.slo_hours, rungs=tuple(rungs),
+                pipelines={SPOT: config.pipeline_name, ON_DEMAND: on_demand_pipeline_name(config.pipeline_name)})
 
 
 def on_demand_hours(w: Workload) -> float:
     """An uninterrupted run with its saves, after provisioning."""
     saves = math.floor(w.run_hours / (w.checkpoint_interval_minutes / 60)) * w.checkpoint_save_seconds / 3600
     return w.provisioning_minutes / 60 + w.run_hours + saves
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    action: str        # "climb", "stop" (nothing more to do, say why) or "ignore" (not a capacity failure)
-    reason: str
-    rung: Rung | None = None
-
-
-def decide(rungs: Sequence[Rung], current: str, failure: str, *, hours_since_start: float, w: Workload,
-           running_executions_of_run: int = 0) -> Decision:
-    """After an execution of a run on rung `current` (a Rung.name) ended with `failure`: climb to the next rung
-    whose expected completion still meets the deadline (run start + slo_hours), or stop and say why. Never
-    starts a second execution of a run that has one running, and never climbs past the ladder's top."""
-    if not any(marker in failure for marker in CAPACITY_FAILURES):
-        return Decision("ignore", f"not a capacity failure ({failure[:120] or 'no reason'}): the ladder does not act")
-    if running_executions_of_run:
-        return Decision("stop", f"{running_executions_of_run} execution(s) of this run are still running: no second one")
-    names = [r.name for r in rungs]
-    if current not in names:
-        return Decision("stop", f"rung {current} is not on this pipeline's ladder ({', '.join(names)})")
-    left = w.slo_hours - hours_since_start
-    spot_p90 = simulate(w, trials=2000).p90_hours
-    for rung in rungs[names.index(current) + 1:]:
-        needed = on_demand_hours(w) if rung.capacity == ON_DEMAND else spot_p90
-        if needed <= left:
-            return Decision("climb", f"{failure.split(':')[0]} on {current} after {hours_since_start:.1f} h; {rung.name} "
-                            f"needs about {needed:.1f} h of the {left:.1f} h left before the {w.slo_hours:g} h deadline",
-                            rung)
-    if names.index(current) == len(names) - 1:
-        return Decision("stop", f"{failure.split(':')[0]} on {current}, the ladder's top rung: nothing to climb to")
-    return Decision("stop", f"{failure.split(':')[0]} on {current}: {left:.1f} h left before the {w.slo_hours:g} h "
-                    "deadline, too little for any rung above; the run stops here")
 
 
 # ---- simulation over synthetic capacity traces -------------------------------------------------------------

@@ -144,6 +144,12 @@ class TrainingConfig:
     use_spot: bool = _field(True, "Run on managed spot capacity (checkpointing is always on).")
     max_run_seconds: int = _field(43200, "MaxRuntimeInSeconds: cap on training time, all spot attempts "
                                   "together.", min=60, max=MAX_RUNTIME_LIMIT_SECONDS)
+    capacity_ladder: bool = _field(False, "When spot capacity does not come, climb: a second pipeline "
+                                   "(<pipeline_name>-on-demand) runs the same definition on demand, and a controller "
+                                   "starts the next rung (spot on each other allowed type, then on demand) of a run "
+                                   "whose execution ended for capacity, with the same RunId, while the run can still "
+                                   "finish within slo_hours. The spot pipeline's MaxWait and MaxRuntime then come from "
+                                   "the sizing model (spot-training size --capacity-ladder). Needs use_spot.")
     max_wait_seconds: int = _field(86400, "MaxWaitTimeInSeconds: cap on training plus waiting for spot "
                                    "capacity; must be >= max_run_seconds with spot.",
                                    min=60, max=2 * MAX_RUNTIME_LIMIT_SECONDS)
@@ -333,6 +339,9 @@ class TrainingConfig:
                       else f"pipeline_name={self.pipeline_name} (model_package_group empty: <pipeline_name>-models)")
             raise ConfigError(f"{_PREFIX.get()}.{source}: the model package group name {group} is {len(group)} "
                               "characters, SageMaker allows at most 63; set a shorter model_package_group")
+        if self.capacity_ladder and not self.use_spot:
+            raise ConfigError(f"{_PREFIX.get()}.capacity_ladder=true: needs {_PREFIX.get()}.use_spot=true (the ladder "
+                              "climbs from spot to on-demand; without spot every run is on demand already)")
         if self.use_spot and self.max_wait_seconds < self.max_run_seconds:
             raise ConfigError(
                 f"{_PREFIX.get()}.max_wait_seconds={self.max_wait_seconds}: must be >= "

@@ -25,8 +25,9 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from spot_training.config.capacity import RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER
 from spot_training.config.settings import CONTEXT_KEY, ConfigError, TrainingConfig
-from spot_training.definition.rules import EVALUATE_STEP, PREPARE_STEP, all_steps
+from spot_training.definition.rules import EVALUATE_STEP, PREPARE_STEP, RESOLVE_RUN_STEP, RUN_OUTPUT, all_steps
 from spot_training.config.layout import CHECKPOINT_LOCAL_PATH, DATA_PARAMETERS, LINEAGE_KEYS, NO_FINGERPRINT, PREFIXES
 from spot_training.definition.trainer_code import CONTAINER_ENTRY, ENTRY_POINT
 
@@ -83,7 +84,9 @@ with without_side_effects():
     from sagemaker.workflow.conditions import ConditionGreaterThan, ConditionLessThanOrEqualTo
     from sagemaker.workflow.execution_variables import ExecutionVariables
     from sagemaker.workflow.fail_step import FailStep
+    from sagemaker.lambda_helper import Lambda
     from sagemaker.workflow.functions import Join, JsonGet
+    from sagemaker.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
     from sagemaker.workflow.model_step import ModelStep
     from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
     from sagemaker.workflow.pipeline import Pipeline
@@ -150,6 +153,7 @@ class Placeholders:
     kms_key_arn: str = "arn:aws:kms:us-east-1:000000000000:key/00000000-0000-4000-8000-placeholder7"
     code_bucket_name: str = "placeholder-asset-bucket-7f3a"
     code_object_key: str = "placeholder-code-key-7f3a.tar.gz"
+    resolve_run_function_arn: str = "arn:aws:lambda:us-east-1:000000000000:function:placeholder-resolve-run-7f3a"
     mlflow_tracking_server_arn: str = ("arn:aws:sagemaker:us-east-1:000000000000:mlflow-tracking-server/"
                                        "placeholder-tracking-7f3a")
     subnet_ids: tuple[str, ...] = ("subnet-placeholder7f3a0",)
@@ -231,6 +235,11 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str, *, evaluation:
         PipelineParameter("SequenceLength", ParameterInteger, config.sequence_length),
         PipelineParameter("CheckpointIntervalMinutes", ParameterFloat, config.checkpoint_interval_minutes),
         PipelineParameter("CheckpointEverySteps", ParameterInteger, 0),
+        # The run this execution belongs to (config.capacity): empty starts a new run named by the execution id;
+        # an earlier execution's run id resumes that run from its checkpoints. RunStartedAt (ISO 8601, UTC) is
+        # when the run's first execution started, the origin of its deadline; empty: this execution's start.
+        PipelineParameter(RUN_ID_PARAMETER, ParameterString, ""),
+        PipelineParameter(RUN_STARTED_AT_PARAMETER, ParameterString, ""),
         *gate,
     ]
 
@@ -296,8 +305,15 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
     params = {p.name: p.kind(name=p.name, default_value=p.default)
               for p in pipeline_parameters(config, placeholders.bucket_name, evaluation=evaluation)}
     bucket = placeholders.bucket_name
+    # Pipelines cannot default a parameter to the execution id: a first step resolves the run (RunId, or else
+    # this execution's id) and the checkpoints are keyed on it, with a trailing "/" (without it a restore of
+    # run-1 also pulls run-10: S3 prefixes).
+    resolve_run = LambdaStep(
+        name=RESOLVE_RUN_STEP, lambda_func=Lambda(function_arn=placeholders.resolve_run_function_arn, session=session),
+        inputs={"run_id": params[RUN_ID_PARAMETER], "execution_id": ExecutionVariables.PIPELINE_EXECUTION_ID},
+        outputs=[LambdaOutput(output_name=RUN_OUTPUT, output_type=LambdaOutputTypeEnum.String)])
     checkpoint_s3_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['checkpoints'].rstrip('/')}",
-                                             ExecutionVariables.PIPELINE_EXECUTION_ID, ""])
+                                             resolve_run.properties.Outputs[RUN_OUTPUT], ""])
     estimator = PyTorch(
         entry_point=ENTRY_POINT,
         source_dir=f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
@@ -381,7 +397,7 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
                             retry_policies=retry_policies)
         if prepare is not None:
             prepare.retry_policies = retry_policies
-        steps = [prepare, step] if prepare is not None else [step]
+        steps = [resolve_run, *([prepare] if prepare is not None else []), step]
         if evaluation:
             steps += _evaluation_steps(config, params, placeholders, image_uri or default_image_uri(config), session,
                                        environment, step, data_uri, retry_policies)

@@ -16,11 +16,15 @@ from typing import Any
 
 import botocore.session
 
+from spot_training.config.capacity import resolve_run
+
 MAX_DEFINITION_CHARACTERS = 1_048_576  # CreatePipeline PipelineDefinition length limit
 MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds service limit (not in botocore)
 EXECUTION_ID_STAND_IN = "validation0exec"
 EVALUATE_STEP = "Evaluate"  # definition.build.EVALUATE_STEP_NAME (build imports this module, not the reverse)
 PREPARE_STEP = "PrepareData"  # definition.build.PREPARE_STEP_NAME
+# The Lambda step that names the run (config.capacity.resolve_run) and its output, the checkpoints' key.
+RESOLVE_RUN_STEP, RUN_OUTPUT = "ResolveRun", "RunId"
 _RETRYABLE_JOB_ERRORS = ("SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT", "SageMaker.JOB_INTERNAL_ERROR")
 
 
@@ -75,7 +79,6 @@ def resolve(definition: Mapping[str, Any], properties: Mapping[str, Any] | None 
             known[where + "ModelArtifacts.S3ModelArtifacts"] = {"Std:Join": {"On": "", "Values": [
                 output, "/" if not isinstance(output, str) or not output.endswith("/") else "", job, "/output/model/"]}}
             known[where + "TrainingTimeInSeconds"] = known[where + "BillableTimeInSeconds"] = 3600
-    known.update(properties or {})
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
@@ -96,6 +99,12 @@ def resolve(definition: Mapping[str, Any], properties: Mapping[str, Any] | None 
             return [walk(v) for v in node]
         return node
 
+    for step in all_steps(definition):  # the run identity, as the ResolveRun function computes it
+        if step.get("Type") == "Lambda" and step["Name"] == RESOLVE_RUN_STEP:
+            arguments = walk(step["Arguments"])
+            known[f"Steps.{step['Name']}.OutputParameters['{RUN_OUTPUT}']"] = resolve_run(
+                arguments.get("run_id"), arguments["execution_id"])
+    known.update(properties or {})
     return walk(definition)
 
 
@@ -274,7 +283,8 @@ def _own_rules(step: Mapping[str, Any], expect: Expectations) -> list[Violation]
         elif not checkpoint["S3Uri"].endswith("/") or EXECUTION_ID_STAND_IN not in checkpoint["S3Uri"]:
             # Without the trailing slash a restore of run-1 also pulls run-10 (S3 prefix semantics).
             out.append(Violation("Arguments.CheckpointConfig.S3Uri",
-                                 f"{checkpoint['S3Uri']!r} must be keyed on the pipeline execution id and end with '/'"))
+                                 f"{checkpoint['S3Uri']!r} must be keyed on the run ({RESOLVE_RUN_STEP}'s {RUN_OUTPUT}, the "
+                                 "execution id unless RunId is given) and end with '/'"))
         if checkpoint.get("LocalPath", "/opt/ml/checkpoints") != "/opt/ml/checkpoints":
             out.append(Violation("Arguments.CheckpointConfig.LocalPath",
                                  f"{checkpoint['LocalPath']!r}: the trainer saves to /opt/ml/checkpoints"))
