@@ -54,12 +54,12 @@ def test_overlong_execution_alarm_watches_the_published_age_metric(default_app):
 
 def test_monitor_runs_in_the_isolated_vpc_with_a_dead_letter_queue_and_no_reserved_concurrency(default_app):
     # A reservation fails deployment in an account at the default concurrency quota of 10.
-    function = _one(default_app, "AWS::Lambda::Function")
+    function = _one(default_app, "AWS::Lambda::Function", "AlarmsMonitor")
     assert len(function["VpcConfig"]["SubnetIds"]) == 2
     assert "ReservedConcurrentExecutions" not in function
     assert "DeadLetterConfig" in function
     assert function["Environment"]["Variables"]["PIPELINE_NAME"] == "distributed-training"
-    egress = _one(default_app, "AWS::EC2::SecurityGroupEgress")
+    egress = _one(default_app, "AWS::EC2::SecurityGroupEgress", "Monitor")
     assert (egress["FromPort"], egress["ToPort"]) == (443, 443) and "EndpointSecurityGroup" in json.dumps(egress)
 
 

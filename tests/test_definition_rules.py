@@ -62,7 +62,10 @@ BREAKAGES = {
                                  "Steps[Train].Arguments.CheckpointConfig.S3Uri: managed spot needs a checkpoint"),
     "checkpoint uri without trailing slash": (
         lambda d: args(d)["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"].pop(),
-        "must be keyed on the pipeline execution id and end with '/'"),
+        "must be keyed on the run (ResolveRun's RunId, the execution id unless RunId is given) and end with '/'"),
+    "checkpoint uri not keyed on the run": (
+        lambda d: args(d)["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"].__setitem__(1, "shared"),
+        "must be keyed on the run"),
     "no vpc config": (lambda d: args(d).pop("VpcConfig"), "Steps[Train].Arguments.VpcConfig: subnets and security"),
     "isolation off": (lambda d: args(d).update(EnableNetworkIsolation=False),
                       "Steps[Train].Arguments.EnableNetworkIsolation: is False, configured True"),

@@ -31,13 +31,23 @@ def test_training_runs_on_managed_spot_with_runtime_and_wait_limits(arguments):
     assert arguments["StoppingCondition"] == {"MaxRuntimeInSeconds": 43200, "MaxWaitTimeInSeconds": 86400}
 
 
-def test_checkpoints_go_to_a_prefix_keyed_on_the_execution_id_with_trailing_slash(arguments):
+def test_checkpoints_go_to_a_prefix_keyed_on_the_run_with_trailing_slash(arguments, default_app):
     checkpoint = arguments["CheckpointConfig"]
     assert checkpoint["LocalPath"] == "/opt/ml/checkpoints"
     join = checkpoint["S3Uri"]["Std:Join"]
     assert join["On"] == "/"
     assert join["Values"][0].startswith("s3://<importvalue:") and join["Values"][0].endswith("/checkpoints")
-    assert join["Values"][1:] == [{"Get": "Execution.PipelineExecutionId"}, ""]
+    assert join["Values"][1:] == [{"Get": "Steps.ResolveRun.OutputParameters['RunId']"}, ""]
+    # The run: the first step's answer from RunId (empty: a new run) and the execution id, by the construct's function.
+    definition = pipeline_body(default_app)
+    resolve = definition["Steps"][0]
+    assert (resolve["Name"], resolve["Type"]) == ("ResolveRun", "Lambda")
+    assert resolve["Arguments"] == {"run_id": {"Get": "Parameters.RunId"},
+                                    "execution_id": {"Get": "Execution.PipelineExecutionId"}}
+    assert resolve["OutputParameters"] == [{"OutputName": "RunId", "OutputType": "String"}]
+    assert "RunIdentityResolveRun" in json.dumps(resolve["FunctionArn"])
+    assert {p["Name"]: p["DefaultValue"] for p in definition["Parameters"] if p["Name"].startswith("Run")} == {
+        "RunId": "", "RunStartedAt": ""}
 
 
 def test_training_runs_in_our_subnets_and_training_security_group(arguments):
@@ -304,7 +314,9 @@ def test_imported_immutable_roles_get_the_managed_policies_attached_by_name():
     template = app.synth().get_stack_by_name("S").template
     attached = sorted((json.dumps(r["Properties"]["Roles"]), "sagemaker:CreateTrainingJob" in json.dumps(r))
                       for r in template["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
-    assert attached == [('["their-pipeline"]', True), ('["their-training"]', False), ('["their-training"]', False)]
+    attached = [a for a in attached if "RunIdentity" not in a[0]]  # the ResolveRun function's own role
+    assert attached == [('["their-pipeline"]', False), ('["their-pipeline"]', True), ('["their-training"]', False),
+                        ('["their-training"]', False)]  # the pipeline role's second one invokes the ResolveRun step
 
 
 def test_an_existing_model_package_group_is_used_not_created_again():

@@ -22,7 +22,7 @@ def steps(default_app):
 
 
 def test_the_pipeline_prepares_the_data_before_training(steps):
-    assert list(steps) == ["PrepareData", "Train", "Evaluate", "CheckEvaluation"]
+    assert list(steps) == ["ResolveRun", "PrepareData", "Train", "Evaluate", "CheckEvaluation"]
     prepare = steps["PrepareData"]
     assert prepare["Type"] == "Processing"
     assert prepare["CacheConfig"] == {"Enabled": True, "ExpireAfter": "P30D"}
@@ -83,11 +83,11 @@ def test_the_pipeline_role_creates_preparation_jobs_only_inside_the_guardrails(d
 def test_without_preparation_the_training_reads_the_channel_as_given(tmp_path_factory):
     app = synth(tmp_path_factory.getbasetemp(), prepare_data="false")
     body = pipeline_body(app)
-    assert [s["Name"] for s in body["Steps"]] == ["Train", "Evaluate", "CheckEvaluation"]
+    assert [s["Name"] for s in body["Steps"]] == ["ResolveRun", "Train", "Evaluate", "CheckEvaluation"]
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
                 for c in training_step(app)["Arguments"]["InputDataConfig"]}
     assert channels["train"] == {"Get": "Parameters.TrainingDataUri"}
-    evaluation = {i["InputName"]: i["S3Input"]["S3Uri"] for i in body["Steps"][1]["Arguments"]["ProcessingInputs"]}
+    evaluation = {i["InputName"]: i["S3Input"]["S3Uri"] for i in body["Steps"][2]["Arguments"]["ProcessingInputs"]}
     assert evaluation["data"] == {"Get": "Parameters.TrainingDataUri"}  # evaluated as the trainer read it
     statements = [s for p in app.resources("security", "AWS::IAM::ManagedPolicy").values()
                   for s in p["Properties"]["PolicyDocument"]["Statement"]]

@@ -67,11 +67,12 @@ def test_team_pipeline_refuses_a_run_above_its_instance_count_cap_before_any_job
     (condition,) = gate["Arguments"]["Conditions"]
     assert condition == {"Type": "LessThanOrEqualTo", "LeftValue": {"Get": "Parameters.InstanceCount"},
                          "RightValue": 2}
-    assert [s["Type"] for s in gate["Arguments"]["IfSteps"]] == ["Processing", "Training", "Processing", "Condition"]  # refused: nothing runs
+    assert [s["Type"] for s in gate["Arguments"]["IfSteps"]] == ["Lambda", "Processing", "Training", "Processing",
+                                                                "Condition"]  # refused: nothing runs
     (fail,) = gate["Arguments"]["ElseSteps"]
     assert fail["Type"] == "Fail"
     assert "above this pipeline's cap of 2 instances" in json.dumps(fail["Arguments"]["ErrorMessage"])
-    training = gate["Arguments"]["IfSteps"][1]["Arguments"]
+    training = gate["Arguments"]["IfSteps"][2]["Arguments"]
     assert training["StoppingCondition"]["MaxRuntimeInSeconds"] == 14400
     parameters = {p["Name"]: p["DefaultValue"] for p in body["Parameters"]}
     assert (parameters["InstanceType"], parameters["InstanceCount"]) == ("ml.g5.12xlarge", 2)
@@ -79,7 +80,7 @@ def test_team_pipeline_refuses_a_run_above_its_instance_count_cap_before_any_job
 
 def test_main_pipeline_has_no_count_gate(teams_app):
     assert [s["Type"] for s in _body(_pipelines(teams_app)["distributed-training"])["Steps"]] == [
-        "Processing", "Training", "Processing", "Condition"]
+        "Lambda", "Processing", "Training", "Processing", "Condition"]
 
 
 def test_team_principals_may_start_their_own_pipeline_only(teams_app):

@@ -1,0 +1,204 @@
+"""The capacity ladder's functions against stubbed SageMaker and SNS APIs (botocore Stubber checks every request
+against the service model): the run identity, and the controller's decision after an execution ends."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import subprocess
+import sys
+
+import botocore.session
+import pytest
+from botocore.stub import ANY, Stubber
+
+from spot_training.cdk.monitor import capacity_ladder
+from spot_training.config import capacity, ladder
+from spot_training.config.settings import TrainingConfig
+
+TYPES = ("ml.p4d.24xlarge", "ml.p5.48xlarge")
+CONFIG = TrainingConfig(region="us-east-1", instance_type=TYPES[0], allowed_instance_types=TYPES, capacity_ladder=True)
+PLAN = ladder.plan_for(CONFIG)
+SPOT_PIPELINE, ON_DEMAND_PIPELINE = PLAN.pipelines["spot"], PLAN.pipelines["on-demand"]
+TOPIC = "arn:aws:sns:us-east-1:111122223333:alarms"
+NOW = datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+def execution_arn(pipeline: str, execution: str) -> str:
+    return f"arn:aws:sagemaker:us-east-1:111122223333:pipeline/{pipeline}/execution/{execution}"
+
+
+def event(arn: str, status: str = "Failed") -> dict:
+    return {"detail-type": "SageMaker Model Building Pipeline Execution Status Change", "source": "aws.sagemaker",
+            "detail": {"pipelineExecutionArn": arn, "currentPipelineExecutionStatus": status}}
+
+
+def client(service: str):
+    return botocore.session.get_session().create_client(service, region_name="us-east-1", aws_access_key_id="x",
+                                                        aws_secret_access_key="x")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("LADDER", PLAN.to_json())
+    monkeypatch.setenv("TRAINING_STEP", "Train")
+    monkeypatch.setenv("TOPIC_ARN", TOPIC)
+
+
+def parameters(arn: str, values: dict[str, str], stub: Stubber) -> None:
+    stub.add_response("list_pipeline_parameters_for_execution", {"PipelineParameters": [
+        {"Name": k, "Value": v} for k, v in values.items()]}, {"PipelineExecutionArn": arn})
+
+
+def training_ended(arn: str, stub: Stubber, secondary: str, reason: str) -> None:
+    job = "pipelines-abc-train-1a2b3c"
+    stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+        {"StepName": "Evaluate", "StepStatus": "NotStarted"},
+        {"StepName": "Train", "StepStatus": "Failed", "FailureReason": "ClientError: training job ended",
+         "Metadata": {"TrainingJob": {"Arn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{job}"}}}]},
+        {"PipelineExecutionArn": arn})
+    stub.add_response("describe_training_job", {
+        "TrainingJobName": job, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{job}",
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://b/o"}, "TrainingJobStatus": "Stopped",
+        "SecondaryStatus": secondary, "FailureReason": reason,
+        "AlgorithmSpecification": {"TrainingInputMode": "File"}, "ResourceConfig": {
+            "InstanceType": TYPES[0], "InstanceCount": 2, "VolumeSizeInGB": 500},
+        "StoppingCondition": {"MaxRuntimeInSeconds": 100}, "CreationTime": NOW}, {"TrainingJobName": job})
+
+
+def running(stub: Stubber, summaries: dict[str, list[dict]]) -> None:
+    for pipeline in sorted(summaries):
+        stub.add_response("list_pipeline_executions", {"PipelineExecutionSummaries": summaries[pipeline]},
+                          {"PipelineName": pipeline, "CreatedAfter": ANY, "SortBy": "CreationTime",
+                           "SortOrder": "Descending"})
+
+
+def test_a_run_whose_spot_rung_ran_out_of_wait_climbs_to_the_next_rung_with_its_run_id(env):
+    sagemaker, sns = client("sagemaker"), client("sns")
+    ended = execution_arn(SPOT_PIPELINE, "abc123def456")
+    carried = {"InstanceType": TYPES[0], "InstanceCount": "2", "MaxSteps": "1000", "DataFingerprint": "sha256:9f",
+               "RunId": "", "RunStartedAt": ""}
+    with Stubber(sagemaker) as sm, Stubber(sns) as notify:
+        parameters(ended, carried, sm)
+        sm.add_response("describe_pipeline_execution", {"CreationTime": NOW - datetime.timedelta(hours=8)},
+                        {"PipelineExecutionArn": ended})
+        training_ended(ended, sm, "MaxWaitTimeExceeded", "Training job exceeded MaxWaitTimeInSeconds")
+        running(sm, {SPOT_PIPELINE: [{"PipelineExecutionArn": ended, "PipelineExecutionStatus": "Failed"}],
+                     ON_DEMAND_PIPELINE: []})
+        started_at = (NOW - datetime.timedelta(hours=8)).isoformat()
+        sm.add_response("start_pipeline_execution", {"PipelineExecutionArn": execution_arn(SPOT_PIPELINE, "next")}, {
+            "PipelineName": SPOT_PIPELINE, "PipelineExecutionDisplayName": "abc123def456-rung-2",
+            "PipelineExecutionDescription": ANY, "ClientRequestToken": hashlib.sha256(ended.encode()).hexdigest(),
+            "PipelineParameters": sorted([{"Name": k, "Value": v} for k, v in {
+                **carried, "RunId": "abc123def456", "RunStartedAt": started_at, "InstanceType": TYPES[1]}.items()],
+                key=lambda p: p["Name"])})
+        notify.add_response("publish", {"MessageId": "m1"}, {
+            "TopicArn": TOPIC, "Subject": "Capacity ladder: run abc123def456 climbed to spot:ml.p5.48xlarge",
+            "Message": ANY})
+        result = capacity_ladder.on_execution_end(event(ended, "Stopped"), sagemaker=sagemaker, sns=sns, now=NOW)
+    assert (result["action"], result["rung"], result["run"]) == ("climb", "spot:ml.p4d.24xlarge", "abc123def456")
+    assert result["reason"].startswith("MaxWaitTimeExceeded on spot:ml.p4d.24xlarge after 8.0 h; spot:ml.p5.48xlarge")
+    assert result["started"].endswith("/execution/next")
+
+
+def test_an_event_delivered_twice_starts_one_execution_through_the_same_request_token(env):
+    """EventBridge delivers at least once: both deliveries send the token derived from the ended execution, which
+    StartPipelineExecution answers with the same execution."""
+    ended = execution_arn(SPOT_PIPELINE, "abc123def456")
+    tokens = []
+    for _ in range(2):
+        sagemaker = client("sagemaker")
+        with Stubber(sagemaker) as sm:
+            parameters(ended, {"InstanceType": TYPES[1], "RunId": "nightly-7",
+                               "RunStartedAt": (NOW - datetime.timedelta(hours=12)).isoformat()}, sm)
+            training_ended(ended, sm, "Starting", "CapacityError: Unable to provision requested ML compute capacity")
+            running(sm, {SPOT_PIPELINE: [], ON_DEMAND_PIPELINE: []})
+            sm.add_response("start_pipeline_execution", {"PipelineExecutionArn": execution_arn(ON_DEMAND_PIPELINE, "x")},
+                            {"PipelineName": ON_DEMAND_PIPELINE, "PipelineExecutionDisplayName": "nightly-7-rung-3",
+                             "PipelineExecutionDescription": ANY, "ClientRequestToken": ANY, "PipelineParameters": ANY})
+            sagemaker.meta.events.register("provide-client-params.sagemaker.StartPipelineExecution",
+                                           lambda params, **_: tokens.append(params["ClientRequestToken"]))
+            result = capacity_ladder.on_execution_end(event(ended), sagemaker=sagemaker, sns=_quiet_sns(), now=NOW)
+        assert result["action"] == "climb" and result["rung"] == "spot:ml.p5.48xlarge"
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 64
+
+
+def _quiet_sns():
+    sns = client("sns")
+    stub = Stubber(sns)
+    stub.add_response("publish", {"MessageId": "m"}, {"TopicArn": TOPIC, "Subject": ANY, "Message": ANY})
+    stub.activate()
+    return sns
+
+
+def test_it_never_starts_a_second_execution_of_a_run_that_has_one_running(env):
+    sagemaker, sns = client("sagemaker"), client("sns")
+    ended = execution_arn(SPOT_PIPELINE, "abc123def456")
+    other = execution_arn(ON_DEMAND_PIPELINE, "zzz999")
+    with Stubber(sagemaker) as sm, Stubber(sns) as notify:
+        parameters(ended, {"InstanceType": TYPES[0], "RunId": "nightly-7",
+                           "RunStartedAt": (NOW - datetime.timedelta(hours=2)).isoformat()}, sm)
+        training_ended(ended, sm, "Starting", "CapacityError: none")
+        running(sm, {SPOT_PIPELINE: [], ON_DEMAND_PIPELINE: [{"PipelineExecutionArn": other,
+                                                             "PipelineExecutionStatus": "Executing"}]})
+        parameters(other, {"RunId": "nightly-7"}, sm)  # started by hand (spot-training start --resume-run)
+        notify.add_response("publish", {"MessageId": "m1"}, {"TopicArn": TOPIC, "Subject": ANY, "Message": ANY})
+        result = capacity_ladder.on_execution_end(event(ended), sagemaker=sagemaker, sns=sns, now=NOW)
+    assert (result["action"], result["reason"]) == ("stop", "1 execution(s) of this run are still running: no "
+                                                            "second one")
+
+
+def test_a_failure_that_is_not_capacity_is_left_to_the_alarms(env):
+    sagemaker, sns = client("sagemaker"), client("sns")
+    ended = execution_arn(SPOT_PIPELINE, "abc123def456")
+    with Stubber(sagemaker) as sm, Stubber(sns):
+        parameters(ended, {"InstanceType": TYPES[0]}, sm)
+        sm.add_response("describe_pipeline_execution", {"CreationTime": NOW}, {"PipelineExecutionArn": ended})
+        training_ended(ended, sm, "Failed", "AlgorithmError: CUDA out of memory")
+        result = capacity_ladder.on_execution_end(event(ended), sagemaker=sagemaker, sns=sns, now=NOW)
+    assert result["action"] == "ignore"  # no listing, no start, no message (the Failed/Stopped rule alarms)
+
+
+@pytest.mark.parametrize("case", ["top rung", "deadline"])
+def test_it_stops_at_the_top_rung_and_when_the_deadline_leaves_no_rung_and_says_so(env, case):
+    sagemaker, sns = client("sagemaker"), client("sns")
+    pipeline = ON_DEMAND_PIPELINE if case == "top rung" else SPOT_PIPELINE
+    ended = execution_arn(pipeline, "abc123def456")
+    hours = 1 if case == "top rung" else 20
+    messages = []
+    with Stubber(sagemaker) as sm, Stubber(sns) as notify:
+        parameters(ended, {"InstanceType": TYPES[0], "RunId": "nightly-7",
+                           "RunStartedAt": (NOW - datetime.timedelta(hours=hours)).isoformat()}, sm)
+        training_ended(ended, sm, "Starting", "ResourceLimitExceeded: account quota for ml.p4d.24xlarge")
+        running(sm, {SPOT_PIPELINE: [], ON_DEMAND_PIPELINE: []})
+        notify.add_response("publish", {"MessageId": "m1"}, {"TopicArn": TOPIC, "Subject": ANY, "Message": ANY})
+        sns.meta.events.register("provide-client-params.sns.Publish", lambda params, **_: messages.append(params))
+        result = capacity_ladder.on_execution_end(event(ended), sagemaker=sagemaker, sns=sns, now=NOW)
+    assert result["action"] == "stop" and "started" not in result
+    expected = ("ResourceLimitExceeded on on-demand:ml.p4d.24xlarge, the ladder's top rung: nothing to climb to"
+                if case == "top rung" else "ResourceLimitExceeded on spot:ml.p4d.24xlarge: 4.0 h left before the 24 h "
+                "deadline, too little for any rung above; the run stops here")
+    assert result["reason"] == expected
+    assert messages[0]["Subject"] == "Capacity ladder: run nightly-7 stopped"
+    assert f"Decision: stop: {expected}." in messages[0]["Message"]
+
+
+def test_the_run_is_the_given_run_id_or_else_the_execution_and_a_bad_one_fails_the_step_in_one_line():
+    assert capacity_ladder.resolve_run_handler({"run_id": "", "execution_id": "abc123"}) == {"RunId": "abc123"}
+    assert capacity_ladder.resolve_run_handler({"run_id": "nightly-7", "execution_id": "x"}) == {"RunId": "nightly-7"}
+    with pytest.raises(capacity.RunIdError, match=r"^RunId='a/b': must be 1 to 64 letters, digits and hyphens"):
+        capacity_ladder.resolve_run_handler({"run_id": "a/b", "execution_id": "x"})
+
+
+def test_the_bundled_functions_run_on_the_standard_library_alone(tmp_path):
+    """The asset holds the handlers and config.capacity only: they import in an interpreter without site-packages
+    (as much as the Lambda runtime gives: boto3 comes from the runtime and is imported only by the controller)."""
+    from spot_training.cdk.ladder import ladder_code
+
+    folder = ladder_code().path
+    script = ("import json, capacity_ladder; print(json.dumps(capacity_ladder.resolve_run_handler("
+              "{'run_id': '', 'execution_id': 'e1'})))")
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"RunId": "e1"}
