@@ -67,6 +67,8 @@ VARIANTS = {
     "mlflow": lambda tmp: synth(tmp, mlflow="true", network_isolation="false",
                                 image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/train-with-mlflow:1"),
     "two teams": lambda tmp: synth(tmp, teams=json.dumps(TEAMS)),
+    "capacity ladder": lambda tmp: synth(tmp, capacity_ladder="true",
+                                         allowed_instance_types="ml.p4d.24xlarge,ml.p5.48xlarge"),
 }
 
 
@@ -356,3 +358,17 @@ def test_the_dead_key_check_catches_a_deprecated_key():
         "actions": ["sagemaker:CreateTrainingJobs"]})
     assert [c["defined"] for c in output["keyChecks"]] == [False, True]
     assert output["actions"] == [{"action": "sagemaker:CreateTrainingJobs", "exists": False}]
+
+
+def test_the_capacity_controller_starts_and_reads_only_its_ladders_pipelines(tmp_path_factory):
+    auth = authorization(VARIANTS["capacity ladder"](tmp_path_factory.getbasetemp()))
+    names = sorted(p["name"] for p in pipelines(auth.deployment))
+    assert names == ["distributed-training", "distributed-training-on-demand"]
+    (controller,) = {r.principal for r in all_run_requests(auth) if "StartPipelineExecution" in r.id}
+    other = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/someone-elses"
+    requests = [Request("start another pipeline", controller, "sagemaker:StartPipelineExecution", other),
+                Request("read another pipeline's execution", controller, "sagemaker:ListPipelineParametersForExecution",
+                        f"{other}/execution/abc123def456"),
+                Request("stop a training job", controller, "sagemaker:StopTrainingJob",
+                        job_arn(auth.region, "Train"))]
+    assert set(verdicts(auth, requests).values()) == {"ImplicitlyDenied"}

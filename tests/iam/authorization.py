@@ -219,6 +219,9 @@ def pipeline_role_requests(auth: Authorization, pipeline: dict[str, Any]) -> lis
             for a in ("sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags")]
     out.append(Request(f"{name}: pipeline role iam:PassRole", role, "iam:PassRole", args["RoleArn"],
                        {"iam:PassedToService": "sagemaker.amazonaws.com"}))
+    # Pipelines invoke a Lambda step's function as the pipeline role (the ResolveRun step).
+    out += [Request(f"{name}: pipeline role lambda:InvokeFunction ({s['Name']})", role, "lambda:InvokeFunction",
+                    s["FunctionArn"]) for s in _steps(pipeline["resolved"]["Steps"]) if s["Type"] == "Lambda"]
     volume_key = args["ResourceConfig"].get("VolumeKmsKeyId")
     if volume_key:
         out += [Request(f"{name}: pipeline role {a} for volumes", role, a, volume_key,
@@ -302,6 +305,8 @@ def platform_requests(auth: Authorization) -> list[Request]:
                             pipeline),
                     Request(f"{prefix} cloudwatch:PutMetricData", role, "cloudwatch:PutMetricData", "*",
                             {"cloudwatch:namespace": environment["METRIC_NAMESPACE"]})]
+        if "LADDER" in environment:  # the capacity controller (spot_training/cdk/monitor/capacity_ladder.py)
+            out += controller_requests(prefix, role, region, environment, auth)
         if "VpcConfig" in props:
             out += eni_requests(prefix, role, region, props["VpcConfig"]["SubnetIds"],
                                 props["VpcConfig"]["SecurityGroupIds"],
@@ -342,6 +347,32 @@ def platform_requests(auth: Authorization) -> list[Request]:
                 for a in ("logs:CreateLogStream", "logs:PutLogEvents")]
         out.append(Request(f"flow log {logical}: logs:DescribeLogStreams", role, "logs:DescribeLogStreams",
                            group_arn))
+    return out
+
+
+def controller_requests(prefix: str, role: str, region: str, environment: dict[str, Any],
+                        auth: Authorization) -> list[Request]:
+    """What the capacity controller calls after an execution of either pipeline ends: read it and the run's other
+    executions, the training job, start the next rung's execution, and publish to the alarm topic."""
+    out = []
+    plan = json.loads(environment["LADDER"])
+    for pipeline in sorted(set(plan["pipelines"].values())):
+        arn = f"arn:{PARTITION}:sagemaker:{region}:{ACCOUNT}:pipeline/{pipeline.lower()}"
+        out += [Request(f"{prefix} {a} on {pipeline}", role, a, arn)
+                for a in ("sagemaker:ListPipelineExecutions", "sagemaker:StartPipelineExecution")]
+        out += [Request(f"{prefix} {a} on an execution of {pipeline}", role, a, f"{arn}/execution/abc123def456")
+                for a in ("sagemaker:DescribePipelineExecution", "sagemaker:ListPipelineExecutionSteps",
+                          "sagemaker:ListPipelineParametersForExecution")]
+    out.append(Request(f"{prefix} sagemaker:DescribeTrainingJob", role, "sagemaker:DescribeTrainingJob",
+                       job_arn(region, "Train")))
+    topic = environment.get("TOPIC_ARN")
+    if topic:
+        out.append(Request(f"{prefix} sns:Publish", role, "sns:Publish", topic))
+        d = auth.deployment
+        key = next((p.get("KmsMasterKeyId") for s, t, p in d.resources("AWS::SNS::Topic") if d.ref(s, t) == topic), None)
+        if key:
+            out += [Request(f"{prefix} {a} for the topic", role, a, key, {"kms:CallerAccount": ACCOUNT},
+                            auth.key_policies.get(key)) for a in ("kms:GenerateDataKey", "kms:Decrypt")]
     return out
 
 

@@ -63,6 +63,8 @@ class RunIdentity(Construct):
         self.key = kms.Key(self, "Key", enable_key_rotation=True,
                            description="Encrypts the run identity's and the capacity ladder's logs and dead letters")
         let_logs_use(self.key)
+        # The controller's rule sends what it cannot deliver to a dead-letter queue encrypted with this key.
+        self.key.grant_encrypt_decrypt(iam.ServicePrincipal("events.amazonaws.com"))
         self.function, _ = vpc_function(
             self, "ResolveRun", handler="capacity_ladder.resolve_run_handler", code=ladder_code(), vpc=vpc,
             subnets=subnets, endpoint_security_group=endpoint_security_group, key=self.key, statements=[],

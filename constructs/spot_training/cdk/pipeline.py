@@ -145,7 +145,8 @@ class TrainingPipeline(Construct):
             rung = config
             if capacity == ON_DEMAND:
                 rung = dataclasses.replace(config, use_spot=False, capacity_ladder=False,
-                                           pipeline_name=on_demand_pipeline_name(config.pipeline_name))
+                                           pipeline_name=on_demand_pipeline_name(config.pipeline_name),
+                                           model_package_group=self.model_package_group_name or "")  # the same group
             elif self.ladder_plan is not None:  # the first rung's budget: on demand still fits after it
                 first = self.ladder_plan.rungs[0]
                 rung = dataclasses.replace(config, max_wait_seconds=first.max_wait_seconds,
