@@ -202,3 +202,67 @@ def test_the_bundled_functions_run_on_the_standard_library_alone(tmp_path):
     done = subprocess.run([sys.executable, "-S", "-c", script], cwd=folder, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"RunId": "e1"}
+
+
+# ---- by hand: spot-training start --resume-run RUN --capacity ... ------------------------------------------------
+def _executions(stub: Stubber, pipeline: str, summaries: list[tuple[str, str, datetime.datetime, dict]] | Exception):
+    if isinstance(summaries, Exception):
+        stub.add_client_error("list_pipeline_executions", "ResourceNotFound", "Pipeline not found")
+        return
+    stub.add_response("list_pipeline_executions", {"PipelineExecutionSummaries": [
+        {"PipelineExecutionArn": execution_arn(pipeline, e), "PipelineExecutionStatus": status, "StartTime": at}
+        for e, status, at, _ in summaries]}, {"PipelineName": pipeline, "CreatedAfter": ANY, "SortBy": "CreationTime",
+                                              "SortOrder": "Ascending"})
+    for e, _, _, values in summaries:
+        parameters(execution_arn(pipeline, e), values, stub)
+
+
+def test_a_run_resumed_by_hand_on_demand_keeps_its_run_id_deadline_and_parameters():
+    from spot_training.operations.runs import resume_run
+
+    sagemaker = client("sagemaker")
+    first = NOW - datetime.timedelta(hours=9)
+    with Stubber(sagemaker) as sm:
+        _executions(sm, SPOT_PIPELINE, [
+            ("abc123def456", "Stopped", first, {"InstanceType": TYPES[0], "MaxSteps": "500", "RunId": ""}),
+            ("other0000000", "Succeeded", first, {"RunId": ""}),  # another run
+            ("def456abc123", "Failed", first + datetime.timedelta(hours=7), {
+                "InstanceType": TYPES[1], "MaxSteps": "500", "RunId": "abc123def456", "RunStartedAt": first.isoformat()})])
+        _executions(sm, ON_DEMAND_PIPELINE, [])
+        sm.add_response("start_pipeline_execution", {"PipelineExecutionArn": execution_arn(ON_DEMAND_PIPELINE, "n")}, {
+            "PipelineName": ON_DEMAND_PIPELINE, "ClientRequestToken": ANY,
+            "PipelineExecutionDisplayName": "abc123def456-on-demand", "PipelineExecutionDescription": ANY,
+            "PipelineParameters": [{"Name": "InstanceType", "Value": TYPES[0]}, {"Name": "MaxSteps", "Value": "500"},
+                                   {"Name": "RunId", "Value": "abc123def456"},
+                                   {"Name": "RunStartedAt", "Value": first.isoformat()}]})
+        arn = resume_run(sagemaker, SPOT_PIPELINE, "abc123def456", capacity="on-demand",
+                         parameters={"InstanceType": TYPES[0]}, now=NOW)
+    assert arn == execution_arn(ON_DEMAND_PIPELINE, "n")
+
+
+def test_a_run_is_not_resumed_while_one_of_its_executions_runs_or_when_it_is_unknown():
+    from spot_training.operations.runs import OperationError, resume_run
+
+    sagemaker = client("sagemaker")
+    with Stubber(sagemaker) as sm:
+        _executions(sm, SPOT_PIPELINE, [("abc123def456", "Failed", NOW, {"RunId": ""})])
+        _executions(sm, ON_DEMAND_PIPELINE, [("zzz", "Executing", NOW, {"RunId": "abc123def456"})])
+        with pytest.raises(OperationError, match=r"^--resume-run abc123def456: execution .*/execution/zzz of this run "
+                                                 r"is Executing; a run has one execution at a time$"):
+            resume_run(sagemaker, SPOT_PIPELINE, "abc123def456", capacity="on-demand", parameters={}, now=NOW)
+    sagemaker = client("sagemaker")
+    with Stubber(sagemaker) as sm:  # deployed without the ladder: no on-demand pipeline
+        _executions(sm, SPOT_PIPELINE, [])
+        _executions(sm, ON_DEMAND_PIPELINE, RuntimeError())
+        with pytest.raises(OperationError, match=r"^--resume-run nightly-7: no execution of this run in "):
+            resume_run(sagemaker, SPOT_PIPELINE, "nightly-7", capacity="spot", parameters={}, now=NOW)
+    with pytest.raises(OperationError, match=r"^--resume-run: RunId='a b': must be"):
+        resume_run(client("sagemaker"), SPOT_PIPELINE, "a b", capacity="spot", parameters={}, now=NOW)
+
+
+def test_capacity_without_resume_run_is_refused_in_one_line(capsys):
+    from spot_training import cli
+
+    assert cli.main(["start", "--pipeline-name", "p", "--region", "us-east-1", "--capacity", "on-demand"]) == 2
+    assert capsys.readouterr().err == ("error: --capacity on-demand: goes with --resume-run RUN (a new run starts on "
+                                       "spot; the capacity ladder climbs it)\n")

@@ -191,6 +191,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     from spot_training.operations.runs import parse_parameters, start
 
     region = _region(args)
+    if args.resume_run:
+        from spot_training.operations.runs import resume_run
+
+        if args.resume_from:
+            raise OperationError("--resume-run and --resume-from: give one (--resume-from reruns one execution, "
+                                 "--resume-run starts the run's next execution)")
+        print(resume_run(aws_client("sagemaker", region), _pipeline_name(args), args.resume_run,
+                         capacity=args.capacity, parameters=parse_parameters(args.parameter or [])))
+        return 0
+    if args.capacity != "spot":
+        raise OperationError(f"--capacity {args.capacity}: goes with --resume-run RUN (a new run starts on spot; the "
+                             "capacity ladder climbs it)")
     arn = start(aws_client("sagemaker", region), _pipeline_name(args), parameters=parse_parameters(args.parameter or []),
                 resume_from=args.resume_from, display_name=args.display_name, s3=aws_client("s3", region))
     print(arn)
@@ -443,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pipeline parameter override, e.g. InstanceCount=4; repeatable")
     start.add_argument("--resume-from", metavar="EXECUTION",
                        help="rerun a Failed or Stopped execution (ARN or id): same id, so it continues from its checkpoints")
+    start.add_argument("--resume-run", metavar="RUN",
+                       help="start the next execution of run RUN (its RunId: the id of its first execution, unless "
+                       "given) from its checkpoints, with the parameters of its latest execution; refused while one "
+                       "of its executions runs")
+    start.add_argument("--capacity", choices=("spot", "on-demand"), default="spot",
+                       help="with --resume-run: the spot pipeline (default; --parameter InstanceType=... picks another "
+                       "allowed type) or the -on-demand pipeline (training.capacity_ladder=true)")
     start.add_argument("--display-name", help="execution display name (default: run-<timestamp>)")
     start.set_defaults(handler=cmd_start)
 

@@ -18,6 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import botocore.exceptions
+
+from spot_training.config.capacity import (CAPACITIES, ON_DEMAND, RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER, SPOT,
+                                           RunIdError, resolve_run)
+from spot_training.config.ladder import on_demand_pipeline_name
 from spot_training.config.layout import DATA_PARAMETERS, NO_FINGERPRINT
 from spot_training.operations.errors import OperationError
 
@@ -135,6 +140,77 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
 
 
 APPROVED_LOSS_PARAMETER = "ApprovedModelLoss"  # definition.build.APPROVED_LOSS_PARAMETER
+RUNNING = ("Executing", "Stopping")
+
+
+def execution_parameters(sagemaker, arn: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for page in sagemaker.get_paginator("list_pipeline_parameters_for_execution").paginate(PipelineExecutionArn=arn):
+        found.update({p["Name"]: p["Value"] for p in page["PipelineParameters"]})
+    return found
+
+
+def run_executions(sagemaker, pipeline_name: str, run_id: str, *, lookback_days: int = 30,
+                   now: datetime.datetime | None = None) -> list[dict[str, Any]]:
+    """The executions of run `run_id` in the construct's pipelines (spot, and on-demand where it exists), oldest
+    first, each with its pipeline, capacity, status and parameters. Only executions of the last `lookback_days`
+    are read: checkpoints expire after 30 days by default (checkpoint_expiration_days), so an older run has
+    nothing to resume from."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    found = []
+    for capacity, name in ((SPOT, pipeline_name), (ON_DEMAND, on_demand_pipeline_name(pipeline_name))):
+        pages = sagemaker.get_paginator("list_pipeline_executions").paginate(
+            PipelineName=name, CreatedAfter=now - datetime.timedelta(days=lookback_days), SortBy="CreationTime",
+            SortOrder="Ascending")
+        try:
+            summaries = [s for page in pages for s in page["PipelineExecutionSummaries"]]
+        except botocore.exceptions.ClientError as error:
+            if capacity == ON_DEMAND and error.response["Error"]["Code"] in ("ResourceNotFound", "ValidationException"):
+                continue  # deployed without the capacity ladder
+            raise
+        for summary in summaries:
+            arn = summary["PipelineExecutionArn"]
+            parameters = execution_parameters(sagemaker, arn)
+            if resolve_run(parameters.get(RUN_ID_PARAMETER), arn.rsplit("/", 1)[-1]) == run_id:
+                found.append({"arn": arn, "pipeline": name, "capacity": capacity, "parameters": parameters,
+                              "status": summary["PipelineExecutionStatus"], "started": summary["StartTime"]})
+    return sorted(found, key=lambda e: e["started"])
+
+
+def resume_run(sagemaker, pipeline_name: str, run_id: str, *, capacity: str, parameters: Mapping[str, str],
+               now: datetime.datetime | None = None) -> str:
+    """Start the next execution of run `run_id` by hand, on `capacity` (`spot`: `pipeline_name`; `on-demand`: its
+    `-on-demand` pipeline): with the parameters of the run's latest execution, then `parameters`, the same RunId
+    (its checkpoints) and RunStartedAt (its deadline). Refused while an execution of the run is running."""
+    try:
+        resolve_run(run_id, "")
+    except RunIdError as error:
+        raise OperationError(f"--resume-run: {error}") from None
+    if capacity not in CAPACITIES:
+        raise OperationError(f"--capacity {capacity}: must be one of {', '.join(CAPACITIES)}")
+    executions = run_executions(sagemaker, pipeline_name, run_id, now=now)
+    if not executions:
+        raise OperationError(f"--resume-run {run_id}: no execution of this run in {pipeline_name} or "
+                             f"{on_demand_pipeline_name(pipeline_name)} in the last 30 days")
+    busy = [e for e in executions if e["status"] in RUNNING]
+    if busy:
+        raise OperationError(f"--resume-run {run_id}: execution {busy[-1]['arn']} of this run is "
+                             f"{busy[-1]['status']}; a run has one execution at a time")
+    target = on_demand_pipeline_name(pipeline_name) if capacity == ON_DEMAND else pipeline_name
+    latest = executions[-1]
+    run_started = latest["parameters"].get(RUN_STARTED_AT_PARAMETER) or executions[0]["started"].isoformat()
+    values = {**latest["parameters"], **parameters, RUN_ID_PARAMETER: run_id, RUN_STARTED_AT_PARAMETER: run_started}
+    try:
+        return sagemaker.start_pipeline_execution(
+            PipelineName=target, ClientRequestToken=str(uuid.uuid4()),
+            PipelineExecutionDisplayName=f"{run_id}-{capacity}"[:82],
+            PipelineExecutionDescription=f"Run {run_id} resumed by hand on {capacity} after {latest['arn']}",
+            PipelineParameters=[{"Name": k, "Value": v} for k, v in sorted(values.items())])["PipelineExecutionArn"]
+    except botocore.exceptions.ClientError as error:
+        if error.response["Error"]["Code"] in ("ResourceNotFound", "ValidationException") and capacity == ON_DEMAND:
+            raise OperationError(f"--capacity on-demand: no pipeline {target} (deploy with "
+                                 "training.capacity_ladder=true)") from None
+        raise
 
 
 def approved_model_loss(sagemaker, s3, definition: Mapping[str, Any], parameters: Mapping[str, str], *,
