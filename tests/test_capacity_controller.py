@@ -266,3 +266,54 @@ def test_capacity_without_resume_run_is_refused_in_one_line(capsys):
     assert cli.main(["start", "--pipeline-name", "p", "--region", "us-east-1", "--capacity", "on-demand"]) == 2
     assert capsys.readouterr().err == ("error: --capacity on-demand: goes with --resume-run RUN (a new run starts on "
                                        "spot; the capacity ladder climbs it)\n")
+
+
+def test_the_run_report_shows_each_execution_its_rung_capacity_wait_billable_time_and_the_realized_savings():
+    from spot_training.operations.runs import run_report, run_report_text
+
+    first = NOW - datetime.timedelta(hours=12)
+    sagemaker = client("sagemaker")
+
+    def job(name: str, spot: bool, status: str, secondary: str, starting_hours: float, training: int, billable: int):
+        start = first if spot else first + datetime.timedelta(hours=8)
+        return {
+            "TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{name}",
+            "ModelArtifacts": {"S3ModelArtifacts": "s3://b/o"}, "TrainingJobStatus": status, "SecondaryStatus": secondary,
+            "AlgorithmSpecification": {"TrainingInputMode": "File"}, "EnableManagedSpotTraining": spot,
+            "ResourceConfig": {"InstanceType": TYPES[0], "InstanceCount": 2, "VolumeSizeInGB": 500},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 43200}, "CreationTime": start,
+            "TrainingTimeInSeconds": training, "BillableTimeInSeconds": billable,
+            "SecondaryStatusTransitions": [
+                {"Status": "Starting", "StartTime": start, "EndTime": start + datetime.timedelta(hours=starting_hours)},
+                {"Status": "Training", "StartTime": start + datetime.timedelta(hours=starting_hours)}]}
+
+    with Stubber(sagemaker) as sm:
+        _executions(sm, SPOT_PIPELINE, [("abc123def456", "Stopped", first, {"RunId": ""})])
+        _executions(sm, ON_DEMAND_PIPELINE, [("ondemand0001", "Succeeded", first + datetime.timedelta(hours=8),
+                                              {"RunId": "abc123def456"})])
+        for pipeline, execution, spot, status, secondary, wait, training, billable in (
+                (SPOT_PIPELINE, "abc123def456", True, "Stopped", "MaxWaitTimeExceeded", 6.0, 7200, 2880),
+                (ON_DEMAND_PIPELINE, "ondemand0001", False, "Completed", "Completed", 0.25, 18000, 18000)):
+            arn = execution_arn(pipeline, execution)
+            sm.add_response("describe_pipeline_execution", {"PipelineExecutionArn": arn, "PipelineExecutionStatus": {
+                "Stopped": "Failed", "Completed": "Succeeded"}[status]}, {"PipelineExecutionArn": arn})
+            name = f"pipelines-{execution}-train-1"
+            sm.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+                {"StepName": "Train", "StepStatus": "Failed" if status == "Stopped" else "Succeeded",
+                 "Metadata": {"TrainingJob": {"Arn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{name}"}}}]},
+                {"PipelineExecutionArn": arn, "SortOrder": "Ascending"})
+            sm.add_response("describe_training_job", job(name, spot, status, secondary, wait, training, billable),
+                            {"TrainingJobName": name})
+        result = run_report(sagemaker, SPOT_PIPELINE, "abc123def456", price_per_hour=10.0, now=NOW)
+    spot, on_demand = result["executions"]
+    assert (spot["rung"], spot["ended_because"], spot["capacity_wait_seconds"]) == (
+        "spot:ml.p4d.24xlarge", "MaxWaitTimeExceeded", 6 * 3600)
+    assert (on_demand["rung"], on_demand["status"], on_demand["capacity_wait_seconds"]) == (
+        "on-demand:ml.p4d.24xlarge", "Succeeded", 900)
+    # (1 - (2880 + 18000) / (7200 + 18000)) x 100 = 17.1%; cost = 10 USD x 2 instances x billable hours.
+    assert (result["savings_percent"], result["cost"], result["on_demand_cost"]) == (17.1, 116.0, 140.0)
+    text = run_report_text(result)
+    assert text.splitlines()[0] == "run abc123def456: 2 execution(s), Succeeded"
+    assert "  1. spot:ml.p4d.24xlarge (2 instances): Failed, ended MaxWaitTimeExceeded; waited 6h00m00s for capacity" in text
+    assert text.splitlines()[-1].startswith("  total: waited 6h15m00s for capacity")
+    assert text.splitlines()[-1].endswith("realized savings 17.1% against on-demand; $116.00 against $140.00 on demand")

@@ -252,6 +252,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from spot_training.operations.runs import load_prices, report, report_text, timeline_chart
 
     region = _region(args)
+    if args.run:
+        from spot_training.operations.runs import run_report, run_report_text
+
+        if args.execution_arn or args.chart:
+            raise CliError("--run: reports every execution of one run; drop the execution ARN and --chart")
+        result = run_report(aws_client("sagemaker", region), _pipeline_name(args), args.run,
+                            price_per_hour=args.price_per_hour, prices=load_prices(Path(args.price_file)))
+        print(run_report_text(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        return 0
+    if not args.execution_arn:
+        raise CliError("report: give an execution ARN, or --run RUN for every execution of a run")
     result = report(aws_client("sagemaker", region), aws_client("s3", region), args.execution_arn,
                     price_per_hour=args.price_per_hour, prices=load_prices(Path(args.price_file)))
     print(report_text(result))
@@ -475,7 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.set_defaults(handler=cmd_watch)
 
     report = commands.add_parser("report", parents=[aws], help="cost, savings, interruptions and checkpoints of a run")
-    report.add_argument("execution_arn")
+    report.add_argument("execution_arn", nargs="?", help="one execution (ARN)")
+    report.add_argument("--run", metavar="RUN", help="every execution of run RUN (its RunId) in the spot and on-demand "
+                        "pipelines: rung, capacity wait, billable time, and the run's realized savings")
+    where = report.add_mutually_exclusive_group()
+    where.add_argument("--pipeline-name", help="with --run: the pipeline (default: PipelineName in --outputs)")
+    where.add_argument("--outputs", default="outputs.json", help="a `cdk deploy --outputs-file` file")
     report.add_argument("--price-per-hour", type=float, help="on-demand USD per instance-hour (overrides the price file)")
     report.add_argument("--price-file", default=str(PRICES), help="JSON of instance type -> USD per instance-hour")
     report.add_argument("--chart", metavar="PNG", help="also draw a timeline chart")

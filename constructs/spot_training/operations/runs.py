@@ -486,6 +486,74 @@ def report_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def capacity_wait_seconds(job: Mapping[str, Any]) -> float:
+    """Time the training job spent in SageMaker's Starting status (instances being found and launched: the wait for
+    spot capacity, after each interruption too), from its SecondaryStatusTransitions. A job that never got capacity
+    spent its whole MaxWait there."""
+    total = 0.0
+    for transition in job.get("SecondaryStatusTransitions", []):
+        if transition["Status"] == "Starting":
+            end = transition.get("EndTime") or job.get("TrainingEndTime") or job.get("LastModifiedTime")
+            if end is not None:
+                total += (end - transition["StartTime"]).total_seconds()
+    return total
+
+
+def run_report(sagemaker, pipeline_name: str, run_id: str, *, price_per_hour: float | None = None,
+               prices: Mapping[str, float] | None = None, now: datetime.datetime | None = None) -> dict[str, Any]:
+    """Each execution of run `run_id` (config.capacity) in the construct's pipelines, oldest first: its rung, status,
+    time waiting for capacity, training and billable time and cost; and the run's totals, with the realized savings
+    against the same training time on demand, (1 - billable / training) x 100 over every execution."""
+    executions = run_executions(sagemaker, pipeline_name, run_id, now=now)
+    if not executions:
+        raise OperationError(f"--run {run_id}: no execution of this run in {pipeline_name} or "
+                             f"{on_demand_pipeline_name(pipeline_name)} in the last 30 days")
+    rows = []
+    for execution in executions:
+        state = snapshot(sagemaker, execution["arn"])
+        job = state["job"] or {}
+        resource = job.get("ResourceConfig", {})
+        instance_type = resource.get("InstanceType") or execution["parameters"].get("InstanceType", "?")
+        count = resource.get("InstanceCount", 0)
+        price = price_per_hour if price_per_hour is not None else (prices or {}).get(instance_type)
+        training, billable = job.get("TrainingTimeInSeconds", 0), job.get("BillableTimeInSeconds", 0)
+        rows.append({
+            "execution_arn": execution["arn"], "status": state["execution"]["PipelineExecutionStatus"],
+            "rung": f"{execution['capacity']}:{instance_type}", "training_job": job.get("TrainingJobName"),
+            "instance_count": count, "capacity_wait_seconds": round(capacity_wait_seconds(job)),
+            "training_seconds": training, "billable_seconds": billable,
+            "interruptions": sum(t["Status"] == "Interrupted" for t in job.get("SecondaryStatusTransitions", [])),
+            "ended_because": job.get("SecondaryStatus") if job.get("TrainingJobStatus") in ("Failed", "Stopped") else None,
+            "cost": round(price * count * billable / 3600, 2) if price is not None else None,
+            "on_demand_cost": round(price * count * training / 3600, 2) if price is not None else None})
+    training = sum(r["training_seconds"] for r in rows)
+    billable = sum(r["billable_seconds"] for r in rows)
+    priced = all(r["cost"] is not None for r in rows)
+    return {"run": run_id, "executions": rows, "status": rows[-1]["status"],
+            "capacity_wait_seconds": sum(r["capacity_wait_seconds"] for r in rows),
+            "training_seconds": training, "billable_seconds": billable,
+            "savings_percent": round((1 - billable / training) * 100, 1) if training else 0.0,
+            "cost": round(sum(r["cost"] for r in rows), 2) if priced else None,
+            "on_demand_cost": round(sum(r["on_demand_cost"] for r in rows), 2) if priced else None}
+
+
+def run_report_text(result: Mapping[str, Any]) -> str:
+    lines = [f"run {result['run']}: {len(result['executions'])} execution(s), {result['status']}"]
+    for number, row in enumerate(result["executions"], start=1):
+        cost = f", ${row['cost']:,.2f}" if row["cost"] is not None else ""
+        ended = f", ended {row['ended_because']}" if row["ended_because"] else ""
+        lines.append(f"  {number}. {row['rung']} ({row['instance_count']} instances): {row['status']}{ended}; waited "
+                     f"{_seconds(row['capacity_wait_seconds'])} for capacity, training {_seconds(row['training_seconds'])}, "
+                     f"billable {_seconds(row['billable_seconds'])}, interruptions {row['interruptions']}{cost}")
+        lines.append(f"     {row['execution_arn']}")
+    cost = (f"; ${result['cost']:,.2f} against ${result['on_demand_cost']:,.2f} on demand"
+            if result["cost"] is not None else "; cost unknown: pass --price-per-hour or add the types to the price file")
+    lines.append(f"  total: waited {_seconds(result['capacity_wait_seconds'])} for capacity, training "
+                 f"{_seconds(result['training_seconds'])}, billable {_seconds(result['billable_seconds'])}, realized "
+                 f"savings {result['savings_percent']:.1f}% against on-demand{cost}")
+    return "\n".join(lines)
+
+
 def timeline_chart(result: Mapping[str, Any], path: Path) -> None:
     """A PNG timeline: secondary statuses as bars, interruptions and complete checkpoints as marks."""
     import matplotlib
