@@ -24,9 +24,15 @@ class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def load_config(cdk_json: Path = Path("cdk.json")) -> TrainingConfig:
-    """The same settings `cdk synth` uses: the `training` context of ./cdk.json (defaults without one)."""
+def load_config(cdk_json: Path = Path("cdk.json"), overrides: Sequence[str] = ()) -> TrainingConfig:
+    """The same settings `cdk synth` uses: the `training` context of ./cdk.json (defaults without one), with
+    `training.<field>=<value>` overrides as `cdk synth -c` takes them."""
     context = json.loads(cdk_json.read_text()).get("context", {}) if cdk_json.is_file() else {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if not name.startswith("training.") or not _:
+            raise CliError(f"-c {item}: must be training.<field>=<value>, as `cdk synth -c` takes it")
+        context = {**context, name: value}
     return TrainingConfig.from_context(context)
 
 
@@ -83,7 +89,8 @@ def cmd_local_run(args: argparse.Namespace) -> int:
     except OperationError as error:
         raise CliError(str(error)) from None
     try:
-        report = local_run(load_config(), steps=args.steps, interrupt_at=args.interrupt_at_step or [],
+        report = local_run(load_config(overrides=args.context or []), steps=args.steps,
+                           interrupt_at=args.interrupt_at_step or [], capacity_failure_at=args.capacity_failure_at_step,
                            interrupt_during_save=args.interrupt_during_save or [], out=Path(args.out),
                            trainer_dir=default_trainer_dir(), processes_per_host=args.processes_per_host,
                            restart=args.restart, parameters=parameters,
@@ -576,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="interrupt every instance while the first checkpoint write of step K or later is in "
                        "progress (a reclaim in the middle of a save); repeatable. A save too quick to catch "
                        "(polled every 0.05 s) leaves the run uninterrupted, as the report then shows")
+    local.add_argument("--capacity-failure-at-step", type=_positive, metavar="K",
+                       help="once step K is reached the instances are reclaimed and spot capacity never comes back: the "
+                       "job ends MaxWaitTimeExceeded, the capacity ladder decides as its controller does, and the run's "
+                       "next execution (the on-demand pipeline's, same RunId) resumes from the run's checkpoints; needs "
+                       "training.capacity_ladder=true")
+    local.add_argument("-c", "--context", action="append", metavar="training.FIELD=VALUE",
+                       help="override a setting of ./cdk.json, as `cdk synth -c` does; repeatable")
     local.add_argument("--out", required=True, help="folder for instances, local S3, logs and report.json; an "
                        "unfinished run there (local-run was stopped) is resumed from its checkpoints")
     local.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")

@@ -22,7 +22,7 @@ from constructs import Construct
 from spot_training.cdk.alarms import PipelineAlarms
 from spot_training.cdk.ladder import CapacityController, RunIdentity
 from spot_training.config.capacity import ON_DEMAND, SPOT
-from spot_training.config.ladder import on_demand_pipeline_name, plan_for
+from spot_training.config.ladder import plan_for, rung_config
 from spot_training.config.settings import ConfigError, TrainingConfig
 from spot_training.definition.rules import Expectations
 from spot_training.config.layout import LINEAGE_KEYS, PREFIXES
@@ -142,15 +142,7 @@ class TrainingPipeline(Construct):
         self.ladder_plan = plan_for(config) if config.capacity_ladder else None
 
         def definition_for(capacity: str) -> tuple[dict[str, Any], Expectations]:
-            rung = config
-            if capacity == ON_DEMAND:
-                rung = dataclasses.replace(config, use_spot=False, capacity_ladder=False,
-                                           pipeline_name=on_demand_pipeline_name(config.pipeline_name),
-                                           model_package_group=self.model_package_group_name or "")  # the same group
-            elif self.ladder_plan is not None:  # the first rung's budget: on demand still fits after it
-                first = self.ladder_plan.rungs[0]
-                rung = dataclasses.replace(config, max_wait_seconds=first.max_wait_seconds,
-                                           max_run_seconds=first.max_run_seconds)
+            rung = rung_config(config, capacity)
             definition = sdk.generate(rung, placeholders=self.placeholders, image_uri=self.image_uri,
                                       metric_definitions=metric_definitions or load_metric_definitions(source_dir),
                                       hyperparameters=hyperparameters, environment=environment,

@@ -63,6 +63,20 @@ def on_demand_pipeline_name(pipeline_name: str) -> str:
     return f"{pipeline_name}{ON_DEMAND_PIPELINE_SUFFIX}"
 
 
+def rung_config(config: TrainingConfig, capacity: str) -> TrainingConfig:
+    """The config each of the construct's pipelines is generated from: on demand, the same without spot (and with the
+    same model package group); on spot with the ladder on, MaxWait and MaxRuntime of the ladder's first rung (on
+    demand must still fit after it); else `config` as is."""
+    if capacity == ON_DEMAND:
+        return dataclasses.replace(config, use_spot=False, capacity_ladder=False,
+                                   pipeline_name=on_demand_pipeline_name(config.pipeline_name),
+                                   model_package_group=config.model_package_group_name if config.evaluate_model else "")
+    if not config.capacity_ladder:
+        return config
+    first = plan_for(config).rungs[0]
+    return dataclasses.replace(config, max_wait_seconds=first.max_wait_seconds, max_run_seconds=first.max_run_seconds)
+
+
 def plan_for(config: TrainingConfig) -> Plan:
     """The ladder of a deployment: its rungs with their budgets, its deadline and its two pipelines."""
     rungs = ladder(config.workload(), instance_type=config.instance_type,

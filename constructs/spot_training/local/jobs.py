@@ -9,12 +9,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spot_training.config.capacity import RunIdError
 from spot_training.config.layout import CHECKPOINT_LOCAL_PATH
 from spot_training.config.settings import TrainingConfig
 
 LOCAL_BUCKET = "local-artifact-bucket"
 LOCAL_ASSET_BUCKET, LOCAL_CODE_KEY = "local-cdk-assets", "trainer.tar.gz"  # CDK asset keys have no "/"
 EXECUTION_ID = "local-execution"
+CLIMBED_EXECUTION_ID = "local-execution-rung-2"  # the execution the capacity ladder starts after a capacity failure
 # The deployed defaults size a multi-GPU job (2048-token sequences); locally the same parameters are
 # overridden the way `start-pipeline-execution --pipeline-parameters` would, to fit a 2-core CPU.
 CPU_PARAMETERS = {"InstanceType": "ml.m5.xlarge", "PerDeviceBatchSize": 4, "GradientAccumulationSteps": 4,
@@ -125,7 +127,7 @@ def _decoded(text: str) -> Any:
 
 def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any], *,
                    properties: Mapping[str, Any] | None = None,
-                   property_files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   property_files: Mapping[str, Any] | None = None, execution_id: str = EXECUTION_ID) -> dict[str, Any]:
     """`definition` resolved as one execution started with these parameter values (and, once steps ran, with
     their properties and property files; see `rules.resolve`)."""
     from spot_training.definition.rules import resolve
@@ -136,7 +138,7 @@ def with_overrides(definition: Mapping[str, Any], overrides: Mapping[str, Any], 
             parameter["DefaultValue"] = overrides[parameter["Name"]]
     resolved = resolve(copy, properties, property_files)
     # A step reading another's output under this execution's prefix reads it under the local execution id.
-    return json.loads(json.dumps(resolved).replace(_stand_in(), EXECUTION_ID))
+    return json.loads(json.dumps(resolved).replace(_stand_in(), execution_id))
 
 
 def _stand_in() -> str:
@@ -162,9 +164,10 @@ def check_parameters(definition: Mapping[str, Any], parameters: Mapping[str, str
 
 
 def build_job(config: TrainingConfig, steps: int, trainer_dir: Path,
-              parameters: Mapping[str, str] | None = None) -> tuple[TrainingJob, dict[str, Any], dict[str, Any]]:
-    """The TrainingStep of the pipeline `cdk synth` builds for `config`, as one local execution runs it, the
-    definition, and the execution's parameter values (the local ones, then `parameters`, checked)."""
+              parameters: Mapping[str, str] | None = None,
+              execution_id: str = EXECUTION_ID) -> tuple[TrainingJob, dict[str, Any], dict[str, Any]]:
+    """The TrainingStep of the pipeline `cdk synth` builds for `config`, as one local execution (`execution_id`)
+    runs it, the definition, and the execution's parameter values (the local ones, then `parameters`, checked)."""
     from spot_training.definition import build as sdk
     from spot_training.definition.trainer_code import load_metric_definitions
 
@@ -173,7 +176,11 @@ def build_job(config: TrainingConfig, steps: int, trainer_dir: Path,
     definition = sdk.generate(config, metric_definitions=load_metric_definitions(trainer_dir),
                               placeholders=placeholders)
     values = {**local_parameters(steps), **check_parameters(definition, parameters or {})}
-    return TrainingJob.from_definition(with_overrides(definition, values)), definition, values
+    try:
+        resolved = with_overrides(definition, values, execution_id=execution_id)
+    except RunIdError as error:
+        raise LocalRunError(f"--parameter {error}") from None
+    return TrainingJob.from_definition(resolved), definition, values
 
 
 def preparation_resolver(definition: Mapping[str, Any], values: Mapping[str, Any]) -> Callable[
@@ -209,12 +216,16 @@ class Attempt:
     stopped: bool = False  # local-run itself was stopped (Ctrl-C, SIGTERM, SIGKILL) during this attempt
     returncodes: list[int] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # wall time of the attempt's containers (TrainingTimeInSeconds sums them)
+    execution: str = EXECUTION_ID  # the pipeline execution whose training job this attempt belongs to
+    rung: str = ""  # its capacity ladder rung (config.capacity: "spot:<type>", "on-demand:<type>")
+    ended_for_capacity: bool = False  # the job ended MaxWaitTimeExceeded after this attempt (no capacity came back)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Interruption:
     step: int
     during_save: bool = False  # wait, from `step` on, for a checkpoint write of a step >= `step` in progress
+    capacity: bool = False  # after this reclaim no spot capacity comes back: the job ends MaxWaitTimeExceeded
 
     def due(self, last_step: int, checkpoints: Path) -> bool:
         if last_step < self.step:

@@ -35,6 +35,12 @@ def build_report(job: TrainingJob, attempts: Sequence[Attempt], *, instances: In
         "interrupted_at_steps": [a.last_step for a in attempts if a.interrupted],
         "interrupted_during_save": [a.interrupted_during_save for a in attempts if a.interrupted],
         "stops": sum(a.stopped for a in attempts),
+        # The pipeline executions the attempts belong to (a run climbs the capacity ladder into a second one).
+        "executions": [{"execution": e, "rung": next(a.rung for a in attempts if a.execution == e),
+                        "attempts": [a.number for a in attempts if a.execution == e],
+                        "ended": "MaxWaitTimeExceeded" if any(a.ended_for_capacity for a in attempts
+                                                              if a.execution == e) else None}
+                       for e in dict.fromkeys(a.execution for a in attempts)],
         "resumed_from_steps": resumed,
         "final_step": summary["final_step"],
         "final_loss": summary["final_loss"],
@@ -89,6 +95,13 @@ def summary_text(report: Mapping[str, Any]) -> str:
         "  metric definitions vs trainer log lines: "
         + ", ".join(f"{name} {'ok' if n else 'NO MATCH'} ({n})" for name, n in report["metric_definitions_matched"].items()),
     ]
+    climb = report.get("capacity_climb")
+    if climb:
+        first = report["executions"][0]
+        lines.insert(1, f"  capacity ladder: execution {first['execution']} on {first['rung']} ended MaxWaitTimeExceeded "
+                     f"after step {report['interrupted_at_steps'][-1] if report['interrupted_at_steps'] else '?'}; "
+                     f"the controller climbed ({climb['reason']}); execution {climb['execution']} of run "
+                     f"{climb['run_id']} on {climb['rung']} restored {climb['checkpoint_s3_uri']}")
     if report.get("evaluation"):
         from spot_training.local.evaluation import evaluation_text
 

@@ -4,6 +4,7 @@ between them, a stop of local-run in any phase, and a run in the same --out resu
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import fcntl
 import json
 import os
@@ -16,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from spot_training.config.capacity import ON_DEMAND, RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER, SPOT, Decision, decide
+from spot_training.config.ladder import plan_for, rung_config
 from spot_training.config.settings import TrainingConfig
 from spot_training.local.instances import GRACE_SECONDS, Instances, start_container
-from spot_training.local.jobs import (EXECUTION_ID, LOCAL_BUCKET, Attempt, Interruption, LocalRunError,
+from spot_training.local.jobs import (CLIMBED_EXECUTION_ID, EXECUTION_ID, LOCAL_BUCKET, Attempt, Interruption,
+                                      LocalRunError,
                                       LocalRunStopped, ProcessingJob, TrainingJob, build_job, job_fingerprint,
                                       preparation_resolver, save_in_progress)
 from spot_training.local.processes import signal_tree
@@ -30,6 +34,7 @@ from spot_training.local.storage import CheckpointSync, LocalS3, write_json
 
 _RESUMED = re.compile(r"\[start\] resuming at step (\d+)")
 STATE_FILE = "run.json"
+NextRung = tuple[Decision, TrainingJob | None, dict[str, Any] | None, dict[str, Any] | None]
 LOCK_FILE = ".local-run.lock"
 
 
@@ -39,8 +44,13 @@ class LocalRun:
                  preparation: ProcessingJob | None = None,
                  preparation_with: Callable[[Mapping[str, Any]], ProcessingJob | None] | None = None,
                  definition: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None,
-                 training_done: bool = False) -> None:
+                 training_done: bool = False, next_rung: Callable[[], NextRung] | None = None,
+                 rung: str = "") -> None:
         self.job, self.out, self.trainer_dir = job, out, trainer_dir
+        # The capacity ladder: what the controller does when the job ends for capacity, and where the run is.
+        self.next_rung, self.rung, self.execution = next_rung, rung, EXECUTION_ID
+        self.climb: dict[str, Any] | None = None
+        self.processes_per_host = processes_per_host
         self.training_done = training_done  # a resumed run whose training finished goes on with the evaluation
         self.definition, self.values = definition, dict(values or {})  # for the steps after training
         self.evaluation: dict[str, Any] | None = None
@@ -98,14 +108,18 @@ class LocalRun:
                 self.values.setdefault(name, value)  # a --parameter DataFingerprint given by hand stays
         reached = max((a.last_step for a in self.attempts), default=0)
         pending = [i for i in self.interrupt_at if i.step > reached]
+        if any(a.ended_for_capacity for a in self.attempts):  # resumed after the climb: the run is on the next rung
+            self._climb()
         while not self.training_done:
-            attempt = Attempt(number=len(self.attempts) + 1)
+            attempt = Attempt(number=len(self.attempts) + 1, execution=self.execution, rung=self.rung)
             self.attempts.append(attempt)
             self._save_state(finished=False)
             self.training_done = self._run_attempt(attempt, pending[0] if pending else None)
+            if not self.training_done and pending.pop(0).capacity:
+                attempt.ended_for_capacity = True
             self._save_state(finished=False)
-            if not self.training_done:
-                pending.pop(0)
+            if attempt.ended_for_capacity:
+                self._climb()
         if self.definition is not None and has_evaluation(self.definition):
             self.phase = "the Evaluate step"
             # TrainingTimeInSeconds: the training job's attempts, not the preparation before them.
@@ -113,10 +127,30 @@ class LocalRun:
             self.evaluation = evaluate_and_gate(self.definition, self.values, properties, s3=self.s3, out=self.out,
                                                 logs=self.logs, running=self._running, stop=self.stop)
         self._save_state(finished=True)
-        return build_report(self.job, self.attempts, instances=self.instances, logs=self.logs,
-                            outputs=self.outputs_path(), checkpoint_prefix=self.checkpoint_prefix,
-                            preparation=self.preparation_report, evaluation=self.evaluation,
-                            wall_seconds=time.monotonic() - started)
+        report = build_report(self.job, self.attempts, instances=self.instances, logs=self.logs,
+                              outputs=self.outputs_path(), checkpoint_prefix=self.checkpoint_prefix,
+                              preparation=self.preparation_report, evaluation=self.evaluation,
+                              wall_seconds=time.monotonic() - started)
+        return {**report, "capacity_climb": self.climb} if self.climb else report
+
+    def _climb(self) -> None:
+        """The training job ended MaxWaitTimeExceeded: the controller's decision, and the run's next execution on
+        the rung it chose, whose training step must restore this run's checkpoints."""
+        self.phase = "the capacity ladder's climb"
+        decision, job, definition, values = self.next_rung()
+        if decision.action != "climb":
+            raise LocalRunError(f"the training job ended MaxWaitTimeExceeded and the capacity ladder stops the run: "
+                                f"{decision.reason}")
+        if self.s3.path(job.checkpoint_s3_uri) != self.checkpoint_prefix:
+            raise LocalRunError(f"the next rung's training step restores {job.checkpoint_s3_uri}, not the run's "
+                                f"checkpoints; it would start over")
+        if self.preparation is not None:  # its PrepareData step is a cache hit: the same arguments and code
+            job = dataclasses.replace(job, input_data_config=self.job.input_data_config)
+        self.job, self.definition, self.values = job, definition, {**self.values, **values}
+        self.instances = Instances(job, self.out, self.s3, processes_per_host=self.processes_per_host)
+        self.execution, self.rung = CLIMBED_EXECUTION_ID, decision.rung.name
+        self.climb = {"reason": decision.reason, "rung": self.rung, "execution": self.execution,
+                      "run_id": values[RUN_ID_PARAMETER], "checkpoint_s3_uri": job.checkpoint_s3_uri}
 
     def _running(self, processes: list[subprocess.Popen]) -> None:
         self.processes = processes
@@ -256,12 +290,17 @@ class StopSignals:
 def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int], out: Path,
               trainer_dir: Path, processes_per_host: int = 1, restart: bool = False,
               interrupt_during_save: Sequence[int] = (), parameters: Mapping[str, str] | None = None,
-              on_resume=lambda message: None) -> dict[str, Any]:
+              capacity_failure_at: int | None = None, on_resume=lambda message: None) -> dict[str, Any]:
     """Run (or resume) the training step locally in `out`; returns the report, also written to report.json.
 
     Each step of `interrupt_at` interrupts once it is reached; each of `interrupt_during_save` interrupts during
     the first checkpoint write of that step or a later one. `parameters` override pipeline parameters as
     `start-pipeline-execution --pipeline-parameters` does (on top of the CPU-sized local ones).
+
+    `capacity_failure_at`: once that step is reached the instances are reclaimed and spot capacity never comes back,
+    so the job ends MaxWaitTimeExceeded; the capacity ladder (training.capacity_ladder) then decides as its controller
+    does, and the run's next execution on the rung it chose (the on-demand pipeline's definition, or the spot one on
+    another type) resumes from the run's checkpoints.
 
     `out` holds one run at a time: a run in progress there (another local-run) is refused; an unfinished run
     (local-run was stopped or killed) of the same job is resumed from its checkpoints unless `restart`; a
@@ -269,28 +308,53 @@ def local_run(config: TrainingConfig, *, steps: int, interrupt_at: Sequence[int]
     if not config.region:  # no cdk.json here: the region only names the image and sagemaker_region
         config = dataclasses.replace(config, region=os.environ.get("AWS_REGION") or "us-east-1")
     given, out = out, out.resolve()  # the instances run in their own folders: every path must be absolute
-    for flag, chosen in (("--interrupt-at-step", interrupt_at), ("--interrupt-during-save", interrupt_during_save)):
+    if capacity_failure_at is not None and not config.capacity_ladder:
+        raise LocalRunError("--capacity-failure-at-step: training.capacity_ladder is off, so nothing would climb (the job "
+                            "ends MaxWaitTimeExceeded and the run waits for `spot-training start --resume-run`); pass "
+                            "-c training.capacity_ladder=true")
+    for flag, chosen in (("--interrupt-at-step", interrupt_at), ("--interrupt-during-save", interrupt_during_save),
+                         ("--capacity-failure-at-step", [capacity_failure_at] if capacity_failure_at else [])):
         for step in chosen:
             if not 0 < step < steps:
                 raise LocalRunError(f"{flag} {step}: must be between 1 and --steps - 1 ({steps - 1})")
     interruptions = [Interruption(s) for s in interrupt_at] + [Interruption(s, True) for s in interrupt_during_save]
+    interruptions += [Interruption(capacity_failure_at, capacity=True)] if capacity_failure_at else []
     with StopSignals():
         try:
-            job, definition, values = build_job(config, steps, trainer_dir, parameters)
+            job, definition, values = build_job(rung_config(config, SPOT), steps, trainer_dir, parameters)
         except KeyboardInterrupt:
             raise LocalRunStopped("stopped while building the pipeline definition; nothing was started") from None
         try:
             return _run_locked(job, definition, values, interrupt_at=interruptions, out=out, given=given,
                                trainer_dir=trainer_dir, processes_per_host=processes_per_host, restart=restart,
-                               on_resume=on_resume)
+                               on_resume=on_resume, rung=plan_for(config).rungs[0].name if config.use_spot else "",
+                               next_rung=lambda: _next_rung(config, steps, trainer_dir, parameters))
         except KeyboardInterrupt:  # between phases: nothing of this run is running
             raise LocalRunStopped(f"stopped; run again with --out {given} to go on") from None
+
+
+def _next_rung(config: TrainingConfig, steps: int, trainer_dir: Path,
+               parameters: Mapping[str, str] | None) -> NextRung:
+    """What the controller decides when the run's first execution (the ladder's first rung) ended MaxWaitTimeExceeded
+    at its MaxWait, and the run's next execution on the chosen rung: the same RunId and RunStartedAt, the rung's
+    pipeline definition (the local run keeps its CPU instance type on every rung)."""
+    plan = plan_for(config)
+    first = plan.rungs[0]
+    decision = decide(plan.rungs, first.name, "MaxWaitTimeExceeded: no spot capacity came back (emulated)",
+                      hours_since_start=first.hours, slo_hours=plan.slo_hours)
+    if decision.action != "climb":
+        return decision, None, None, None
+    started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=first.hours)
+    climbed = {**(parameters or {}), RUN_ID_PARAMETER: EXECUTION_ID, RUN_STARTED_AT_PARAMETER: started.isoformat()}
+    job, definition, values = build_job(rung_config(config, ON_DEMAND if decision.rung.capacity == ON_DEMAND else SPOT),
+                                        steps, trainer_dir, climbed, execution_id=CLIMBED_EXECUTION_ID)
+    return decision, job, definition, values
 
 
 def _run_locked(job: TrainingJob, definition: Mapping[str, Any], values: Mapping[str, Any], *,
                 interrupt_at: Sequence[Interruption],
                 out: Path, given: Path, trainer_dir: Path, processes_per_host: int, restart: bool,
-                on_resume) -> dict[str, Any]:
+                on_resume, rung: str = "", next_rung: Callable[[], NextRung] | None = None) -> dict[str, Any]:
     preparation_with = preparation_resolver(definition, values)
     preparation = preparation_with({})
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +373,8 @@ def _run_locked(job: TrainingJob, definition: Mapping[str, Any], values: Mapping
             _clear_s3_but_prepared(out / "s3")
         run = LocalRun(job, out, trainer_dir, interrupt_at, processes_per_host=processes_per_host,
                        previous_attempts=previous, preparation=preparation, preparation_with=preparation_with,
-                       definition=definition, values=values, training_done=training_done)
+                       definition=definition, values=values, training_done=training_done, next_rung=next_rung,
+                       rung=rung)
         if previous and training_done:
             on_resume(f"resuming the unfinished run in {given}: its training finished (step "
                       f"{max(a.last_step for a in previous)}),"
