@@ -104,29 +104,46 @@ def test_uninterrupted_run_reports_its_run(uninterrupted):
     assert "local run: 2 instances (127.0.0.1, 127.0.0.2), 0 interruption(s)" in stdout
 
 
-def test_two_interruptions_one_during_a_save_end_where_the_uninterrupted_run_ends(uninterrupted, tmp_path):
+def test_two_interruptions_one_during_a_save_and_a_climb_to_on_demand_end_where_the_uninterrupted_run_ends(
+        uninterrupted, tmp_path):
+    """Two spot reclaims (one in the middle of a checkpoint write), then a third after which spot capacity never
+    comes back: the job ends MaxWaitTimeExceeded, the capacity ladder climbs, and the run's on-demand execution
+    restores the run's checkpoints and ends bit-identical to the run that was never interrupted."""
     reference, _ = uninterrupted
     slow = {"PYTHONPATH": str(SLOW_IO), "SLOW_CHECKPOINT_FLAG": str(tmp_path / "writing"),
             "SLOW_CHECKPOINT_SECONDS": "0.2"}
-    report, stdout = local_run(tmp_path / "run", "--steps", "8", "--interrupt-at-step", "3",
-                               "--interrupt-during-save", "5", env=slow)
-    assert report["interruptions"] == 2
-    assert report["interrupted_during_save"][-1] is True  # waited for the write of step 6 (every 2 steps)
-    assert report["interrupted_at_steps"][-1] >= 5
+    report, stdout = local_run(tmp_path / "run", "--steps", "8", "--interrupt-at-step", "2",
+                               "--interrupt-during-save", "4", "--capacity-failure-at-step", "6",
+                               "-c", "training.capacity_ladder=true", env=slow)
+    assert report["interruptions"] == 3
+    assert report["interrupted_during_save"][1] is True  # waited for the write of step 4 (every 2 steps)
+    assert report["interrupted_at_steps"][1] >= 4 and report["interrupted_at_steps"][2] >= 6
     # An interruption that lands before the first checkpoint completes restarts from step 0 (None); the
-    # later one always finds a complete checkpoint.
-    assert len(report["resumed_from_steps"]) == 2 and report["resumed_from_steps"][-1] is not None
+    # later ones always find a complete checkpoint.
+    assert len(report["resumed_from_steps"]) == 3 and report["resumed_from_steps"][-1] is not None
     assert report["lost_steps"] >= 0
     assert report["final_step"] == 8
     assert report["final_loss"] == reference["final_loss"]
     assert report["final_parameters_sha256"] == reference["final_parameters_sha256"]
     assert "resumed from steps" in stdout
+    # The climb: the first execution (spot) ended for capacity after its third attempt; the second, from the
+    # on-demand pipeline's definition, is another execution of the same run and restored that run's checkpoints.
+    assert report["executions"] == [
+        {"execution": "local-execution", "rung": "spot:ml.p4d.24xlarge", "attempts": [1, 2, 3],
+         "ended": "MaxWaitTimeExceeded"},
+        {"execution": "local-execution-rung-2", "rung": "on-demand:ml.p4d.24xlarge", "attempts": [4], "ended": None}]
+    climb = report["capacity_climb"]
+    assert climb["run_id"] == "local-execution" and climb["execution"] != climb["run_id"]
+    assert report["checkpoint_s3_uri"] == climb["checkpoint_s3_uri"] == (
+        "s3://local-artifact-bucket/checkpoints/local-execution/")
+    assert climb["reason"].startswith("MaxWaitTimeExceeded on spot:ml.p4d.24xlarge after ")
+    assert "  capacity ladder: execution local-execution on spot:ml.p4d.24xlarge ended MaxWaitTimeExceeded" in stdout
     # The interruption signalled each container's first process only, as SageMaker does: the platform's entry
     # point passed it to the trainer, which stopped at the end of its step (no SIGTERM reached it any other way).
     # (A signal that lands after the last step finds the trainer exporting: it completes, so the check is that
     # every interrupted attempt's trainer got the signal, and that it stopped early in at least one. A save in
     # flight can outlast the 2 s grace, so the check is the trainer's line before it waits for that save.)
-    interrupted = [(tmp_path / "run" / "logs" / f"attempt-{n}-algo-1.log").read_text() for n in (1, 2)]
+    interrupted = [(tmp_path / "run" / "logs" / f"attempt-{n}-algo-1.log").read_text() for n in (1, 2, 3)]
     assert all(re.search(r"^\[container\] SIGTERM: passed to the trainer processes \[\d+\]$", log, re.M)
                for log in interrupted)
     assert any(re.search(r"^\[stop\] SIGTERM: stopping after step \d+", log, re.M) for log in interrupted)
@@ -141,13 +158,22 @@ def test_every_metric_definition_matches_the_trainers_log_lines(uninterrupted):
         "checkpoint:blocked_seconds"}
 
 
-@pytest.mark.parametrize("flag", ["--interrupt-at-step", "--interrupt-during-save"])
+@pytest.mark.parametrize("flag", ["--interrupt-at-step", "--interrupt-during-save", "--capacity-failure-at-step"])
 def test_interrupt_step_outside_the_run_is_refused_in_one_line(tmp_path, flag):
     done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "5",
-                           flag, "9", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                           flag, "9", "--out", str(tmp_path), "-c", "training.capacity_ladder=true"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {flag} 9: must be between 1 and --steps - 1 (4)"
+
+
+def test_a_capacity_failure_without_the_ladder_is_refused_before_anything_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "spot_training.cli", "local-run", "--steps", "5",
+                           "--capacity-failure-at-step", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and not any(tmp_path.iterdir())
+    assert done.stderr.strip().startswith("error: --capacity-failure-at-step: training.capacity_ladder is off, so "
+                                          "nothing would climb")
 
 
 def test_compare_runs_says_identical_for_the_same_report(uninterrupted, tmp_path):
