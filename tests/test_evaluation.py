@@ -114,7 +114,7 @@ def test_a_validation_channel_is_what_the_evaluation_reads():
 def test_a_custom_trainer_or_evaluate_model_false_ends_the_pipeline_at_the_model():
     for definition in (generate(TrainingConfig(region="us-east-1"), hyperparameters={"epochs": 1}),
                        generate(TrainingConfig(region="us-east-1", evaluate_model=False))):
-        assert [s["Name"] for s in all_steps(definition)] == ["PrepareData", "Train"]
+        assert [s["Name"] for s in all_steps(definition)] == ["ResolveRun", "PrepareData", "Train"]
         assert "EvaluationMinImprovement" not in {p["Name"] for p in definition["Parameters"]}
 
 

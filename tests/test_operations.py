@@ -354,8 +354,8 @@ def test_aws_errors_are_one_line_not_a_traceback(aws, monkeypatch, capsys):
 def test_size_prints_the_platforms_fixed_monthly_cost(capsys):
     assert cli.main(["size", "--price-per-hour", "10"]) == 0
     text = capsys.readouterr().out
-    assert "platform fixed cost per month (whether or not it trains): $32.80" in text
-    assert "  2 interface endpoints x 2 AZs: $29.20" in text and "  3 KMS keys: $3.00" in text
+    assert "platform fixed cost per month (whether or not it trains): $33.80" in text
+    assert "  2 interface endpoints x 2 AZs: $29.20" in text and "  4 KMS keys: $4.00" in text
     assert "plus VPC flow log ingestion at $0.50 per GB" in text
 
 
@@ -368,7 +368,7 @@ def test_the_fixed_cost_model_counts_what_the_templates_create(default_app):
     endpoints = [e for e in default_app.resources("networking", "AWS::EC2::VPCEndpoint").values()
                  if e["Properties"].get("VpcEndpointType") == "Interface"]
     assert len(endpoints) == len(interface_endpoints(False))
-    assert count("AWS::KMS::Key") == 2 + 1
+    assert count("AWS::KMS::Key") == 3 + 1
     assert count("AWS::CloudWatch::Alarm") == sizing.ALARMS_PER_PIPELINE
 
 

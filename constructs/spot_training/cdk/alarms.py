@@ -39,7 +39,7 @@ class PipelineAlarms(Construct):
                  subnets: Sequence[ec2.ISubnet], alarm_after_hours: float, email: str | None = None,
                  endpoint_security_group: ec2.ISecurityGroup | None = None,
                  monitor_reserved_concurrency: int | None = None, key: kms.IKey | None = None,
-                 topic: sns.ITopic | None = None) -> None:
+                 topic: sns.ITopic | None = None, other_pipeline_arns: Sequence[str] = ()) -> None:
         """
         :param key: the KMS key for the topic, the monitor's logs, dead letters and environment; it must let
             events.amazonaws.com, cloudwatch.amazonaws.com and logs.<region>.amazonaws.com encrypt and decrypt
@@ -52,6 +52,8 @@ class PipelineAlarms(Construct):
             (@default - none: an account at the default concurrency quota of 10 rejects any reservation, since
             the unreserved pool must stay at 10 or more, and the stack would roll back).
         :param email: subscribe this address to the topic (@default - no subscription).
+        :param other_pipeline_arns: more pipelines whose Failed or Stopped executions reach the topic (the capacity
+            ladder's on-demand pipeline) (@default - none).
         :param endpoint_security_group: the VPC interface endpoints' group; the monitor function reaches
             SageMaker and CloudWatch through it (@default - HTTPS to the VPC's CIDR block).
         """
@@ -69,7 +71,7 @@ class PipelineAlarms(Construct):
         self.status_rule = events.Rule(
             self, "FailedOrStopped", description=f"{pipeline_name} executions that end Failed or Stopped",
             event_pattern=events.EventPattern(source=["aws.sagemaker"], detail_type=[EXECUTION_STATUS_EVENT],
-                                              detail={"pipelineArn": [pipeline_arn],
+                                              detail={"pipelineArn": [pipeline_arn, *other_pipeline_arns],
                                                       "currentPipelineExecutionStatus": ["Failed", "Stopped"]}),
             targets=[targets.SnsTopic(self.topic, message=events.RuleTargetInput.from_text(
                 f"Pipeline {pipeline_name}: execution {events.EventField.from_path('$.detail.pipelineExecutionArn')} "

@@ -180,7 +180,8 @@ class TrainingPipeline(Construct):
         self.alarms = PipelineAlarms(
             self, "Alarms", pipeline_name=config.pipeline_name, pipeline_arn=self.pipeline_arn, vpc=vpc,
             subnets=self.subnets, alarm_after_hours=config.alarm_after_hours, email=config.alarm_email or None,
-            endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic) if alarms else None
+            endpoint_security_group=endpoint_security_group, key=alarm_key, topic=alarm_topic,
+            other_pipeline_arns=self.pipeline_arns[1:]) if alarms else None
         self.alarm_topic = self.alarms.topic if self.alarms else None
         self.capacity_controller = CapacityController(
             self, "CapacityLadder", plan=self.ladder_plan, pipeline_arns=self.pipeline_arns,

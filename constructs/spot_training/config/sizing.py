@@ -219,11 +219,13 @@ ALARMS_PER_PIPELINE = 3             # spot_training.cdk.alarms: execution failed
 
 def platform_monthly_cost(*, az_count: int, interface_endpoints: int, pipelines: int) -> list[tuple[str, float]]:
     """What the deployed platform costs per month whether or not it trains: (item, USD) rows. Keys: the
-    artifact key, the flow log key and one alarm key per pipeline; alarms and the monitor's custom metric
-    per pipeline; interface endpoints per AZ. Flow log ingestion depends on traffic and is not included."""
+    artifact key, the flow log key, the run identity's key (shared by the teams' pipelines) and one alarm key per
+    pipeline; alarms and the monitor's custom metric per pipeline; interface endpoints per AZ. Flow log ingestion
+    depends on traffic and is not included, nor the Lambda invocations (one per execution, one per ended
+    execution with the capacity ladder: within Lambda's free tier)."""
     from spot_training.config.endpoints import ENDPOINT_USD_PER_AZ_MONTH
 
-    keys = 2 + pipelines
+    keys = 3 + pipelines
     return [
         (f"{interface_endpoints} interface endpoints x {az_count} AZs", interface_endpoints * az_count * ENDPOINT_USD_PER_AZ_MONTH),
         (f"{keys} KMS keys", keys * KMS_KEY_USD_MONTH),
