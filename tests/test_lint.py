@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, synth
 
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
 STACKS = ("networking", "security", "pipeline")
@@ -15,12 +15,17 @@ STACKS = ("networking", "security", "pipeline")
 
 @pytest.fixture(scope="module")
 def template_files(default_app, tmp_path_factory):
+    """The default app's templates, and those the capacity ladder changes (the SNS endpoint, the on-demand pipeline
+    and the controller)."""
     folder = tmp_path_factory.mktemp("templates")
+    ladder = synth(tmp_path_factory.getbasetemp(), capacity_ladder="true",
+                   allowed_instance_types="ml.p4d.24xlarge,ml.p5.48xlarge")
     paths = []
-    for name in STACKS:
-        path = folder / f"{name}.template.json"
-        path.write_text(json.dumps(default_app.templates[name], indent=1))
-        paths.append(path)
+    for app, variant, names in ((default_app, "", STACKS), (ladder, "ladder-", ("networking", "pipeline"))):
+        for name in names:
+            path = folder / f"{variant}{name}.template.json"
+            path.write_text(json.dumps(app.templates[name], indent=1))
+            paths.append(path)
     return paths
 
 
