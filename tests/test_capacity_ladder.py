@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spot_training.config import ladder
+from spot_training.config import capacity, ladder
 from spot_training.config.sizing import Workload, simulate
 from tests.conftest import ROOT
 
@@ -55,24 +55,24 @@ def test_a_wider_deadline_keeps_every_allowed_type_and_shares_the_slack():
 
 
 def test_the_controller_climbs_on_capacity_failures_only_and_only_while_the_deadline_holds(rungs):
-    climb = ladder.decide(rungs, rungs[0].name, "MaxWaitTimeExceeded: waited 8 h", hours_since_start=8.0, slo_hours=W.slo_hours)
+    climb = capacity.decide(rungs, rungs[0].name, "MaxWaitTimeExceeded: waited 8 h", hours_since_start=8.0, slo_hours=W.slo_hours)
     assert climb.action == "climb" and climb.rung == rungs[1]
     assert climb.reason.startswith("MaxWaitTimeExceeded on spot:ml.p4d.24xlarge after 8.0 h; spot:ml.p5.48xlarge")
     # Too late for another spot rung at p90, still early enough for on-demand: it skips to on-demand.
     spot_p90 = simulate(W, trials=2000).p90_hours
     late = W.slo_hours - (spot_p90 + ladder.on_demand_hours(W)) / 2
-    assert ladder.decide(rungs, rungs[0].name, "CapacityError: none", hours_since_start=late, slo_hours=W.slo_hours).rung == rungs[2]
-    assert ladder.decide(rungs, rungs[1].name, "CapacityError: none", hours_since_start=20.0, slo_hours=W.slo_hours).reason == (
+    assert capacity.decide(rungs, rungs[0].name, "CapacityError: none", hours_since_start=late, slo_hours=W.slo_hours).rung == rungs[2]
+    assert capacity.decide(rungs, rungs[1].name, "CapacityError: none", hours_since_start=20.0, slo_hours=W.slo_hours).reason == (
         "CapacityError on spot:ml.p5.48xlarge: 4.0 h left before the 24 h deadline, too little for any rung above; "
         "the run stops here")
-    top = ladder.decide(rungs, rungs[2].name, "ResourceLimitExceeded: quota", hours_since_start=1.0, slo_hours=W.slo_hours)
+    top = capacity.decide(rungs, rungs[2].name, "ResourceLimitExceeded: quota", hours_since_start=1.0, slo_hours=W.slo_hours)
     assert (top.action, top.reason) == ("stop", "ResourceLimitExceeded on on-demand:ml.p4d.24xlarge, the ladder's "
                                                 "top rung: nothing to climb to")
-    assert ladder.decide(rungs, rungs[0].name, "AlgorithmError: out of memory", hours_since_start=1.0,
+    assert capacity.decide(rungs, rungs[0].name, "AlgorithmError: out of memory", hours_since_start=1.0,
                          slo_hours=W.slo_hours).action == "ignore"
-    busy = ladder.decide(rungs, rungs[0].name, "CapacityError", hours_since_start=1.0, slo_hours=W.slo_hours, running_executions_of_run=1)
+    busy = capacity.decide(rungs, rungs[0].name, "CapacityError", hours_since_start=1.0, slo_hours=W.slo_hours, running_executions_of_run=1)
     assert (busy.action, busy.rung) == ("stop", None)
-    assert "not on this pipeline's ladder" in ladder.decide(rungs, "spot:ml.g5.48xlarge", "CapacityError",
+    assert "not on this pipeline's ladder" in capacity.decide(rungs, "spot:ml.g5.48xlarge", "CapacityError",
                                                            hours_since_start=1.0, slo_hours=W.slo_hours).reason
 
 

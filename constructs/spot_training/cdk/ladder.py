@@ -20,7 +20,7 @@ from constructs import Construct
 
 from spot_training.cdk.alarms import EXECUTION_STATUS_EVENT
 from spot_training.cdk.functions import vpc_function
-from spot_training.cdk.nag import acknowledge, arn_finding
+from spot_training.cdk.nag import arn_finding
 from spot_training.cdk.network import let_logs_use
 from spot_training.cdk.roles import PIPELINE_JOB_PATTERN
 from spot_training.config.capacity import Plan

@@ -17,7 +17,8 @@ MaxWait >= MaxRuntime). Work done on a rung that reaches its MaxWait is not lost
 the run's checkpoints.
 
 Pure functions of their inputs (no AWS calls): `spot-training size --capacity-ladder` prints them, the pipeline
-definition takes each rung's MaxWait and MaxRuntime, and the controller acts on `decide`.
+definition takes each rung's MaxWait and MaxRuntime (`rung_config`), and the controller acts on
+`config.capacity.decide` with the rungs of `plan_for`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from spot_training.config.sizing import Workload, one_run, simulate
 
-from spot_training.config.capacity import ON_DEMAND, SPOT, Decision, Plan, Rung, decide  # noqa: F401 (re-exported)
+from spot_training.config.capacity import ON_DEMAND, SPOT, Plan, Rung
 
 if TYPE_CHECKING:
     from spot_training.config.settings import TrainingConfig
