@@ -30,7 +30,7 @@ def execution_arn(pipeline: str, execution: str) -> str:
 
 
 def event(arn: str, status: str = "Failed") -> dict:
-    return {"detail-type": "SageMaker Model Building Pipeline Execution Status Change", "source": "aws.sagemaker",
+    return {"id": "7bf73129-1428-4cd3-a780-95db273d1602", "detail-type": "SageMaker Model Building Pipeline Execution Status Change", "source": "aws.sagemaker",
             "detail": {"pipelineExecutionArn": arn, "currentPipelineExecutionStatus": status}}
 
 
@@ -57,7 +57,7 @@ def training_ended(arn: str, stub: Stubber, secondary: str, reason: str) -> None
         {"StepName": "Evaluate", "StepStatus": "NotStarted"},
         {"StepName": "Train", "StepStatus": "Failed", "FailureReason": "ClientError: training job ended",
          "Metadata": {"TrainingJob": {"Arn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{job}"}}}]},
-        {"PipelineExecutionArn": arn})
+        {"PipelineExecutionArn": arn, "SortOrder": "Descending"})
     stub.add_response("describe_training_job", {
         "TrainingJobName": job, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:111122223333:training-job/{job}",
         "ModelArtifacts": {"S3ModelArtifacts": "s3://b/o"}, "TrainingJobStatus": "Stopped",
@@ -69,9 +69,9 @@ def training_ended(arn: str, stub: Stubber, secondary: str, reason: str) -> None
 
 def running(stub: Stubber, summaries: dict[str, list[dict]]) -> None:
     for pipeline in sorted(summaries):
-        stub.add_response("list_pipeline_executions", {"PipelineExecutionSummaries": summaries[pipeline]},
-                          {"PipelineName": pipeline, "CreatedAfter": ANY, "SortBy": "CreationTime",
-                           "SortOrder": "Descending"})
+        stub.add_response("list_pipeline_executions", {"PipelineExecutionSummaries": [
+            {"StartTime": NOW, **summary} for summary in summaries[pipeline]]},
+            {"PipelineName": pipeline, "CreatedAfter": ANY, "SortBy": "CreationTime", "SortOrder": "Ascending"})
 
 
 def test_a_run_whose_spot_rung_ran_out_of_wait_climbs_to_the_next_rung_with_its_run_id(env):
@@ -89,7 +89,7 @@ def test_a_run_whose_spot_rung_ran_out_of_wait_climbs_to_the_next_rung_with_its_
         started_at = (NOW - datetime.timedelta(hours=8)).isoformat()
         sm.add_response("start_pipeline_execution", {"PipelineExecutionArn": execution_arn(SPOT_PIPELINE, "next")}, {
             "PipelineName": SPOT_PIPELINE, "PipelineExecutionDisplayName": "abc123def456-rung-2",
-            "PipelineExecutionDescription": ANY, "ClientRequestToken": hashlib.sha256(ended.encode()).hexdigest(),
+            "PipelineExecutionDescription": ANY, "ClientRequestToken": hashlib.sha256(f"{ended}:{event(ended)['id']}".encode()).hexdigest(),
             "PipelineParameters": sorted([{"Name": k, "Value": v} for k, v in {
                 **carried, "RunId": "abc123def456", "RunStartedAt": started_at, "InstanceType": TYPES[1]}.items()],
                 key=lambda p: p["Name"])})
@@ -98,7 +98,9 @@ def test_a_run_whose_spot_rung_ran_out_of_wait_climbs_to_the_next_rung_with_its_
             "Message": ANY})
         result = capacity_ladder.on_execution_end(event(ended, "Stopped"), sagemaker=sagemaker, sns=sns, now=NOW)
     assert (result["action"], result["rung"], result["run"]) == ("climb", "spot:ml.p4d.24xlarge", "abc123def456")
-    assert result["reason"].startswith("MaxWaitTimeExceeded on spot:ml.p4d.24xlarge after 8.0 h; spot:ml.p5.48xlarge")
+    # The next spot rung may run to its MaxWait and on demand must still fit after it: 8.8 h + 6.5 h of the 16 h.
+    assert result["reason"] == ("MaxWaitTimeExceeded on spot:ml.p4d.24xlarge after 8.0 h; spot:ml.p5.48xlarge needs up "
+                                "to 15.2 h of the 16.0 h left before the 24 h deadline")
     assert result["started"].endswith("/execution/next")
 
 
@@ -317,3 +319,51 @@ def test_the_run_report_shows_each_execution_its_rung_capacity_wait_billable_tim
     assert "  1. spot:ml.p4d.24xlarge (2 instances): Failed, ended MaxWaitTimeExceeded; waited 6h00m00s for capacity" in text
     assert text.splitlines()[-1].startswith("  total: waited 6h15m00s for capacity")
     assert text.splitlines()[-1].endswith("realized savings 17.1% against on-demand; $116.00 against $140.00 on demand")
+
+
+def test_a_repeated_event_after_the_climb_and_a_malformed_run_elsewhere_start_nothing(env):
+    """The execution the controller started names the ended one in its description, so a repeated event finds it;
+    an execution whose RunId its ResolveRun step refused belongs to no run and is skipped, not an error."""
+    sagemaker, sns = client("sagemaker"), client("sns")
+    ended = execution_arn(SPOT_PIPELINE, "abc123def456")
+    climbed = execution_arn(SPOT_PIPELINE, "next00000001")
+    with Stubber(sagemaker) as sm, Stubber(sns):
+        parameters(ended, {"InstanceType": TYPES[0], "RunId": "",
+                           "RunStartedAt": (NOW - datetime.timedelta(hours=8)).isoformat()}, sm)
+        training_ended(ended, sm, "MaxWaitTimeExceeded", "Training job exceeded MaxWaitTimeInSeconds")
+        running(sm, {SPOT_PIPELINE: [
+            {"PipelineExecutionArn": execution_arn(SPOT_PIPELINE, "bad"), "PipelineExecutionStatus": "Executing"},
+            {"PipelineExecutionArn": climbed, "PipelineExecutionStatus": "Executing",
+             "PipelineExecutionDescription": f"Capacity ladder, after {ended}: MaxWaitTimeExceeded on ..."}]})
+        parameters(execution_arn(SPOT_PIPELINE, "bad"), {"RunId": "not a run id"}, sm)
+        parameters(climbed, {"RunId": "abc123def456"}, sm)
+        running(sm, {ON_DEMAND_PIPELINE: []})
+        result = capacity_ladder.on_execution_end(event(ended), sagemaker=sagemaker, sns=sns, now=NOW)
+    assert (result["action"], result["reason"]) == ("ignore", f"already climbed: {climbed}")
+
+
+def test_a_malformed_run_start_fails_the_resolve_run_step_in_one_line():
+    with pytest.raises(capacity.RunIdError, match=r"^RunStartedAt='yesterday': must be an ISO 8601 time with its offset"):
+        capacity_ladder.resolve_run_handler({"run_id": "", "execution_id": "e", "run_started_at": "yesterday"})
+    with pytest.raises(capacity.RunIdError, match="with its offset"):  # no timezone: ambiguous
+        capacity_ladder.resolve_run_handler({"run_id": "", "execution_id": "e", "run_started_at": "2026-12-07T08:00:00"})
+
+
+def test_a_finished_run_is_not_resumed_and_a_start_into_a_running_run_is_refused():
+    from spot_training.operations.runs import OperationError, resume_run, start
+
+    sagemaker = client("sagemaker")
+    with Stubber(sagemaker) as sm:
+        _executions(sm, SPOT_PIPELINE, [("abc123def456", "Succeeded", NOW, {"RunId": ""})])
+        _executions(sm, ON_DEMAND_PIPELINE, [])
+        with pytest.raises(OperationError, match=r"^--resume-run abc123def456: the run finished \(execution .* "
+                                                 r"Succeeded, its model evaluated and registered\); start a new run$"):
+            resume_run(sagemaker, SPOT_PIPELINE, "abc123def456", capacity="spot", parameters={}, now=NOW)
+    sagemaker = client("sagemaker")
+    with Stubber(sagemaker) as sm:  # start --parameter RunId=... goes through the same one-at-a-time check
+        _executions(sm, SPOT_PIPELINE, [("abc123def456", "Executing", NOW, {"RunId": ""})])
+        _executions(sm, ON_DEMAND_PIPELINE, [])
+        with pytest.raises(OperationError, match=r"^--parameter RunId=abc123def456: execution .* is Executing"):
+            start(sagemaker, SPOT_PIPELINE, parameters={"RunId": "abc123def456"})
+    with pytest.raises(OperationError, match=r"^--parameter RunStartedAt='soon': must be an ISO 8601 time"):
+        start(client("sagemaker"), SPOT_PIPELINE, parameters={"RunStartedAt": "soon"})

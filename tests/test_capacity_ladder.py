@@ -61,7 +61,13 @@ def test_the_controller_climbs_on_capacity_failures_only_and_only_while_the_dead
     # Too late for another spot rung at p90, still early enough for on-demand: it skips to on-demand.
     spot_p90 = simulate(W, trials=2000).p90_hours
     late = W.slo_hours - (spot_p90 + ladder.on_demand_hours(W)) / 2
-    assert capacity.decide(rungs, rungs[0].name, "CapacityError: none", hours_since_start=late, slo_hours=W.slo_hours).rung == rungs[2]
+    assert capacity.decide(rungs, rungs[0].name, "CapacityError: none", hours_since_start=late,
+                           slo_hours=W.slo_hours).rung == rungs[2]
+    # Time enough for the next spot rung's p90 but not for its whole MaxWait and on-demand after it: on-demand.
+    tight = W.slo_hours - (rungs[1].hours + ladder.on_demand_hours(W)) + 0.5
+    assert W.slo_hours - tight > spot_p90
+    assert capacity.decide(rungs, rungs[0].name, "MaxWaitTimeExceeded", hours_since_start=tight,
+                           slo_hours=W.slo_hours).rung == rungs[2]
     assert capacity.decide(rungs, rungs[1].name, "CapacityError: none", hours_since_start=20.0, slo_hours=W.slo_hours).reason == (
         "CapacityError on spot:ml.p5.48xlarge: 4.0 h left before the 24 h deadline, too little for any rung above; "
         "the run stops here")

@@ -43,7 +43,8 @@ def test_checkpoints_go_to_a_prefix_keyed_on_the_run_with_trailing_slash(argumen
     resolve = definition["Steps"][0]
     assert (resolve["Name"], resolve["Type"]) == ("ResolveRun", "Lambda")
     assert resolve["Arguments"] == {"run_id": {"Get": "Parameters.RunId"},
-                                    "execution_id": {"Get": "Execution.PipelineExecutionId"}}
+                                    "execution_id": {"Get": "Execution.PipelineExecutionId"},
+                                    "run_started_at": {"Get": "Parameters.RunStartedAt"}}
     assert resolve["OutputParameters"] == [{"OutputName": "RunId", "OutputType": "String"}]
     assert "RunIdentityResolveRun" in json.dumps(resolve["FunctionArn"])
     assert {p["Name"]: p["DefaultValue"] for p in definition["Parameters"] if p["Name"].startswith("Run")} == {

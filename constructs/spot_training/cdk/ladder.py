@@ -4,6 +4,7 @@ training VPC, their code the handlers of `monitor/capacity_ladder.py` bundled wi
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ def ladder_code() -> lambda_.Code:
     files.update({name: text.encode() for name, text in _PACKAGE_MARKERS.items()})
     digest = hashlib.sha256(b"".join(name.encode() + b"\0" + data for name, data in sorted(files.items())))
     folder = Path(tempfile.gettempdir()) / "spot-training-ladder" / digest.hexdigest()[:16]
+    if folder.is_dir() and not _holds(folder, files):  # not what this synth would write: never ship it
+        shutil.rmtree(folder)
     if not folder.is_dir():
         staging = folder.with_name(f"{folder.name}.{id(files)}.tmp")
         for name, data in files.items():
@@ -50,6 +53,11 @@ def ladder_code() -> lambda_.Code:
         except OSError:  # another synth made it first
             pass
     return lambda_.Code.from_asset(str(folder))
+
+
+def _holds(folder: Path, files: dict[str, bytes]) -> bool:
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return present == sorted(files) and all((folder / name).read_bytes() == data for name, data in files.items())
 
 
 class RunIdentity(Construct):

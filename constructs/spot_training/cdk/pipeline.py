@@ -33,9 +33,12 @@ from spot_training.cdk.storage import ArtifactStore
 from spot_training.definition.trainer_code import default_trainer_dir, deterministic_tarball, load_metric_definitions
 
 
+# Start and follow runs; ListPipelineExecutions and ListPipelineParametersForExecution find a run's executions
+# (start --resume-run, report --run).
 START_ACTIONS = ["sagemaker:StartPipelineExecution", "sagemaker:RetryPipelineExecution",
                  "sagemaker:DescribePipelineExecution", "sagemaker:ListPipelineExecutionSteps",
-                 "sagemaker:StopPipelineExecution"]
+                 "sagemaker:StopPipelineExecution", "sagemaker:ListPipelineExecutions",
+                 "sagemaker:ListPipelineParametersForExecution"]
 
 
 class TrainingPipeline(Construct):
@@ -187,7 +190,8 @@ class TrainingPipeline(Construct):
             self, "CapacityLadder", plan=self.ladder_plan, pipeline_arns=self.pipeline_arns,
             training_step=sdk.TRAINING_STEP_NAME, vpc=vpc, subnets=self.subnets,
             endpoint_security_group=endpoint_security_group, key=self.run_identity.key, topic=self.alarm_topic,
-            topic_key=self.alarms.key if self.alarms and alarm_topic is None else None) \
+            # The alarms' key is the topic's when the topic was created here or came with its key.
+            topic_key=self.alarms.key if self.alarms and (alarm_topic is None or alarm_key is not None) else None) \
             if self.ladder_plan is not None else None
 
     def _pipeline_arn(self, name: str) -> str:

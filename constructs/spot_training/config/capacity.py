@@ -11,6 +11,7 @@ spot on each other allowed type, then on-demand; `decide` says what to do when a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ RUN_ID_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,63}")
 # What ends an execution for capacity (the training job's SecondaryStatus or FailureReason, the step's failure
 # after its retries): the controller climbs on these, and only these.
 CAPACITY_FAILURES = ("MaxWaitTimeExceeded", "CapacityError", "InsufficientCapacity", "ResourceLimitExceeded")
+RUNNING = ("Executing", "Stopping")  # PipelineExecutionStatus values of an execution still running
 
 
 class RunIdError(ValueError):
@@ -41,6 +43,66 @@ def resolve_run(run_id: str | None, execution_id: str) -> str:
         raise RunIdError(f"RunId={run_id[:80]!r}: must be 1 to 64 letters, digits and hyphens, starting and ending "
                          "with a letter or digit (an earlier execution's id resumes that run)")
     return run_id
+
+
+def run_of(parameters: Mapping[str, str], execution_id: str) -> str | None:
+    """The run of an execution from its parameters, or None when its RunId is malformed (such an execution's
+    ResolveRun step failed: it belongs to no run)."""
+    try:
+        return resolve_run(parameters.get(RUN_ID_PARAMETER), execution_id)
+    except RunIdError:
+        return None
+
+
+def run_started_at(text: str | None) -> datetime.datetime | None:
+    """RunStartedAt as a timezone-aware time, None when empty; a value without a timezone or not ISO 8601 is
+    refused in one line (RunIdError)."""
+    if not (text or "").strip():
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise RunIdError(f"RunStartedAt={text[:60]!r}: must be an ISO 8601 time with its offset, such as "
+                         "2026-12-07T08:00:00+00:00 (the run's first execution's start), or empty")
+    return parsed
+
+
+def execution_parameters(sagemaker, arn: str) -> dict[str, str]:
+    """An execution's parameters (ListPipelineParametersForExecution, every page), through a boto3 client."""
+    found: dict[str, str] = {}
+    for page in sagemaker.get_paginator("list_pipeline_parameters_for_execution").paginate(PipelineExecutionArn=arn):
+        found.update({p["Name"]: p["Value"] for p in page["PipelineParameters"]})
+    return found
+
+
+def executions_of_run(sagemaker, pipelines: Mapping[str, str], run_id: str, *, created_after: datetime.datetime,
+                      statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The executions of run `run_id` created after `created_after` in `pipelines` (capacity -> pipeline name),
+    oldest first, each with its ARN, pipeline, capacity, status, start, description and parameters; only those in
+    `statuses` when given (their parameters are read only for those). A pipeline that does not exist (the
+    on-demand one of a deployment without the ladder) has none."""
+    found = []
+    for capacity, name in pipelines.items():
+        pages = sagemaker.get_paginator("list_pipeline_executions").paginate(
+            PipelineName=name, CreatedAfter=created_after, SortBy="CreationTime", SortOrder="Ascending")
+        try:
+            summaries = [summary for page in pages for summary in page["PipelineExecutionSummaries"]]
+        except Exception as error:  # botocore's ClientError; this module does not import botocore
+            if getattr(error, "response", {}).get("Error", {}).get("Code") == "ResourceNotFound" and capacity != SPOT:
+                continue
+            raise
+        for summary in summaries:
+            if statuses is not None and summary["PipelineExecutionStatus"] not in statuses:
+                continue
+            arn = summary["PipelineExecutionArn"]
+            parameters = execution_parameters(sagemaker, arn)
+            if run_of(parameters, arn.rsplit("/", 1)[-1]) == run_id:
+                found.append({"arn": arn, "pipeline": name, "capacity": capacity, "parameters": parameters,
+                              "status": summary["PipelineExecutionStatus"], "started": summary["StartTime"],
+                              "description": summary.get("PipelineExecutionDescription", "")})
+    return sorted(found, key=lambda e: e["started"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +173,16 @@ def decide(rungs: Sequence[Rung], current: str, failure: str, *, hours_since_sta
     if current not in names:
         return Decision("stop", f"rung {current} is not on this pipeline's ladder ({', '.join(names)})")
     left = slo_hours - hours_since_start
+    top = rungs[-1]
     for rung in rungs[names.index(current) + 1:]:
-        if rung.needed_hours <= left:
-            return Decision("climb", f"{kind} on {current} after {hours_since_start:.1f} h; {rung.name} needs about "
-                            f"{rung.needed_hours:.1f} h of the {left:.1f} h left before the {slo_hours:g} h deadline",
-                            rung)
+        # A spot rung may run to its MaxWait without capacity: climb to it only when the on-demand rung above it
+        # still fits after that, as the ladder's budgets assume; else go on up.
+        needed = rung.needed_hours
+        if rung.capacity == SPOT and top.capacity == ON_DEMAND:
+            needed = max(needed, rung.hours + top.needed_hours)
+        if needed <= left + 1e-6:
+            return Decision("climb", f"{kind} on {current} after {hours_since_start:.1f} h; {rung.name} needs up to "
+                            f"{needed:.1f} h of the {left:.1f} h left before the {slo_hours:g} h deadline", rung)
     if names.index(current) == len(names) - 1:
         return Decision("stop", f"{kind} on {current}, the ladder's top rung: nothing to climb to")
     return Decision("stop", f"{kind} on {current}: {left:.1f} h left before the {slo_hours:g} h deadline, too little "

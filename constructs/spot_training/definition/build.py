@@ -310,7 +310,8 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
     # run-1 also pulls run-10: S3 prefixes).
     resolve_run = LambdaStep(
         name=RESOLVE_RUN_STEP, lambda_func=Lambda(function_arn=placeholders.resolve_run_function_arn, session=session),
-        inputs={"run_id": params[RUN_ID_PARAMETER], "execution_id": ExecutionVariables.PIPELINE_EXECUTION_ID},
+        inputs={"run_id": params[RUN_ID_PARAMETER], "execution_id": ExecutionVariables.PIPELINE_EXECUTION_ID,
+                "run_started_at": params[RUN_STARTED_AT_PARAMETER]},
         outputs=[LambdaOutput(output_name=RUN_OUTPUT, output_type=LambdaOutputTypeEnum.String)])
     checkpoint_s3_uri = Join(on="/", values=[f"s3://{bucket}/{PREFIXES['checkpoints'].rstrip('/')}",
                                              resolve_run.properties.Outputs[RUN_OUTPUT], ""])

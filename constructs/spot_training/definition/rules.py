@@ -16,7 +16,7 @@ from typing import Any
 
 import botocore.session
 
-from spot_training.config.capacity import resolve_run
+from spot_training.config.capacity import resolve_run, run_started_at
 
 MAX_DEFINITION_CHARACTERS = 1_048_576  # CreatePipeline PipelineDefinition length limit
 MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds service limit (not in botocore)
@@ -102,6 +102,7 @@ def resolve(definition: Mapping[str, Any], properties: Mapping[str, Any] | None 
     for step in all_steps(definition):  # the run identity, as the ResolveRun function computes it
         if step.get("Type") == "Lambda" and step["Name"] == RESOLVE_RUN_STEP:
             arguments = walk(step["Arguments"])
+            run_started_at(arguments.get("run_started_at"))
             known[f"Steps.{step['Name']}.OutputParameters['{RUN_OUTPUT}']"] = resolve_run(
                 arguments.get("run_id"), arguments["execution_id"])
     known.update(properties or {})

@@ -345,7 +345,8 @@ def _next_rung(config: TrainingConfig, steps: int, trainer_dir: Path,
     if decision.action != "climb":
         return decision, None, None, None
     started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=first.hours)
-    climbed = {**(parameters or {}), RUN_ID_PARAMETER: EXECUTION_ID, RUN_STARTED_AT_PARAMETER: started.isoformat()}
+    run_id = (parameters or {}).get(RUN_ID_PARAMETER) or EXECUTION_ID  # the first execution's run
+    climbed = {**(parameters or {}), RUN_ID_PARAMETER: run_id, RUN_STARTED_AT_PARAMETER: started.isoformat()}
     job, definition, values = build_job(rung_config(config, ON_DEMAND if decision.rung.capacity == ON_DEMAND else SPOT),
                                         steps, trainer_dir, climbed, execution_id=CLIMBED_EXECUTION_ID)
     return decision, job, definition, values

@@ -20,8 +20,8 @@ from typing import Any, TextIO
 
 import botocore.exceptions
 
-from spot_training.config.capacity import (CAPACITIES, ON_DEMAND, RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER, SPOT,
-                                           RunIdError, resolve_run)
+from spot_training.config.capacity import (CAPACITIES, ON_DEMAND, RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER,
+                                           RUNNING, SPOT, RunIdError, executions_of_run, resolve_run, run_started_at)
 from spot_training.config.ladder import on_demand_pipeline_name
 from spot_training.config.layout import DATA_PARAMETERS, NO_FINGERPRINT
 from spot_training.operations.errors import OperationError
@@ -117,6 +117,13 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
                                  "executions can be resumed")
         return sagemaker.retry_pipeline_execution(PipelineExecutionArn=arn,
                                                   ClientRequestToken=str(uuid.uuid4()))["PipelineExecutionArn"]
+    _check_run_parameters(parameters)
+    if parameters.get(RUN_ID_PARAMETER):  # a run has one execution at a time, however it is started
+        busy = [e for e in run_executions(sagemaker, pipeline_name, parameters[RUN_ID_PARAMETER])
+                if e["status"] in RUNNING]
+        if busy:
+            raise OperationError(f"--parameter RunId={parameters[RUN_ID_PARAMETER]}: execution {busy[-1]['arn']} of "
+                                 f"this run is {busy[-1]['status']}; a run has one execution at a time")
     definition = json.loads(sagemaker.describe_pipeline(PipelineName=pipeline_name)["PipelineDefinition"])
     known = [p["Name"] for p in definition.get("Parameters", [])]
     for name in parameters:
@@ -140,41 +147,22 @@ def start(sagemaker, pipeline_name: str, *, parameters: Mapping[str, str], resum
 
 
 APPROVED_LOSS_PARAMETER = "ApprovedModelLoss"  # definition.build.APPROVED_LOSS_PARAMETER
-RUNNING = ("Executing", "Stopping")
-
-
-def execution_parameters(sagemaker, arn: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for page in sagemaker.get_paginator("list_pipeline_parameters_for_execution").paginate(PipelineExecutionArn=arn):
-        found.update({p["Name"]: p["Value"] for p in page["PipelineParameters"]})
-    return found
-
-
 def run_executions(sagemaker, pipeline_name: str, run_id: str, *, lookback_days: int = 30,
                    now: datetime.datetime | None = None) -> list[dict[str, Any]]:
     """The executions of run `run_id` in the construct's pipelines (spot, and on-demand where it exists), oldest
-    first, each with its pipeline, capacity, status and parameters. Only executions of the last `lookback_days`
-    are read: checkpoints expire after 30 days by default (checkpoint_expiration_days), so an older run has
-    nothing to resume from."""
+    first (`config.capacity.executions_of_run`). Only executions of the last `lookback_days` are read: checkpoints
+    expire after 30 days by default (checkpoint_expiration_days), so an older run has nothing to resume from."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    found = []
-    for capacity, name in ((SPOT, pipeline_name), (ON_DEMAND, on_demand_pipeline_name(pipeline_name))):
-        pages = sagemaker.get_paginator("list_pipeline_executions").paginate(
-            PipelineName=name, CreatedAfter=now - datetime.timedelta(days=lookback_days), SortBy="CreationTime",
-            SortOrder="Ascending")
-        try:
-            summaries = [s for page in pages for s in page["PipelineExecutionSummaries"]]
-        except botocore.exceptions.ClientError as error:
-            if capacity == ON_DEMAND and error.response["Error"]["Code"] in ("ResourceNotFound", "ValidationException"):
-                continue  # deployed without the capacity ladder
-            raise
-        for summary in summaries:
-            arn = summary["PipelineExecutionArn"]
-            parameters = execution_parameters(sagemaker, arn)
-            if resolve_run(parameters.get(RUN_ID_PARAMETER), arn.rsplit("/", 1)[-1]) == run_id:
-                found.append({"arn": arn, "pipeline": name, "capacity": capacity, "parameters": parameters,
-                              "status": summary["PipelineExecutionStatus"], "started": summary["StartTime"]})
-    return sorted(found, key=lambda e: e["started"])
+    return executions_of_run(sagemaker, {SPOT: pipeline_name, ON_DEMAND: on_demand_pipeline_name(pipeline_name)},
+                             run_id, created_after=now - datetime.timedelta(days=lookback_days))
+
+
+def _check_run_parameters(parameters: Mapping[str, str]) -> None:
+    try:
+        resolve_run(parameters.get(RUN_ID_PARAMETER), "unused")
+        run_started_at(parameters.get(RUN_STARTED_AT_PARAMETER))
+    except RunIdError as error:
+        raise OperationError(f"--parameter {error}") from None
 
 
 def resume_run(sagemaker, pipeline_name: str, run_id: str, *, capacity: str, parameters: Mapping[str, str],
@@ -186,6 +174,7 @@ def resume_run(sagemaker, pipeline_name: str, run_id: str, *, capacity: str, par
         resolve_run(run_id, "")
     except RunIdError as error:
         raise OperationError(f"--resume-run: {error}") from None
+    _check_run_parameters(parameters)
     if capacity not in CAPACITIES:
         raise OperationError(f"--capacity {capacity}: must be one of {', '.join(CAPACITIES)}")
     executions = run_executions(sagemaker, pipeline_name, run_id, now=now)
@@ -198,6 +187,9 @@ def resume_run(sagemaker, pipeline_name: str, run_id: str, *, capacity: str, par
                              f"{busy[-1]['status']}; a run has one execution at a time")
     target = on_demand_pipeline_name(pipeline_name) if capacity == ON_DEMAND else pipeline_name
     latest = executions[-1]
+    if latest["status"] == "Succeeded":
+        raise OperationError(f"--resume-run {run_id}: the run finished (execution {latest['arn']} Succeeded, its model "
+                             "evaluated and registered); start a new run")
     run_started = latest["parameters"].get(RUN_STARTED_AT_PARAMETER) or executions[0]["started"].isoformat()
     values = {**latest["parameters"], **parameters, RUN_ID_PARAMETER: run_id, RUN_STARTED_AT_PARAMETER: run_started}
     try:
@@ -207,7 +199,7 @@ def resume_run(sagemaker, pipeline_name: str, run_id: str, *, capacity: str, par
             PipelineExecutionDescription=f"Run {run_id} resumed by hand on {capacity} after {latest['arn']}",
             PipelineParameters=[{"Name": k, "Value": v} for k, v in sorted(values.items())])["PipelineExecutionArn"]
     except botocore.exceptions.ClientError as error:
-        if error.response["Error"]["Code"] in ("ResourceNotFound", "ValidationException") and capacity == ON_DEMAND:
+        if error.response["Error"]["Code"] == "ResourceNotFound" and capacity == ON_DEMAND:
             raise OperationError(f"--capacity on-demand: no pipeline {target} (deploy with "
                                  "training.capacity_ladder=true)") from None
         raise
@@ -486,16 +478,18 @@ def report_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def capacity_wait_seconds(job: Mapping[str, Any]) -> float:
-    """Time the training job spent in SageMaker's Starting status (instances being found and launched: the wait for
-    spot capacity, after each interruption too), from its SecondaryStatusTransitions. A job that never got capacity
-    spent its whole MaxWait there."""
+CAPACITY_WAIT_STATUSES = ("Pending", "Starting")  # SecondaryStatus: waiting for compute capacity, then launching it
+
+
+def capacity_wait_seconds(job: Mapping[str, Any], now: datetime.datetime) -> float:
+    """Time the training job spent Pending (waiting for compute capacity, in the SecondaryStatus docs) or Starting
+    (instances found and launched; after each interruption too), from its SecondaryStatusTransitions; an interval
+    still open ends at the job's end, else `now`. A job that never got capacity spent its whole MaxWait there."""
     total = 0.0
     for transition in job.get("SecondaryStatusTransitions", []):
-        if transition["Status"] == "Starting":
-            end = transition.get("EndTime") or job.get("TrainingEndTime") or job.get("LastModifiedTime")
-            if end is not None:
-                total += (end - transition["StartTime"]).total_seconds()
+        if transition["Status"] in CAPACITY_WAIT_STATUSES:
+            end = transition.get("EndTime") or job.get("TrainingEndTime") or now
+            total += (end - transition["StartTime"]).total_seconds()
     return total
 
 
@@ -504,6 +498,7 @@ def run_report(sagemaker, pipeline_name: str, run_id: str, *, price_per_hour: fl
     """Each execution of run `run_id` (config.capacity) in the construct's pipelines, oldest first: its rung, status,
     time waiting for capacity, training and billable time and cost; and the run's totals, with the realized savings
     against the same training time on demand, (1 - billable / training) x 100 over every execution."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     executions = run_executions(sagemaker, pipeline_name, run_id, now=now)
     if not executions:
         raise OperationError(f"--run {run_id}: no execution of this run in {pipeline_name} or "
@@ -520,7 +515,7 @@ def run_report(sagemaker, pipeline_name: str, run_id: str, *, price_per_hour: fl
         rows.append({
             "execution_arn": execution["arn"], "status": state["execution"]["PipelineExecutionStatus"],
             "rung": f"{execution['capacity']}:{instance_type}", "training_job": job.get("TrainingJobName"),
-            "instance_count": count, "capacity_wait_seconds": round(capacity_wait_seconds(job)),
+            "instance_count": count, "capacity_wait_seconds": round(capacity_wait_seconds(job, now)),
             "training_seconds": training, "billable_seconds": billable,
             "interruptions": sum(t["Status"] == "Interrupted" for t in job.get("SecondaryStatusTransitions", [])),
             "ended_because": job.get("SecondaryStatus") if job.get("TrainingJobStatus") in ("Failed", "Stopped") else None,

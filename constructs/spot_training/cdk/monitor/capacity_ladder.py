@@ -23,13 +23,13 @@ import json
 import os
 from typing import Any
 
-from spot_training.config.capacity import (RUN_ID_PARAMETER, RUN_STARTED_AT_PARAMETER, Decision, Plan,
-                                           climb_parameters, decide, is_capacity_failure, resolve_run)
-
-RUNNING = ("Executing", "Stopping")
+from spot_training.config.capacity import (CAPACITIES, RUN_STARTED_AT_PARAMETER, RUNNING, Decision, Plan,
+                                           RunIdError, climb_parameters, decide, execution_parameters,
+                                           executions_of_run, is_capacity_failure, resolve_run, run_of, run_started_at)
 
 
 def resolve_run_handler(event: dict[str, Any], context: Any = None) -> dict[str, str]:
+    run_started_at(event.get("run_started_at"))  # a malformed deadline fails the step here, before any job
     return {"RunId": resolve_run(event.get("run_id"), event["execution_id"])}
 
 
@@ -42,16 +42,11 @@ def pipeline_of(arn: str) -> str:
     return arn.split(":pipeline/", 1)[1].split("/", 1)[0]
 
 
-def parameters_of(sagemaker, arn: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for page in sagemaker.get_paginator("list_pipeline_parameters_for_execution").paginate(PipelineExecutionArn=arn):
-        found.update({p["Name"]: p["Value"] for p in page["PipelineParameters"]})
-    return found
-
-
 def training_failure(sagemaker, arn: str, step_name: str) -> str:
     """Why the execution's training step ended: the job's SecondaryStatus and FailureReason, then the step's."""
-    for page in sagemaker.get_paginator("list_pipeline_execution_steps").paginate(PipelineExecutionArn=arn):
+    pages = sagemaker.get_paginator("list_pipeline_execution_steps").paginate(PipelineExecutionArn=arn,
+                                                                              SortOrder="Descending")
+    for page in pages:
         for step in page["PipelineExecutionSteps"]:  # newest first: the last attempt of a retried step
             if step["StepName"] != step_name:
                 continue
@@ -65,23 +60,6 @@ def training_failure(sagemaker, arn: str, step_name: str) -> str:
     return ""
 
 
-def running_executions_of_run(sagemaker, plan: Plan, run_id: str, since: datetime.datetime, ended_arn: str) -> int:
-    """Executions of `run_id` running in either pipeline (only executions created since the run began can be)."""
-    count = 0
-    for pipeline in sorted(set(plan.pipelines.values())):
-        pages = sagemaker.get_paginator("list_pipeline_executions").paginate(
-            PipelineName=pipeline, CreatedAfter=since - datetime.timedelta(minutes=5), SortBy="CreationTime",
-            SortOrder="Descending")
-        for page in pages:
-            for summary in page["PipelineExecutionSummaries"]:
-                arn = summary["PipelineExecutionArn"]
-                if summary["PipelineExecutionStatus"] not in RUNNING or arn == ended_arn:
-                    continue
-                if resolve_run(parameters_of(sagemaker, arn).get(RUN_ID_PARAMETER), execution_id(arn)) == run_id:
-                    count += 1
-    return count
-
-
 def on_execution_end(event: dict[str, Any], context: Any = None, *, sagemaker=None, sns=None,
                      now: datetime.datetime | None = None) -> dict[str, Any]:
     import boto3  # in the Lambda runtime; tests pass stubbed clients
@@ -93,21 +71,33 @@ def on_execution_end(event: dict[str, Any], context: Any = None, *, sagemaker=No
     pipeline = next((name for name in plan.pipelines.values() if name.lower() == pipeline_of(arn).lower()), None)
     if pipeline is None:
         return _done({"execution": arn, "action": "ignore", "reason": "not an execution of this ladder's pipelines"})
-    parameters = parameters_of(sagemaker, arn)
-    run_id = resolve_run(parameters.get(RUN_ID_PARAMETER), execution_id(arn))
-    started_text = parameters.get(RUN_STARTED_AT_PARAMETER) or \
-        sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)["CreationTime"].isoformat()
-    started = datetime.datetime.fromisoformat(started_text)
+    parameters = execution_parameters(sagemaker, arn)
+    run_id = run_of(parameters, execution_id(arn))
+    if run_id is None:  # its ResolveRun step refused the RunId: no job ran, no run to climb
+        return _done({"execution": arn, "action": "ignore", "reason": "its RunId is malformed; it belongs to no run"})
+    try:
+        started = run_started_at(parameters.get(RUN_STARTED_AT_PARAMETER))
+    except RunIdError:  # refused by ResolveRun too; this execution ran no job
+        return _done({"execution": arn, "action": "ignore", "reason": "its RunStartedAt is malformed"})
+    started = started or sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)["CreationTime"]
     failure = training_failure(sagemaker, arn, os.environ["TRAINING_STEP"]) or \
         f"{event['detail'].get('currentPipelineExecutionStatus', 'ended')} before training ended"
-    current = plan.rung_of(pipeline, parameters.get("InstanceType", ""))
-    running = running_executions_of_run(sagemaker, plan, run_id, started, arn) if is_capacity_failure(failure) else 0
+    current = plan.rung_of(pipeline, parameters.get("InstanceType") or plan.rungs[0].instance_type)
+    running = []
+    if is_capacity_failure(failure):  # only executions created since the run began can be running it
+        running = [e for e in executions_of_run(sagemaker, {c: plan.pipelines[c] for c in CAPACITIES if c in plan.pipelines},
+                                                run_id, created_after=started - datetime.timedelta(minutes=5),
+                                                statuses=RUNNING) if e["arn"] != arn]
+    if any(arn in e["description"] for e in running):  # a repeated event: this controller climbed already
+        return _done({"run": run_id, "execution": arn, "action": "ignore",
+                      "reason": "already climbed: " + ", ".join(e["arn"] for e in running if arn in e["description"])})
     decision = decide(plan.rungs, current, failure, hours_since_start=(now - started).total_seconds() / 3600,
-                      slo_hours=plan.slo_hours, running_executions_of_run=running)
+                      slo_hours=plan.slo_hours, running_executions_of_run=len(running))
     result: dict[str, Any] = {"run": run_id, "execution": arn, "rung": current, "failure": failure[:500],
                               "action": decision.action, "reason": decision.reason}
     if decision.action == "climb":
-        result["started"] = _climb(sagemaker, plan, decision, parameters, run_id, started_text, arn)
+        result["started"] = _climb(sagemaker, plan, decision, parameters, run_id, started.isoformat(), arn,
+                                   event.get("id", ""))
     if decision.action != "ignore" and topic:
         (sns or boto3.client("sns")).publish(TopicArn=topic, Subject=_subject(decision, run_id),
                                              Message=_message(result))
@@ -115,18 +105,20 @@ def on_execution_end(event: dict[str, Any], context: Any = None, *, sagemaker=No
 
 
 def _climb(sagemaker, plan: Plan, decision: Decision, parameters: dict[str, str], run_id: str, started: str,
-           ended_arn: str) -> str:
+           ended_arn: str, event_id: str) -> str:
     rung = decision.rung
     assert rung is not None
     number = [r.name for r in plan.rungs].index(rung.name) + 1
     response = sagemaker.start_pipeline_execution(
         PipelineName=plan.pipelines[rung.capacity],
         PipelineExecutionDisplayName=f"{run_id}-rung-{number}"[:82],
-        PipelineExecutionDescription=decision.reason[:3072],
+        # The ended execution's ARN in the description marks the climb, so a repeated event finds it.
+        PipelineExecutionDescription=f"Capacity ladder, after {ended_arn}: {decision.reason}"[:3072],
         PipelineParameters=[{"Name": k, "Value": v} for k, v in sorted(climb_parameters(
             parameters, run_id=run_id, run_started_at=started, rung=rung).items())],
-        # One ended execution starts at most one next execution, however often its event arrives.
-        ClientRequestToken=hashlib.sha256(ended_arn.encode()).hexdigest())
+        # One event starts at most one execution, however often it is delivered (a retried execution that ends
+        # again is another event).
+        ClientRequestToken=hashlib.sha256(f"{ended_arn}:{event_id}".encode()).hexdigest())
     return response["PipelineExecutionArn"]
 
 
