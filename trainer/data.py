@@ -8,6 +8,9 @@ Formats of a channel folder:
   tokenized here on every rank at every start, each document followed by the EOS token. Anything larger goes
   through the preparation step, which tokenizes once.
 
+Instruction data (format 2, prepared only: instructions.py) comes packed in blocks of the run's sequence length
++ 1, with which targets are trained and each token's position within its example (`BlockDataset.batch_parts`).
+
 The order is a pure function of (seed, sample index): sample i of the run is block
 `permutation(seed + epoch)[i mod blocks]` with `epoch = i div blocks`. A checkpoint stores how many samples
 the job consumed, so a resumed run reads exactly the batches an uninterrupted run would.
@@ -26,7 +29,9 @@ from tokens import (
     TokenSequence,
     documents,
     open_shards,
+    open_streams,
     random_access,
+    read_manifest,
     token_dtype,
     tokenizer_fingerprint,
 )
@@ -42,8 +47,12 @@ def load_tokens(folder: str, tokenizer=None, *, model_dir: str | None = None,
                 vocab_size: int | None = None) -> TokenSequence:
     path = Path(folder)
     if (path / MANIFEST).is_file():
-        return open_shards(path, tokenizer=tokenizer_fingerprint(model_dir) if model_dir else None,
-                           vocab_size=vocab_size)
+        tokens = open_shards(path, tokenizer=tokenizer_fingerprint(model_dir) if model_dir else None,
+                             vocab_size=vocab_size)
+        tokens.streams = open_streams(path)  # instruction data: mask and positions, packed in blocks
+        tokens.packed_block = read_manifest(path).get("block")
+        tokens.folder = str(path)
+        return tokens
     files = sorted(p for p in path.glob("*") if p.suffix in (".jsonl", ".npy"))
     if not files:
         raise DataError(f"{folder}: no prepared shards ({MANIFEST}), *.jsonl or *.npy files")
@@ -86,6 +95,11 @@ class BlockDataset:
     def __init__(self, tokens: np.ndarray, sequence_length: int, seed: int, first_block: int = 0,
                  num_blocks: int | None = None) -> None:
         self.tokens, self.block, self.seed = tokens, sequence_length + 1, seed
+        packed = getattr(tokens, "packed_block", None)
+        if packed is not None and packed != self.block:
+            raise DataError(f"{getattr(tokens, 'folder', 'data')}: instruction data packed for SequenceLength "
+                            f"{packed - 1}, the run's is {sequence_length}; prepare it again with this sequence length")
+        self.streams = getattr(tokens, "streams", {})
         available = len(tokens) // self.block - first_block
         self.first_block = first_block
         self.num_blocks = available if num_blocks is None else min(num_blocks, available)
@@ -112,8 +126,25 @@ class BlockDataset:
         return self.first_block + int(self._order[position])
 
     def batch(self, first_sample: int, count: int) -> torch.Tensor:
-        starts = [self.block_index(i) * self.block for i in range(first_sample, first_sample + count)]
-        read = self.tokens.read if isinstance(self.tokens, TokenSequence) else \
-            (lambda start, stop: self.tokens[start:stop])
-        rows = [read(start, start + self.block) for start in starts]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        return self.batch_parts(first_sample, count)[0]
+
+    def batch_parts(self, first_sample: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """(tokens [count, block], trained targets [count, block - 1] bool, input positions [count, block - 1]):
+        the last two None for text, where every target is trained and attention spans the block."""
+        return self.read_blocks([self.block_index(i) for i in range(first_sample, first_sample + count)])
+
+    def read_blocks(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`batch_parts` of blocks by index (stream order for the evaluation)."""
+        starts = [index * self.block for index in indices]
+
+        def rows(sequence) -> np.ndarray:
+            read = sequence.read if isinstance(sequence, TokenSequence) else (lambda start, stop: sequence[start:stop])
+            return np.stack([read(start, start + self.block) for start in starts]).astype(np.int64)
+
+        tokens = torch.from_numpy(rows(self.tokens))
+        if not self.streams:
+            return tokens, None, None
+        trained = torch.from_numpy(rows(self.streams["mask"])[:, 1:] != 0)
+        positions = torch.from_numpy(rows(self.streams["position"])[:, :-1])
+        return tokens, trained, positions

@@ -96,33 +96,43 @@ LOSS_CHUNK_TOKENS = 512  # positions whose logits are cast to fp32 at once (boun
 
 
 def mean_loss(model, blocks, batch_size: int, device) -> tuple[float, int]:
-    """Token-weighted mean next-token cross-entropy over `blocks` (in stream order), and the token count.
+    """Token-weighted mean next-token cross-entropy over `blocks` (in stream order) and the token count: over
+    the trained targets of instruction data (its answers), attending within each packed example as in training.
 
     Memory: the forward keeps no KV cache (use_cache=False) and returns logits in the model's dtype (bf16 on
     GPU); they are cast to fp32 LOSS_CHUNK_TOKENS positions at a time, so the loss adds batch x chunk x vocab
     x 4 bytes (1 x 512 x 128,256 x 4 = 263 MB for Llama 3) instead of a full fp32 copy and its log-softmax
     (batch 4 x 2048 x 128,256 x 4 = 4.2 GB each, which does not fit beside an 8B model on a 24 GB A10G)."""
-    import numpy as np
     import torch
 
-    read = blocks.tokens.read if hasattr(blocks.tokens, "read") else (lambda start, stop: blocks.tokens[start:stop])
+    import modeling
+
     total, tokens = 0.0, 0
     with torch.no_grad():
         for first in range(0, blocks.num_blocks, batch_size):
             count = min(batch_size, blocks.num_blocks - first)
-            starts = [(blocks.first_block + i) * blocks.block for i in range(first, first + count)]
-            batch = torch.as_tensor(np.stack([read(s, s + blocks.block) for s in starts]).astype(np.int64),
-                                    device=device)
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            batch, trained, positions = blocks.read_blocks(
+                [blocks.first_block + i for i in range(first, first + count)])
+            batch = batch.to(device)
+            inputs = {"input_ids": batch[:, :-1], "use_cache": False}
+            if positions is not None:  # packed instruction examples: each attends only within itself
+                positions = positions.to(device)
+                inputs.update(position_ids=positions, attention_mask=modeling.packed_attention_mask(
+                    positions, next(model.parameters()).dtype))
+            logits = model(**inputs).logits
             labels = batch[:, 1:].to(logits.device)
+            weights = trained.to(logits.device) if trained is not None else torch.ones_like(labels, dtype=torch.bool)
             for at in range(0, labels.size(1), LOSS_CHUNK_TOKENS):
                 chunk = logits[:, at:at + LOSS_CHUNK_TOKENS].float()
-                total += float(torch.nn.functional.cross_entropy(chunk.reshape(-1, chunk.size(-1)),
-                                                                 labels[:, at:at + LOSS_CHUNK_TOKENS].reshape(-1),
-                                                                 reduction="sum"))
-                del chunk
-            tokens += labels.numel()
+                losses = torch.nn.functional.cross_entropy(chunk.reshape(-1, chunk.size(-1)),
+                                                           labels[:, at:at + LOSS_CHUNK_TOKENS].reshape(-1),
+                                                           reduction="none")
+                total += float((losses * weights[:, at:at + LOSS_CHUNK_TOKENS].reshape(-1)).sum())
+                del chunk, losses
+            tokens += int(weights.sum())  # the trained targets only (all of them for text)
             del logits
+    if not tokens:
+        raise EvaluationError("the evaluated data has no trained tokens (every example's answer was cut or empty)")
     return total / tokens, tokens
 
 

@@ -281,15 +281,22 @@ class Trainer:
         s, t = self.settings, self.topology
         self.model.train()
         micro_samples = t.world_size * s.per_device_batch_size
+        parts = [self.data.batch_parts(self.samples_seen + micro * micro_samples + t.rank * s.per_device_batch_size,
+                                       s.per_device_batch_size) for micro in range(s.gradient_accumulation_steps)]
+        # The loss is the mean over every trained target of the step, on every rank: each micro-step's sum is
+        # divided by the step's trained-target count across micro-steps and ranks (one all-reduce of the counts,
+        # read from the masks before any forward). DDP and FSDP average gradients over ranks, hence x world size.
+        count = torch.tensor(sum(int(trained.sum()) if trained is not None else tokens[:, 1:].numel()
+                                 for tokens, trained, _ in parts), device=self.device, dtype=torch.float32)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        scale = t.world_size / count.clamp(min=1)
         total = torch.zeros((), device=self.device)
-        for micro in range(s.gradient_accumulation_steps):
-            first = self.samples_seen + micro * micro_samples + t.rank * s.per_device_batch_size
-            batch = self.data.batch(first, s.per_device_batch_size).to(self.device, non_blocking=True)
+        for micro, (tokens, trained, positions) in enumerate(parts):
             last = micro == s.gradient_accumulation_steps - 1
             with self._gradient_sync(last):
-                loss = self._loss(batch)
-            (loss / s.gradient_accumulation_steps).backward()
-            total += loss.detach()
+                loss_sum, _ = self._loss_sum(tokens, trained, positions)
+            (loss_sum * scale).backward()
+            total += loss_sum.detach()
         if s.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
         self.last_learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -299,13 +306,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += micro_samples * s.gradient_accumulation_steps
-        return total / s.gradient_accumulation_steps
+        return total * scale  # summed over ranks and divided by the world size (_log_step): the step's mean
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy of a batch of `sequence_length + 1` token blocks."""
+    def _loss_sum(self, tokens: torch.Tensor, trained: torch.Tensor | None,
+                  positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the next-token cross-entropy over the trained targets, their count) of a batch of
+        `sequence_length + 1` token blocks; packed examples (positions given) attend only within themselves."""
+        tokens = tokens.to(self.device, non_blocking=True)
+        inputs: dict[str, torch.Tensor] = {"input_ids": tokens[:, :-1]}
+        if positions is not None:
+            positions = positions.to(self.device)
+            inputs.update(position_ids=positions, attention_mask=modeling.packed_attention_mask(
+                positions, torch.bfloat16 if self.bf16 else torch.float32))
         with self.autocast:
-            logits = self.model(input_ids=batch[:, :-1]).logits
-        return modeling.next_token_loss(logits, batch)
+            logits = self.model(**inputs).logits
+        return modeling.next_token_loss_sum(logits, tokens, trained)
 
     def _gradient_sync(self, enabled: bool):
         """DDP: skip the gradient all-reduce on all but the last micro-step of an accumulation (its gradients
@@ -345,13 +360,13 @@ class Trainer:
     def _evaluate(self) -> None:
         self.model.eval()
         s, t = self.settings, self.topology
-        total = torch.zeros((), device=self.device)
+        sums = torch.zeros(2, device=self.device)  # loss sum, trained targets
         for index in range(s.eval_batches):
             first = (index * t.world_size + t.rank) * s.per_device_batch_size
-            batch = self.validation.batch(first, s.per_device_batch_size).to(self.device)
-            total += self._loss(batch)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        value = total.item() / (s.eval_batches * t.world_size)
+            loss_sum, count = self._loss_sum(*self.validation.batch_parts(first, s.per_device_batch_size))
+            sums += torch.stack([loss_sum, count.to(loss_sum.dtype)])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        value = (sums[0] / sums[1].clamp(min=1)).item()
         if t.is_main:
             print(log_format.validation_line(step=self.step, loss=value), flush=True)
             self._append_metrics({"step": self.step, "validation_loss": value})

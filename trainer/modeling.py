@@ -87,6 +87,30 @@ def next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+def next_token_loss_sum(logits: torch.Tensor, batch: torch.Tensor,
+                        trained: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the fp32 next-token cross-entropy over the trained targets, their count): `batch[:, 1:]` against the
+    logits of `batch[:, :-1]`; `trained` None trains every target."""
+    losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
+                                               reduction="none")
+    if trained is None:
+        return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
+    mask = trained.reshape(-1).to(losses.device)
+    return (losses * mask).sum(), mask.sum()
+
+
+def packed_attention_mask(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [batch, 1, T, T] mask of packed examples: each token attends causally within its own example
+    (a new example starts where its position is 0). Hugging Face models take it as a prepared 4D mask with SDPA and
+    eager attention alike (checked in tests/trainer/test_instructions.py); a boolean one is misread by eager."""
+    example = torch.cumsum(positions == 0, dim=1)
+    same = example[:, :, None] == example[:, None, :]
+    causal = torch.ones(positions.size(1), positions.size(1), dtype=torch.bool, device=positions.device).tril()
+    allowed = same & causal
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied ones once), from shapes: works on the meta device."""
     return sum(p.numel() for p in unique_parameters(model).values())

@@ -9,6 +9,12 @@ A prepared split folder (what the preparation step writes for `train` and `valid
      "sources": [{"name": "part-000.jsonl", "bytes": ..., "sha256": ...}, ...],
      "shards": [{"file": "shard-00000.npy", "tokens": ..., "bytes": ...}, ...]}
 
+Instruction data (chat, prompt/completion; instructions.py) is format 2: the same token shards, packed in blocks of
+`block` tokens (the trainer's sequence_length + 1), and beside each shard two aligned streams: `mask-NNNNN.npy`
+(uint8, 1 where the token is trained as a label) and `position-NNNNN.npy` (each token's position within its
+example); the manifest adds `"block"`, `"data_format"` and, per shard, `"mask"` and `"position"` entries
+({"file", "bytes"}), and `"contract"` (the data contract's figures per source).
+
 `TokenSequence` presents the shards (or any one-dimensional integer arrays) as one sequence: `len()` and
 slicing, without concatenating, copying or widening the corpus; a slice that crosses a shard boundary is the
 only copy, one block long.
@@ -25,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "spot-training-tokens/1"
+PACKED_FORMAT = "spot-training-tokens/2"
+STREAMS = ("mask", "position")  # the aligned streams of format 2
 MANIFEST = "manifest.json"
 # The tokenizer's own files: what decides which ids a text becomes.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -82,6 +90,10 @@ class TokenSequence:
         self.offsets = np.zeros(len(self.arrays) + 1, dtype=np.int64)
         np.cumsum([len(a) for a in self.arrays], out=self.offsets[1:])
         self.dtype = np.result_type(*[a.dtype for a in self.arrays]) if self.arrays else np.dtype(np.uint16)
+        # Set by data.load_tokens for a prepared split: its aligned streams (format 2), block and folder.
+        self.streams: dict[str, TokenSequence] = {}
+        self.packed_block: int | None = None
+        self.folder = ""
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -121,9 +133,9 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: unreadable manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, PACKED_FORMAT):
         raise DataError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                        f"expected {FORMAT}")
+                        f"expected {FORMAT} or {PACKED_FORMAT}")
     return manifest
 
 
@@ -138,18 +150,32 @@ def open_shards(folder: str | Path, *, tokenizer: str | None = None, vocab_size:
     if vocab_size is not None and manifest["vocab_size"] > vocab_size:
         raise DataError(f"{folder / MANIFEST}: token ids up to {manifest['vocab_size'] - 1}, the model has "
                         f"{vocab_size} embeddings")
-    dtype = np.dtype(manifest["dtype"])
+    return _open_stream(folder, manifest, None)
+
+
+def open_streams(folder: str | Path) -> dict[str, TokenSequence]:
+    """The aligned streams of a format-2 split (`mask`, `position`), checked like the tokens; {} for format 1."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest["format"] != PACKED_FORMAT:
+        return {}
+    return {name: _open_stream(folder, manifest, name) for name in STREAMS}
+
+
+def _open_stream(folder: Path, manifest: dict, stream: str | None) -> TokenSequence:
     arrays = []
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
+        entry = shard if stream is None else shard[stream]
+        path = folder / entry["file"]
         if not path.is_file():
             raise DataError(f"{path}: missing (listed in {MANIFEST})")
         size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise DataError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated at byte {size})"
-                            if size < shard["bytes"] else f"{path}: {size} bytes, the manifest says {shard['bytes']}")
+        if size != entry["bytes"]:
+            raise DataError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated at byte {size})"
+                            if size < entry["bytes"] else f"{path}: {size} bytes, the manifest says {entry['bytes']}")
         array = np.load(path, mmap_mode="r")
         random_access(array)
+        dtype = np.dtype(manifest["dtype"] if stream is None else manifest["stream_dtypes"][stream])
         if array.dtype != dtype or array.ndim != 1 or len(array) != shard["tokens"]:
             raise DataError(f"{path}: {array.dtype}[{len(array)}], the manifest says {dtype}[{shard['tokens']}]")
         arrays.append(array)
@@ -159,39 +185,59 @@ def open_shards(folder: str | Path, *, tokenizer: str | None = None, vocab_size:
 class ShardWriter:
     """Appends token ids and writes full shards as they fill, then the manifest (`finish`)."""
 
-    def __init__(self, folder: Path, *, vocab_size: int, tokens_per_shard: int) -> None:
+    def __init__(self, folder: Path, *, vocab_size: int, tokens_per_shard: int, block: int | None = None) -> None:
+        """`block`: write format 2, packed blocks of this many tokens with the mask and position streams."""
         self.folder, self.dtype, self.size = folder, token_dtype(vocab_size), tokens_per_shard
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.buffer = np.empty(tokens_per_shard, dtype=self.dtype)
+        self.block = block
+        self.dtypes = {"tokens": self.dtype}
+        if block is not None:
+            self.dtypes.update(mask=np.dtype(np.uint8), position=token_dtype(block))
+        self.buffers = {name: np.empty(tokens_per_shard, dtype=dtype) for name, dtype in self.dtypes.items()}
         self.filled = 0
         self.shards: list[dict] = []
         self.limit = np.iinfo(self.dtype).max
 
-    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+    def add(self, ids: Sequence[int] | np.ndarray, mask: Sequence[bool] | None = None,
+            position: Sequence[int] | None = None) -> None:
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() > self.limit):
             raise DataError(f"token id {int(ids.max())} does not fit {self.dtype}")
-        ids = ids.astype(self.dtype, copy=False)
-        while ids.size:
-            take = min(self.size - self.filled, ids.size)
-            self.buffer[self.filled:self.filled + take] = ids[:take]
+        parts = {"tokens": ids.astype(self.dtype, copy=False)}
+        if self.block is not None:
+            parts.update(mask=np.asarray(mask, dtype=np.uint8), position=np.asarray(position, dtype=self.dtypes["position"]))
+        done = 0
+        while done < ids.size:
+            take = min(self.size - self.filled, ids.size - done)
+            for name, part in parts.items():
+                self.buffers[name][self.filled:self.filled + take] = part[done:done + take]
             self.filled += take
-            ids = ids[take:]
+            done += take
             if self.filled == self.size:
                 self._flush()
 
     def _flush(self) -> None:
         if not self.filled:
             return
-        name = f"shard-{len(self.shards):05d}.npy"
-        np.save(self.folder / name, self.buffer[:self.filled])
-        self.shards.append({"file": name, "tokens": int(self.filled), "bytes": (self.folder / name).stat().st_size})
+        number = len(self.shards)
+        entry: dict = {}
+        for name, buffer in self.buffers.items():
+            file = f"{'shard' if name == 'tokens' else name}-{number:05d}.npy"
+            np.save(self.folder / file, buffer[:self.filled])
+            if name == "tokens":
+                entry.update(file=file, tokens=int(self.filled), bytes=(self.folder / file).stat().st_size)
+            else:
+                entry[name] = {"file": file, "bytes": (self.folder / file).stat().st_size}
+        self.shards.append(entry)
         self.filled = 0
 
     def finish(self, **fields) -> dict:
         self._flush()
-        manifest = {"format": FORMAT, "dtype": self.dtype.name, "tokens_per_shard": self.size,
-                    "tokens": sum(s["tokens"] for s in self.shards), **fields, "shards": self.shards}
+        packed = {"block": self.block, "stream_dtypes": {n: d.name for n, d in self.dtypes.items() if n != "tokens"}} \
+            if self.block is not None else {}
+        manifest = {"format": PACKED_FORMAT if self.block is not None else FORMAT, "dtype": self.dtype.name,
+                    "tokens_per_shard": self.size, "tokens": sum(s["tokens"] for s in self.shards), **packed,
+                    **fields, "shards": self.shards}
         tmp = self.folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(self.folder / MANIFEST)
