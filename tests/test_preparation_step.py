@@ -56,7 +56,10 @@ def test_the_preparation_runs_prepare_py_from_the_trainer_archive_on_the_runs_in
     assert entry[:2] == ["/bin/bash", "-c"] and "python3 /tmp/prepare-code/prepare.py" in entry[2]
     assert args["AppSpecification"]["ContainerArguments"] == [
         "--model_dir", "/opt/ml/processing/input/model", "--train_dir", "/opt/ml/processing/input/train",
-        "--output_dir", "/opt/ml/processing/output/prepared", "--data_fingerprint", {"Get": "Parameters.DataFingerprint"}]
+        "--output_dir", "/opt/ml/processing/output/prepared", "--data_fingerprint", {"Get": "Parameters.DataFingerprint"},
+        # instruction examples are packed into the run's sequences, under the data contract's thresholds
+        "--data_format", "auto", "--sequence_length", {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.SequenceLength"}]}},
+        "--max_truncated_fraction", "0.05", "--max_untrained_fraction", "0.0", "--max_unterminated_fraction", "0.0"]
     (output,) = args["ProcessingOutputConfig"]["Outputs"]
     assert output["OutputName"] == "prepared" and output["S3Output"]["LocalPath"] == "/opt/ml/processing/output/prepared"
     destination = output["S3Output"]["S3Uri"]["Std:Join"]

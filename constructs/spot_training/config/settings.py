@@ -177,6 +177,23 @@ class TrainingConfig:
     preparation_instance_type: str = _field("ml.m5.2xlarge", "CPU instance type of the preparation step.")
     preparation_max_run_seconds: int = _field(21600, "MaxRuntimeInSeconds of the preparation step.",
                                               min=60, max=5 * 24 * 3600)
+    data_format: str = _field("auto", "What the training data's *.jsonl lines are: text ({\"text\"}: documents "
+                              "joined into one stream, every token trained), chat ({\"messages\"}: rendered with the "
+                              "base model's chat template, loss on the assistant turns), prompt_completion "
+                              "({\"prompt\", \"completion\"}: loss on the completion), or auto (each split's first "
+                              "line decides; the preparation log says which). chat and prompt_completion examples are "
+                              "packed whole into SequenceLength + 1 tokens and attend only within themselves.",
+                              choices=("auto", "text", "chat", "prompt_completion"))
+    data_max_truncated_fraction: float = _field(0.05, "Data contract (chat and prompt_completion): the preparation "
+                                                "stops, in one line, when more than this fraction of a source's "
+                                                "examples are longer than SequenceLength + 1 and get cut.",
+                                                min=0.0, max=1.0)
+    data_max_untrained_fraction: float = _field(0.0, "Data contract: most examples of a source with no trained token "
+                                                "(no assistant turn, an empty answer, a template without one), as a "
+                                                "fraction.", min=0.0, max=1.0)
+    data_max_unterminated_fraction: float = _field(0.0, "Data contract: most examples of a source whose answer ends "
+                                                   "without an end-of-turn token (the model would not learn to stop), "
+                                                   "as a fraction.", min=0.0, max=1.0)
     preparation_cache_days: int = _field(30, "Pipelines step caching of the preparation step: a run with the "
                                          "same data and model URIs reuses the shards prepared in the last N days "
                                          "(the cache keys on the arguments, not on the objects: write changed "
@@ -339,6 +356,10 @@ class TrainingConfig:
                       else f"pipeline_name={self.pipeline_name} (model_package_group empty: <pipeline_name>-models)")
             raise ConfigError(f"{_PREFIX.get()}.{source}: the model package group name {group} is {len(group)} "
                               "characters, SageMaker allows at most 63; set a shorter model_package_group")
+        if self.data_format in ("chat", "prompt_completion") and not self.prepare_data:
+            raise ConfigError(f"{_PREFIX.get()}.data_format={self.data_format}: needs {_PREFIX.get()}.prepare_data=true "
+                              "(instruction examples are tokenized with their loss mask and packed by the preparation "
+                              "step; the trainer reads raw text only)")
         if self.capacity_ladder and not self.use_spot:
             raise ConfigError(f"{_PREFIX.get()}.capacity_ladder=true: needs {_PREFIX.get()}.use_spot=true (the ladder "
                               "climbs from spot to on-demand; without spot every run is on demand already)")

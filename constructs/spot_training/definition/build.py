@@ -454,7 +454,13 @@ def _prepare_step(config: TrainingConfig, params: Mapping[str, Any], placeholder
                                   destination=prepared)],
         arguments=["--model_dir", f"{PROCESSING_ROOT}/input/model", "--train_dir", f"{PROCESSING_ROOT}/input/train",
                    *(["--validation_dir", f"{PROCESSING_ROOT}/input/validation"] if config.validation_data else []),
-                   "--output_dir", f"{PROCESSING_ROOT}/output/prepared", "--data_fingerprint", params["DataFingerprint"]])
+                   "--output_dir", f"{PROCESSING_ROOT}/output/prepared", "--data_fingerprint", params["DataFingerprint"],
+                   # Instruction examples are packed into the run's sequences (a parameter: part of the cache key).
+                   "--data_format", config.data_format,
+                   "--sequence_length", Join(on="", values=[params["SequenceLength"]]),
+                   "--max_truncated_fraction", str(config.data_max_truncated_fraction),
+                   "--max_untrained_fraction", str(config.data_max_untrained_fraction),
+                   "--max_unterminated_fraction", str(config.data_max_unterminated_fraction)])
     cache = CacheConfig(enable_caching=True, expire_after=f"P{config.preparation_cache_days}D") \
         if config.preparation_cache_days else None
     return ProcessingStep(name=PREPARE_STEP_NAME, step_args=step_args, cache_config=cache)

@@ -113,4 +113,11 @@ def summary_text(report: Mapping[str, Any]) -> str:
             "skipped (Pipelines step caching: same arguments and code as an earlier run)" if preparation["skipped"]
             else f"tokenized {', '.join(f'{k} {v:,} tokens' for k, v in tokens.items())} in {preparation['seconds']} s")
             + f" (key {preparation['result'].get('key', '?')[:12]})")
+        for split, sources in preparation["result"].get("contract", {}).items():
+            efficiency = preparation["result"].get("packing_efficiency", {}).get(split, 0.0)
+            lines.insert(2, f"  data contract, {split}: " + "; ".join(
+                f"{s['name']} {s['examples']} examples, {s['trained_tokens_per_example']} trained tokens each, "
+                f"{s['untrained_examples']} with none, {s['truncated_examples']} cut, {s['unterminated_examples']} "
+                "without an end-of-turn token" for s in sources) + f"; packing efficiency {100 * efficiency:.1f}% "
+                "(trained tokens per sequence token)")
     return "\n".join(lines)

@@ -73,19 +73,30 @@ class LocalRun:
         """Make a tiny model and dataset at the channels' "S3" locations unless something is there, and put
         the code archive that synth uploads as the CDK asset where the code channel points."""
         from spot_training.definition.trainer_code import deterministic_tarball
-        from spot_training.local.tiny import corpus, make_model_dir, make_text_channel
+        from spot_training.local.tiny import conversations, corpus, make_jsonl_channel, make_model_dir
 
         raw = {name: uri for name, (uri, _) in self.preparation.inputs.items()} if self.preparation \
             else self.job.channels
         model, texts = self.s3.path(self.job.channels["model"]), corpus(400)
+        command = self.preparation.command if self.preparation else []
+        data_format = command[command.index("--data_format") + 1] if "--data_format" in command else "text"
+        chat = data_format == "chat"  # auto and text runs get text, as before instruction formats
         if not (model.exists() and any(model.iterdir())):
-            make_model_dir(model, text_corpus=texts)
+            make_model_dir(model, text_corpus=texts + [m["content"] for c in conversations(100) for m in c["messages"]]
+                           if chat else texts, chat=chat)
         # The validation channel exists when the config asks for one (TrainingConfig.validation_data).
-        splits = {"train": texts, "validation": corpus(40, seed=11)}
+        if chat:
+            splits = {"train": conversations(400), "validation": conversations(40, seed=12)}
+        elif data_format == "prompt_completion":
+            splits = {split: [{"prompt": " ".join(c["messages"][1]["content"].split()),
+                               "completion": c["messages"][2]["content"]} for c in chats]
+                      for split, chats in (("train", conversations(400)), ("validation", conversations(40, seed=12)))}
+        else:
+            splits = {"train": [{"text": t} for t in texts], "validation": [{"text": t} for t in corpus(40, seed=11)]}
         for split in (name for name in splits if name in raw):
             folder = self.s3.path(raw[split])
             if not (folder.exists() and any(folder.iterdir())):
-                make_text_channel(folder, splits[split])
+                make_jsonl_channel(folder, splits[split])
         code = self.s3.path(self.job.channels["code"])
         code.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(deterministic_tarball(self.trainer_dir), code)
