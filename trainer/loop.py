@@ -15,14 +15,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import environment
 import log_format
+import lora
 import memory
 import modeling
-from checkpointing import Checkpointer
+from checkpointing import CheckpointLayoutError, Checkpointer
 from data import BlockDataset, load_tokens
 from environment import Topology
 from settings import TrainSettings
@@ -66,8 +67,9 @@ class Trainer:
         # DDP computes under autocast; FSDP's MixedPrecisionPolicy already gathers bf16 weights for compute.
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 and self.strategy == "ddp"
                          else contextlib.nullcontext())
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # the adapters only, with LoRA
+        decay = [p for p in trained if p.dim() >= 2]
+        no_decay = [p for p in trained if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-8)
@@ -109,6 +111,10 @@ class Trainer:
         with modeling.no_init_warnings():
             model = modeling.empty_model(self.model_config)
         self.parameter_count = modeling.parameter_count(model)
+        self.lora_config = None
+        if s.method == "lora":  # adapters on the meta device too, before sharding (lora.py)
+            self.lora_config = lora.config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules)
+            lora.inject(model, self.lora_config)
         self.strategy, why = self._choose_strategy()
         self.activation_checkpointing = memory.checkpointing_on(s.activation_checkpointing, self.strategy)
         self._check_fit()  # before any storage is allocated or weights read
@@ -120,16 +126,23 @@ class Trainer:
         modeling.materialize(model, self.device)
         # A restart resumes from a checkpoint that overwrites every parameter: reading the base weights first
         # would only cost their download-speed read (minutes at 70B). They are read later if no checkpoint loads.
-        self.weights_deferred = bool(files) and self._checkpoint_on_every_rank()
+        # A LoRA checkpoint holds the adapters only: the base weights are always read.
+        self.weights_deferred = bool(files) and self.lora_config is None and self._checkpoint_on_every_rank()
         if files and not self.weights_deferred:
             modeling.load_weights(model, s.model_dir, self.io_group)
         elif not files:
             log.warning("model_dir=%s holds no weights: initialising the model randomly from config.json (seed %d)",
                         s.model_dir, s.seed)
             modeling.init_random(model, s.seed)
+        if self.lora_config is not None:
+            lora.init_adapters(model, s.seed, modeling._assign)
         self.raw_model = model
         self.model = model if self.strategy == "fsdp" else DDP(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if t.is_main and self.lora_config is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"[lora] rank {s.lora_rank}, alpha {s.lora_alpha:g}, dropout {s.lora_dropout:g}, modules "
+                  f"{s.lora_target_modules}: {trainable:,} trainable parameters beside the frozen base", flush=True)
         if t.is_main:
             print(f"[model] {self.parameter_count:,} parameters, strategy {self.strategy} ({why}), activation "
                   f"checkpointing {'on' if self.activation_checkpointing else 'off'}, "
@@ -201,8 +214,15 @@ class Trainer:
         self.stop_requested = True
 
     # ---- checkpoint state ------------------------------------------------------------------------------
+    def _state_options(self) -> StateDictOptions:
+        """With LoRA, what changes: the adapters (the frozen base is read from the base model at every start)."""
+        return StateDictOptions(ignore_frozen_params=self.lora_config is not None,
+                                strict=self.lora_config is None)
+
     def _state(self, include_rng: bool = True) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        if self.lora_config is not None:  # a frozen weight tied to another (lm_head) escapes ignore_frozen_params
+            model_state = {name: value for name, value in model_state.items() if lora.is_adapter(name)}
         state = {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict(),
                  "progress": {"step": self.step, "samples_seen": self.samples_seen}}
         if include_rng:
@@ -213,11 +233,17 @@ class Trainer:
         return state
 
     def _state_for(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        method = manifest.get("method", "full")
+        if method != self.settings.method:  # a checkpoint holds what its method trains: the base or not
+            raise CheckpointLayoutError(f"the checkpoint {manifest.get('step', '?')} in {self.settings.checkpoint_dir} was "
+                                     f"written by a method={method} run and this run is method={self.settings.method}; "
+                                     "resume with the same method, or start a new run (another RunId)")
         # Dropout RNG streams are per rank: they carry over only when the world size is unchanged.
         return self._state(include_rng=manifest["world_size"] == self.topology.world_size)
 
     def _apply(self, state: dict[str, Any], manifest: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._state_options())
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples_seen = int(state["progress"]["step"]), int(state["progress"]["samples_seen"])
         rng = state.get(f"rng_rank{self.topology.rank}")
@@ -256,7 +282,7 @@ class Trainer:
             if self.settings.eval_every_steps and self.validation and self.step % self.settings.eval_every_steps == 0:
                 self._evaluate()
             if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested,
-                                      metadata={"last_loss": self.last_loss}):
+                                      metadata={"last_loss": self.last_loss, "method": self.settings.method}):
                 if self.topology.is_main:  # before the wait: a save in flight may outlast the stop's grace
                     print(f"[stop] SIGTERM: stopping after step {self.step}"
                           + (", once the checkpoint in flight is written" if self.checkpointer.pending else ""),
@@ -271,7 +297,7 @@ class Trainer:
         if self.validation:
             self._evaluate()
         # A restart after this point only rewrites the model.
-        self.checkpointer.save(self.step, self._state, metadata={"last_loss": self.last_loss})
+        self.checkpointer.save(self.step, self._state, metadata={"last_loss": self.last_loss, "method": self.settings.method})
         self.checkpointer.wait()
         self._save_model()
         self.tracker.finish("FINISHED")
@@ -378,6 +404,9 @@ class Trainer:
         t = self.topology
         out = Path(self.settings.output_model_dir)
         files = modeling.export(self.raw_model, self.model_config, str(out), rank=t.rank, writers=t.local_world_size)
+        if self.lora_config is not None:  # and the adapter alone, in peft's format, beside the merged model
+            lora.export_adapter(self.raw_model, self.lora_config, out / lora.ADAPTER_DIR, self.settings.model_dir,
+                                modeling._full, write=t.is_main)
         if t.is_main:
             # The base model's config, not the live one: activation checkpointing set use_cache=False on that
             # (transformers 4.56 keeps the object given to from_config), and generate() would then run without

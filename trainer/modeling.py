@@ -7,7 +7,8 @@ only then is storage allocated, each rank for its own shards (`to_empty`). The b
 `model` channel's safetensors straight into those shards: each rank reads only the rows it owns
 (`SlicedSafetensorsReader`). A model folder without
 weights is initialised randomly, one module at a time and seeded, so every rank and every world size gets the
-same weights. DDP goes the same way with whole tensors.
+same weights. DDP goes the same way with whole tensors. With LoRA (lora.py) the adapters are injected on the meta
+device before sharding, the base weights load under their own names and the adapters are initialised from the seed.
 
 End: the fine-tuned model is written as Hugging Face safetensors in files of at most `max_file_bytes`; each
 tensor is gathered in turn and kept only by the rank that writes its file (the local ranks of the first
@@ -30,6 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+import lora
 
 log = logging.getLogger("trainer.model")
 
@@ -206,6 +209,11 @@ def init_random(model: torch.nn.Module, seed: int) -> None:
             done.add(id(parameter))
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: gathered from every rank under FSDP (collective), as is otherwise."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _assign(parameter: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of `full` (the whole tensor, on CPU) into `parameter`."""
     if isinstance(parameter, DTensor):
@@ -247,8 +255,8 @@ def load_weights(model: torch.nn.Module, model_dir: str, group: dist.ProcessGrou
     stored = reader.read_metadata().state_dict_metadata
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    parameters = unique_parameters(model)
+        names.setdefault(id(parameter), []).append(lora.base_name(name))  # an adapted layer's weight: its own name
+    parameters = {name: p for name, p in unique_parameters(model).items() if not lora.is_adapter(name)}
     found = {name: next((n for n in names[id(p)] if n in stored), None) for name, p in parameters.items()}
     missing = [name for name, stored_as in found.items() if stored_as is None]
     if missing:
@@ -312,9 +320,12 @@ def export(model: torch.nn.Module, config, out_dir: str, *, rank: int, writers: 
     from safetensors.torch import save_file
 
     dtype = export_dtype(config)
-    tensors = list(_exported_tensors(model))
+    exported = list(_exported_tensors(model))
+    # (name, elements, fetch): with adapters, the merged model under the base model's names (lora.merged_items).
+    items = lora.merged_items(model, _full, exported) if lora.has_adapters(model) else [
+        (name, t.numel(), lambda t=t: _full(t)) for name, t in exported]
     element = torch.tensor([], dtype=dtype).element_size()
-    layout = plan_files([(name, t.numel() * element) for name, t in tensors], max_file_bytes)
+    layout = plan_files([(name, numel * element) for name, numel, _ in items], max_file_bytes)
     names = file_names(len(layout))
     owner = {name: (index, index % writers) for index, group in enumerate(layout) for name in group}
     out = Path(out_dir)
@@ -326,8 +337,8 @@ def export(model: torch.nn.Module, config, out_dir: str, *, rank: int, writers: 
     # at most the file being written and the one being gathered (2 x max_file_bytes of host memory).
     with ThreadPoolExecutor(max_workers=1) as pool:
         writes = []
-        for name, tensor in tensors:
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        for name, _, fetch in items:
+            full = fetch()
             index, writer = owner[name]
             if writer == rank:
                 pending[name] = full.detach().to(device="cpu", dtype=dtype).contiguous()
@@ -340,8 +351,8 @@ def export(model: torch.nn.Module, config, out_dir: str, *, rank: int, writers: 
         for write in writes:
             write.result()
     if rank == 0 and len(names) > 1:
-        weight_map = {name: names[owner[name][0]] for name, _ in tensors}
-        total = sum(t.numel() * element for _, t in tensors)
+        weight_map = {name: names[owner[name][0]] for name, _, _ in items}
+        total = sum(numel * element for _, numel, _ in items)
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names

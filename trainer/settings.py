@@ -67,6 +67,19 @@ class TrainSettings:
     gpu_memory_gib: float = dataclasses.field(default=0.0, metadata=_doc(
         "Plan memory for GPUs of this many GiB (strategy auto and the fit check before loading weights); 0: the "
         "device's own memory (CPU runs: not checked).", min=0.0))
+    # What is trained.
+    method: str = dataclasses.field(default="full", metadata=_doc(
+        "`full` trains every weight; `lora` freezes the base weights and trains low-rank adapters (peft): checkpoints "
+        "then hold only the adapters and their optimizer state, and the output is the merged model plus the "
+        "adapter in peft's format (`adapter/`).", choices=("full", "lora")))
+    lora_rank: int = dataclasses.field(default=16, metadata=_doc("LoRA rank r.", min=1))
+    lora_alpha: float = dataclasses.field(default=32.0, metadata=_doc(
+        "LoRA alpha: the adapters' update is scaled by alpha / r.", min=0.0, open=True))
+    lora_dropout: float = dataclasses.field(default=0.05, metadata=_doc("Dropout on the adapters' input.", min=0.0,
+                                                                         max=0.9))
+    lora_target_modules: str = dataclasses.field(default="all-linear", metadata=_doc(
+        "Modules that get adapters: `all-linear` (every linear layer but the output head) or comma-separated module "
+        "names (q_proj,v_proj)."))
     # Checkpoints.
     checkpoint_interval_minutes: float = dataclasses.field(default=10.0, metadata=_doc(
         "Save when this much wall-clock time passed since the last save; 0 disables time-based saves.", min=0.0))

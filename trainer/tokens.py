@@ -35,7 +35,7 @@ PACKED_FORMAT = "spot-training-tokens/2"
 STREAMS = ("mask", "position")  # the aligned streams of format 2
 MANIFEST = "manifest.json"
 # The tokenizer's own files: what decides which ids a text becomes.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
 
 

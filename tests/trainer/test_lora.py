@@ -1,0 +1,127 @@
+"""LoRA on chat data: a tiny Llama with real weights, adapters through peft under DDP and FSDP2, checkpoints that
+hold only the adapters, bit-exact resume after SIGKILL, and exports that peft and transformers load and generate
+with."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from spot_training.local.tiny import conversations, corpus, make_jsonl_channel, make_llama_model_dir, make_model_dir
+from tests.trainer.harness import ROOT, Run, same_parameters
+
+sys.path.insert(0, str(ROOT / "trainer"))
+import prepare  # noqa: E402
+
+LORA = {"method": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3,
+        "max_steps": 12, "validation_holdout_fraction": 0.05}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny Llama with real bf16 weights and a chat template, and chat data prepared for it."""
+    root = tmp_path_factory.mktemp("lora")
+    texts = corpus(200) + [m["content"] for c in conversations(50) for m in c["messages"]]
+    tokenizer = make_model_dir(root / "tokenizer", text_corpus=texts, chat=True)
+    model = make_llama_model_dir(root / "model", tokenizer_dir=tokenizer)
+    prepare.prepare(model, {"train": make_jsonl_channel(root / "chats", conversations(240))}, root / "prepared", None,
+                    tokens_per_shard=1024, sequence_length=32)
+    return {"model_dir": model, "train_dir": root / "prepared" / "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(job, tmp_path_factory):
+    run = Run(job, tmp_path_factory.mktemp("reference"), **LORA)
+    run.out = run.run()
+    return run
+
+
+def _tensor_elements(run: Run) -> int:
+    """Elements of the model and optimizer tensors of a run's newest checkpoint (AdamW's step counters left out)."""
+    step = run.outputs["checkpoint_dir"] / run.complete_checkpoints()[-1]
+    stored = FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    return sum(m.size.numel() for k, m in stored.items() if hasattr(m, "size") and k.startswith(("model.", "optim."))
+               and not k.endswith(".step"))
+
+
+def _checkpoint_keys(run: Run) -> list[str]:
+    step = run.outputs["checkpoint_dir"] / run.complete_checkpoints()[-1]
+    return list(FileSystemReader(str(step)).read_metadata().state_dict_metadata)
+
+
+def test_lora_trains_only_the_adapters_and_checkpoints_only_what_changes(job, reference, tmp_path):
+    assert "[lora] rank 4, alpha 8, dropout 0, modules all-linear:" in reference.out
+    losses = reference.losses()
+    assert losses[12] < losses[1]
+    model_keys = [k for k in _checkpoint_keys(reference) if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)  # no frozen base weight
+    # What a checkpoint holds, in elements: 3 per trained parameter (the fp32 weight and AdamW's two moments), so
+    # 3 x the adapters with LoRA and 3 x every weight in full: the formula the sizing extrapolates from.
+    full = Run(job, tmp_path / "full", **{**LORA, "method": "full", "max_steps": 4})
+    full_out = full.run()
+    trainable = int(re.search(r"modules all-linear: ([\d,]+) trainable", reference.out).group(1).replace(",", ""))
+    total = int(re.search(r"\[model\] ([\d,]+) parameters", full_out).group(1).replace(",", ""))
+    config = json.loads((job["model_dir"] / "config.json").read_text())
+    tied = config["vocab_size"] * config["hidden_size"]  # the full model state lists the tied head a second time
+    assert _tensor_elements(reference) == 3 * trainable and _tensor_elements(full) == 3 * total + tied
+    assert trainable < total / 4
+
+
+def test_a_lora_run_killed_mid_run_resumes_bit_exactly_under_ddp_and_fsdp(job, reference, tmp_path):
+    run = Run(job, tmp_path / "ddp", **LORA)
+    run.kill_at_step(run.start(), 6)
+    assert run.last_step() < 12
+    resumed = run.run()
+    assert "weights from 1 safetensors file(s)" in resumed  # the base is read again: the checkpoint has none of it
+    assert run.losses() == reference.losses()
+    assert same_parameters(run.parameters(), reference.parameters())
+    fsdp_reference = Run(job, tmp_path / "fsdp-reference", strategy="fsdp", **LORA)
+    fsdp_reference.run()
+    fsdp = Run(job, tmp_path / "fsdp", strategy="fsdp", **LORA)
+    fsdp.kill_at_step(fsdp.start(), 6)
+    fsdp.run()
+    assert fsdp.losses() == fsdp_reference.losses()
+    assert same_parameters(fsdp.parameters(), fsdp_reference.parameters())
+
+
+def test_the_adapter_loads_in_peft_and_the_merged_model_in_transformers_and_both_generate_the_same(job, reference):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = reference.outputs["output_model_dir"]
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "spot capacity returns"}],
+                                           add_generation_prompt=True, return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(job["model_dir"], torch_dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        from_adapter = adapted(input_ids=prompt).logits
+        from_merged = merged(input_ids=prompt).logits
+        untouched = AutoModelForCausalLM.from_pretrained(job["model_dir"], torch_dtype=torch.float32)(
+            input_ids=prompt).logits
+    assert not torch.allclose(from_adapter, untouched, atol=1e-3)  # the adapter changes the model
+    assert torch.allclose(from_adapter, from_merged, atol=2e-2)  # the merged weights are bf16, like the base
+    for model in (adapted, merged):
+        generated = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False,
+                                   pad_token_id=tokenizer.eos_token_id)
+        assert generated.shape[1] > prompt.shape[1]
+
+
+def test_a_checkpoint_of_the_other_method_stops_the_run_in_one_line(job, reference, tmp_path):
+    import shutil
+
+    run = Run(job, tmp_path, **{**LORA, "method": "full"})
+    shutil.copytree(reference.outputs["checkpoint_dir"], run.outputs["checkpoint_dir"])
+    process = run.start()
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode != 0
+    assert "was written by a method=lora run and this run is method=full; resume with the same method" in out
