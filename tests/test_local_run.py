@@ -149,6 +149,25 @@ def test_two_interruptions_one_during_a_save_and_a_climb_to_on_demand_end_where_
     assert any(re.search(r"^\[stop\] SIGTERM: stopping after step \d+", log, re.M) for log in interrupted)
 
 
+def test_a_chat_dataset_fine_tunes_with_lora_from_the_definition_and_resumes_bit_identically(tmp_path):
+    """The pipeline's own steps on chat data with LoRA: PrepareData renders and packs the conversations and reports
+    the data contract, the training step (interrupted once, on the image's launcher) trains the adapters only,
+    and the run ends bit-identical to one never interrupted; the model output holds the adapter in peft's format."""
+    chat_lora = ("-c", "training.data_format=chat", "-c", "training.method=lora")
+    reference, _ = local_run(tmp_path / "reference", "--steps", "6", *chat_lora)
+    report, stdout = local_run(tmp_path / "interrupted", "--steps", "6", "--interrupt-at-step", "3", *chat_lora)
+    assert report["interruptions"] == 1 and report["resumed_from_steps"][-1] is not None
+    assert (report["final_loss"], report["final_parameters_sha256"]) == (reference["final_loss"],
+                                                                         reference["final_parameters_sha256"])
+    assert "--method lora" in report["launch_command"] and report["hyperparameters"]["lora_rank"] == 16
+    (contract,) = report["preparation"]["result"]["contract"]["train"]
+    assert contract["examples"] == 400 and contract["untrained_examples"] == 0
+    assert "  data contract, train: part-000.jsonl 400 examples" in stdout
+    adapter = Path(report["model_s3_path"]) / "adapter"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert report["evaluation"]["gate"]["passed"]
+
+
 def test_every_metric_definition_matches_the_trainers_log_lines(uninterrupted):
     report, _ = uninterrupted
     assert report["metric_definitions_ok"] is True

@@ -177,6 +177,18 @@ class TrainingConfig:
     preparation_instance_type: str = _field("ml.m5.2xlarge", "CPU instance type of the preparation step.")
     preparation_max_run_seconds: int = _field(21600, "MaxRuntimeInSeconds of the preparation step.",
                                               min=60, max=5 * 24 * 3600)
+    method: str = _field("full", "Default of the pipeline parameter Method: full trains every weight; lora freezes the "
+                         "base and trains low-rank adapters (peft), so checkpoints hold only the adapters and their "
+                         "optimizer state, and the model output is the merged model with the adapter in peft's "
+                         "format under adapter/.", choices=("full", "lora"))
+    lora_rank: int = _field(16, "Default of the pipeline parameter LoraRank (r).", min=1, max=1024)
+    lora_alpha: float = _field(32.0, "Default of the pipeline parameter LoraAlpha: the adapters' update is scaled by "
+                               "alpha / r.", min=0.0, max=4096.0, exclusive_min=True)
+    lora_dropout: float = _field(0.05, "Default of the pipeline parameter LoraDropout.", min=0.0, max=0.9)
+    lora_target_modules: str = _field("all-linear", "Modules that get adapters: all-linear (every linear layer but the "
+                                      "output head) or comma-separated module names such as q_proj,v_proj.",
+                                      pattern=r"all-linear|[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*",
+        allowed="all-linear or comma-separated module names")
     data_format: str = _field("auto", "What the training data's *.jsonl lines are: text ({\"text\"}: documents "
                               "joined into one stream, every token trained), chat ({\"messages\"}: rendered with the "
                               "base model's chat template, loss on the assistant turns), prompt_completion "

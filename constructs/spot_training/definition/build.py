@@ -235,6 +235,11 @@ def pipeline_parameters(config: TrainingConfig, bucket_name: str, *, evaluation:
         PipelineParameter("SequenceLength", ParameterInteger, config.sequence_length),
         PipelineParameter("CheckpointIntervalMinutes", ParameterFloat, config.checkpoint_interval_minutes),
         PipelineParameter("CheckpointEverySteps", ParameterInteger, 0),
+        # What is trained: every weight, or LoRA adapters beside the frozen base (trainer/lora.py).
+        PipelineParameter("Method", ParameterString, config.method),
+        PipelineParameter("LoraRank", ParameterInteger, config.lora_rank),
+        PipelineParameter("LoraAlpha", ParameterFloat, config.lora_alpha),
+        PipelineParameter("LoraDropout", ParameterFloat, config.lora_dropout),
         # The run this execution belongs to (config.capacity): empty starts a new run named by the execution id;
         # an earlier execution's run id resumes that run from its checkpoints. RunStartedAt (ISO 8601, UTC) is
         # when the run's first execution started, the origin of its deadline; empty: this execution's start.
@@ -347,6 +352,11 @@ def _generate(config: TrainingConfig, metric_definitions: Sequence[Mapping[str, 
             "sequence_length": params["SequenceLength"],
             "checkpoint_interval_minutes": params["CheckpointIntervalMinutes"],
             "checkpoint_every_steps": params["CheckpointEverySteps"],
+            "method": params["Method"],
+            "lora_rank": params["LoraRank"],
+            "lora_alpha": params["LoraAlpha"],
+            "lora_dropout": params["LoraDropout"],
+            "lora_target_modules": config.lora_target_modules,
             "strategy": config.strategy,
             "activation_checkpointing": config.activation_checkpointing,
             **({"mlflow_tracking_uri": placeholders.mlflow_tracking_server_arn} if config.mlflow else {}),
@@ -537,7 +547,7 @@ def _evaluation_steps(config: TrainingConfig, params: Mapping[str, Any], placeho
         "trainer_code": f"s3://{placeholders.code_bucket_name}/{placeholders.code_object_key}",
         "training_image": image_uri,
         "training_job": training.properties.TrainingJobName,
-        "method": "full",
+        "method": params["Method"],
         "pipeline_execution": ExecutionVariables.PIPELINE_EXECUTION_ID,
         "training_seconds": Join(on="", values=[training.properties.TrainingTimeInSeconds]),
         "billable_seconds": Join(on="", values=[training.properties.BillableTimeInSeconds]),
