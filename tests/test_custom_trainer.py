@@ -41,11 +41,19 @@ def launch(pipeline: TrainingPipeline, trainer_dir, extra_env=None) -> subproces
     from sagemaker_training import mapping
 
     step = next(s for s in resolve(pipeline.definition)["Steps"] if s["Type"] == "Training")
-    decoded = {k: json.loads(v) for k, v in step["Arguments"]["HyperParameters"].items()
-               if not k.startswith("sagemaker_")}
+    decoded = {k: _decoded(v) for k, v in step["Arguments"]["HyperParameters"].items() if not k.startswith("sagemaker_")}
     environment = {**step["Arguments"]["Environment"], **(extra_env or {})}
     return subprocess.run([sys.executable, str(trainer_dir / "train.py"), *mapping.to_cmd_args(decoded)],
                           env=environment, capture_output=True, text=True, timeout=60)
+
+
+def _decoded(value):
+    """As the toolkit reads hyperparameters.json (sagemaker-training environment.read_hyperparameters): JSON when it
+    parses, else the string itself (a string pipeline parameter arrives unquoted)."""
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
 
 
 def test_a_strict_custom_trainer_gets_exactly_its_hyperparameters_and_environment(tmp_path):
