@@ -115,6 +115,8 @@ class Trainer:
         if s.method == "lora":  # adapters on the meta device too, before sharding (lora.py)
             self.lora_config = lora.config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules)
             lora.inject(model, self.lora_config)
+        # The adapters as injected (0: full training): what the memory plan counts as trained.
+        self.lora_parameters = sum(p.numel() for n, p in model.named_parameters() if lora.is_adapter(n))
         self.strategy, why = self._choose_strategy()
         self.activation_checkpointing = memory.checkpointing_on(s.activation_checkpointing, self.strategy)
         self._check_fit()  # before any storage is allocated or weights read
@@ -188,7 +190,8 @@ class Trainer:
             return ("fsdp" if t.world_size > 1 else "ddp"), f"auto, no memory plan: {shape}"
         ddp = memory.plan(shape, strategy="ddp", world_size=t.world_size, batch=s.per_device_batch_size,
                           sequence_length=s.sequence_length, activation_checkpointing=s.activation_checkpointing == "true",
-                          bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes)
+                          bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes,
+                          lora_parameters=self.lora_parameters)
         return memory.strategy_for(ddp, t.world_size), (f"auto: ddp needs {ddp.total / memory.GIB:.1f} GiB per device "
                                                          f"of {gpu_bytes / memory.GIB:.1f} GiB")
 
@@ -204,7 +207,8 @@ class Trainer:
                                    gpus_per_instance=t.local_world_size, batch=s.per_device_batch_size,
                                    sequence_length=s.sequence_length,
                                    activation_checkpointing="true" if self.activation_checkpointing else "false",
-                                   bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes)
+                                   bf16=self.bf16, accumulation=s.gradient_accumulation_steps, gpu_bytes=gpu_bytes,
+                                   lora_parameters=self.lora_parameters)
         if problem:
             raise memory.DoesNotFit(f"the model does not fit GPU memory: {problem}")
 

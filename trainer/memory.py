@@ -82,6 +82,18 @@ class ModelShape:
     def parameters(self) -> int:
         return self.layers * self.block_parameters + self.root_parameters
 
+    def lora_parameters(self, rank: int) -> int:
+        """Adapter parameters of LoRA rank `rank` on every linear layer of the blocks (peft's all-linear: not the
+        head): r x (inputs + outputs) per adapted matrix. Llama: q, o (h -> h), k, v (h -> kv), gate, up
+        (h -> i), down (i -> h); GPT-2: c_attn (h -> 3h), c_proj (h -> h), c_fc (h -> i), c_proj (i -> h).
+        tests/trainer/test_lora.py checks it against peft's own count."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        if self.gated_mlp:
+            per_block = 2 * (h + h) + 2 * (h + kv) + 3 * (h + i)
+        else:
+            per_block = (h + 3 * h) + (h + h) + 2 * (h + i)
+        return rank * per_block * self.layers
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
         """From a Hugging Face config.json: Llama-style keys, or GPT-2's (n_embd, n_layer, n_head, n_inner)."""
@@ -169,7 +181,8 @@ def activation_bytes(shape: ModelShape, *, tokens: int, activation_checkpointing
 
 def plan(shape: ModelShape, *, strategy: str, world_size: int, batch: int, sequence_length: int,
          activation_checkpointing: bool, bf16: bool = True, accumulation: int = 1, gpu_bytes: int | None = None,
-         gather_copies: float = 0.0, reduce_copies: float = 0.0, foreach_optimizer: bool = True) -> Plan:
+         gather_copies: float = 0.0, reduce_copies: float = 0.0, foreach_optimizer: bool = True,
+         lora_parameters: int = 0) -> Plan:
     """Bytes per GPU of one configuration at the moment its step peaks (see the module docstring).
 
     `gather_copies` / `reduce_copies`: extra buffers, in multiples of the collective's tensor, that the
@@ -177,28 +190,33 @@ def plan(shape: ModelShape, *, strategy: str, world_size: int, batch: int, seque
     is given; gloo (CPU) copies (benchmarks/planner.py measures it). `foreach_optimizer`: torch's AdamW on
     CUDA takes the foreach path, which allocates one temporary the size of the weights it updates
     (`_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`); on CPU it updates one tensor at a
-    time."""
+    time.
+
+    `lora_parameters` (LoRA): the base stays as the trainer stores it (fp32, frozen) and the adapters add their
+    own weights; only the adapters get gradients and AdamW moments, and no head or embedding gradient exists."""
     if strategy not in ("ddp", "fsdp"):
         raise PlanError(f"strategy={strategy!r}: must be ddp or fsdp")
     p = shape.parameters
-    held = p if strategy == "ddp" else -(-p // world_size)  # FSDP: this GPU's shard (rounded up)
-    weights, gradients, optimizer = 4 * held, 4 * held, 8 * held
+    shard = (lambda n: n) if strategy == "ddp" else (lambda n: -(-n // world_size))  # FSDP: this GPU's shard
+    held, trained = shard(p + lora_parameters), shard(lora_parameters or p)
+    weights, gradients, optimizer = 4 * held, 4 * trained, 8 * trained
     tokens = batch * sequence_length
     activations = activation_bytes(shape, tokens=tokens, activation_checkpointing=activation_checkpointing,
                                    bf16=bf16)
     a = 2 if bf16 else 4
     logits = tokens * shape.vocab_size * (a + 12)   # logits, their fp32 copy and log-softmax, the fp32 gradient
-    step_buffer = 4 * held if foreach_optimizer else 0
+    step_buffer = 4 * trained if foreach_optimizer else 0
+    frozen_edges = bool(lora_parameters)  # LoRA: the embeddings and the head make no gradient
     # phase -> (gradients held, working, activations, logits)
     if strategy == "ddp":
         # Gradients live in DDP's buckets from the first backward on; the first gradient of a tensor is made
         # apart and then copied into its bucket, the largest (the embeddings) transiently twice.
-        largest = shape.vocab_size * shape.hidden_size
+        largest = 0 if frozen_edges else shape.vocab_size * shape.hidden_size
         phases = {"loss": (gradients, (2 * p if bf16 else 0) + 4 * largest, activations, logits),
                   "optimizer step": (gradients, step_buffer, 0, 0)}
     else:
         w = a                      # bytes of a gathered weight (compute dtype)
-        unit_gradient = w + 4      # the unsharded gradient and its fp32 reduce-scatter input
+        unit_gradient = 0 if frozen_edges else w + 4  # the unsharded gradient and its fp32 reduce-scatter input
         block = shape.block_parameters
         tied = shape.tied_embeddings
         head = shape.root_parameters if tied else shape.vocab_size * shape.hidden_size + shape.hidden_size
@@ -223,11 +241,12 @@ def plan(shape: ModelShape, *, strategy: str, world_size: int, batch: int, seque
 
 
 def choose_strategy(shape: ModelShape, *, world_size: int, batch: int, sequence_length: int, bf16: bool,
-                    gpu_bytes: int, activation_checkpointing: str = "auto", accumulation: int = 1) -> str:
+                    gpu_bytes: int, activation_checkpointing: str = "auto", accumulation: int = 1,
+                    lora_parameters: int = 0) -> str:
     """`ddp` when the whole model's state fits every GPU (DDP is faster: no per-block gathers), else `fsdp`."""
     ddp = plan(shape, strategy="ddp", world_size=world_size, batch=batch, sequence_length=sequence_length,
                activation_checkpointing=activation_checkpointing == "true", bf16=bf16, accumulation=accumulation,
-               gpu_bytes=gpu_bytes)
+               gpu_bytes=gpu_bytes, lora_parameters=lora_parameters)
     return strategy_for(ddp, world_size)
 
 
@@ -247,7 +266,7 @@ class DoesNotFit(ValueError):
 
 def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_instance: int, batch: int,
               sequence_length: int, activation_checkpointing: str, bf16: bool, accumulation: int,
-              gpu_bytes: int) -> str | None:
+              gpu_bytes: int, lora_parameters: int = 0) -> str | None:
     """None when the plan fits `gpu_bytes`; else one line: what it needs, and each single change of batch,
     sequence length, strategy, activation checkpointing or instance count that would fit (the first fitting
     value of each), or that none does."""
@@ -255,7 +274,7 @@ def fit_error(shape: ModelShape, *, strategy: str, world_size: int, gpus_per_ins
                  sequence_length: int = sequence_length, checkpointing: str = activation_checkpointing) -> Plan:
         return plan(shape, strategy=strategy, world_size=world_size, batch=batch, sequence_length=sequence_length,
                     activation_checkpointing=checkpointing_on(checkpointing, strategy), bf16=bf16,
-                    accumulation=accumulation, gpu_bytes=gpu_bytes)
+                    accumulation=accumulation, gpu_bytes=gpu_bytes, lora_parameters=lora_parameters)
 
     def first_fitting(value: int, floor: int, make) -> tuple[int, Plan] | None:
         """The first of value/2, value/4, ... down to `floor` whose plan fits."""

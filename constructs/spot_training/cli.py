@@ -290,12 +290,15 @@ def cmd_size(args: argparse.Namespace) -> int:
     from spot_training.operations.runs import load_prices
 
     config = load_config()
+    config = dataclasses.replace(config, **{k: v for k, v in (("method", args.method), ("lora_rank", args.lora_rank))
+                                            if v is not None})
     base = config.workload()
     model = args.model_config or args.parameters
     if model:  # memory per GPU, then the sizing of a run of that model (its restart downloads)
-        text, parameters = memory_text(config, args)
+        text, shape = memory_text(config, args)
         print(text)
-        base = dataclasses.replace(base, model_parameters=parameters)
+        base = dataclasses.replace(base, model_parameters=shape.parameters, trained_parameters=(
+            shape.lora_parameters(config.lora_rank) if config.method == "lora" else 0))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(sizing.Workload)
                  if getattr(args, f.name, None) is not None}
     if "on_demand_price_per_instance_hour" not in overrides:
@@ -340,7 +343,7 @@ def ladder_text(w, config: TrainingConfig, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, int]:
+def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, Any]:
     """Memory per GPU for each allowed instance type and both strategies (the trainer's planner, memory.py)."""
     import dataclasses
 
@@ -373,7 +376,9 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, 
              f"per GPU at batch {overrides.get('per_device_batch_size', config.per_device_batch_size)} x "
              f"{overrides.get('sequence_length', config.sequence_length)} tokens, "
              f"{config.gradient_accumulation_steps} micro-steps per step, bf16 compute, AdamW, "
-             f"{count} instance(s); GiB at the step's peak (grads: those alive then); fits: total <= "
+             + (f"LoRA rank {config.lora_rank} ({shape.lora_parameters(config.lora_rank):,} adapter parameters "
+                "trained, the fp32 base frozen), " if config.method == "lora" else "")
+             + f"{count} instance(s); GiB at the step's peak (grads: those alive then); fits: total <= "
              f"{memory.USABLE_FRACTION:.0%} of the GPU",
              f"{'instance type':<18} {'GPU':>5} {'strategy':<8} {'params':>7} {'optim':>7} {'grads':>7} "
              f"{'activ.':>7} {'logits':>7} {'working':>7} {'total':>7}  fits  peak"]
@@ -390,7 +395,7 @@ def memory_text(config: TrainingConfig, args: argparse.Namespace) -> tuple[str, 
                      plan.working, plan.total]
             lines.append(f"{instance_type:<18} {(f'{gpu / gib:.0f}' if gpu else '?'):>5} {strategy:<8} "
                          + " ".join(f"{c / gib:7.1f}" for c in cells) + f"  {fits:<4}  {plan.phase}")
-    return "\n".join(lines), shape.parameters
+    return "\n".join(lines), shape
 
 
 def platform_cost_text(config: TrainingConfig) -> str:
@@ -450,10 +455,13 @@ def restart_line(w) -> str:
                 "download is not counted (model size unknown: pass --parameters or set training.model_parameters)")
     model = (f" + the model channel {sizing.MODEL_BYTES_PER_PARAMETER * w.model_parameters / 1e9:,.1f} GB"
              if w.model_channel == "File" else ", model channel FastFile: not downloaded")
+    if w.trained_parameters:  # LoRA: small checkpoints, and the frozen base read again at every start
+        model = (f"; LoRA: checkpoints of the {w.trained_parameters:,} adapter parameters, and the frozen base "
+                 f"({w.base_read_bytes / 1e9:,.1f} GB bf16) read again at every start from the model channel)")
     return (f"  restart: {w.restart_minutes:.1f} min = {w.provisioning_minutes:g} min provisioning + "
-            f"{w.restore_bytes / 1e9:,.1f} GB per instance at {w.restore_gb_per_second:g} GB/s "
+            f"{(w.restore_bytes + w.base_read_bytes) / 1e9:,.1f} GB per instance at {w.restore_gb_per_second:g} GB/s "
             f"({w.keep_checkpoints} checkpoints x {w.checkpoint_bytes / 1e9:,.1f} GB: "
-            f"{sizing.CHECKPOINT_BYTES_PER_PARAMETER} bytes per parameter{model})")
+            f"{sizing.CHECKPOINT_BYTES_PER_PARAMETER} bytes per trained parameter{model})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -542,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--batch", type=_positive, help="sequences per GPU (default: per_device_batch_size)")
     size.add_argument("--sequence-length", type=_positive, help="tokens per sequence (default: sequence_length)")
     size.add_argument("--activation-checkpointing", choices=("auto", "true", "false"))
+    size.add_argument("--method", choices=("full", "lora"), help="what is trained (default: method): lora plans the "
+                      "frozen base with the adapters' gradients and AdamW state only, and sizes checkpoints and restarts "
+                      "on the adapters (the base is read again at each start)")
+    size.add_argument("--lora-rank", type=_positive, help="LoRA rank (default: lora_rank)")
     size.add_argument("--instance-count", dest="instance_count", type=int)
     size.add_argument("--run-hours", dest="run_hours", type=float)
     size.add_argument("--runs-per-month", dest="runs_per_month", type=float)

@@ -449,6 +449,7 @@ class TrainingConfig:
                         checkpoint_save_seconds=self.checkpoint_save_seconds,
                         provisioning_minutes=self.provisioning_minutes, model_parameters=self.model_parameters,
                         restore_gb_per_second=self.restore_gb_per_second,
+                        trained_parameters=self.trained_parameters(),
                         max_lost_work_minutes=self.max_lost_work_minutes,
                         checkpoint_interval_minutes=self.checkpoint_interval_minutes)
 
@@ -458,6 +459,15 @@ class TrainingConfig:
         findings = guardrail_findings(self.workload(), use_spot=self.use_spot, max_run_seconds=self.max_run_seconds,
                                       max_wait_seconds=self.max_wait_seconds, retry_attempts=self.retry_attempts)
         return findings + self.memory_findings()
+
+    def trained_parameters(self) -> int:
+        """With method=lora and model_parameters set: the adapters' parameters (all-linear on the model's shape;
+        named target modules are counted as all-linear, an upper bound); else 0 (every parameter)."""
+        if self.method != "lora" or not self.model_parameters:
+            return 0
+        from spot_training.trainer import memory
+
+        return memory.ModelShape.from_parameters(self.model_parameters).lora_parameters(self.lora_rank)
 
     def memory_plan(self, shape: Any, instance_type: str, instance_count: int) -> Any:
         """The memory planner's figures per GPU for this config's trainer defaults on `instance_count` x
@@ -472,11 +482,14 @@ class TrainingConfig:
                                               sequence_length=self.sequence_length, bf16=True,
                                               gpu_bytes=gpu_bytes or 0,
                                               activation_checkpointing=self.activation_checkpointing,
-                                              accumulation=self.gradient_accumulation_steps)
+                                              accumulation=self.gradient_accumulation_steps,
+                                              lora_parameters=shape.lora_parameters(self.lora_rank)
+                                              if self.method == "lora" else 0)
         return memory.plan(shape, strategy=strategy, world_size=world_size, batch=self.per_device_batch_size,
                            sequence_length=self.sequence_length, bf16=True, gpu_bytes=gpu_bytes,
                            accumulation=self.gradient_accumulation_steps,
-                           activation_checkpointing=memory.checkpointing_on(self.activation_checkpointing, strategy))
+                           activation_checkpointing=memory.checkpointing_on(self.activation_checkpointing, strategy),
+                           lora_parameters=shape.lora_parameters(self.lora_rank) if self.method == "lora" else 0)
 
     def memory_findings(self) -> list[str]:
         """With `model_parameters` set: one finding when the defaults cannot fit GPU memory."""
@@ -493,7 +506,8 @@ class TrainingConfig:
                                    gpus_per_instance=gpus,
                                    batch=self.per_device_batch_size, sequence_length=self.sequence_length,
                                    activation_checkpointing=self.activation_checkpointing, bf16=True,
-                                   accumulation=self.gradient_accumulation_steps, gpu_bytes=plan.gpu_bytes)
+                                   accumulation=self.gradient_accumulation_steps, gpu_bytes=plan.gpu_bytes,
+                                   lora_parameters=shape.lora_parameters(self.lora_rank) if self.method == "lora" else 0)
         return [f"{_PREFIX.get()}.model_parameters={self.model_parameters}: on {self.instance_count} x "
                 f"{self.instance_type} {problem} (spot-training size --parameters shows each)"]
 

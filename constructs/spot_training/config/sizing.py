@@ -51,6 +51,7 @@ class Workload:
     checkpoint_save_seconds: float = 30.0
     provisioning_minutes: float = 10.0
     model_parameters: int = 0           # 0: unknown (restart time without downloads)
+    trained_parameters: int = 0         # LoRA: the adapters' parameters; 0: every parameter is trained (full)
     keep_checkpoints: int = 2
     restore_gb_per_second: float = RESTORE_GB_PER_SECOND
     model_channel: str = "FastFile"
@@ -77,7 +78,9 @@ class Workload:
 
     @property
     def checkpoint_bytes(self) -> int:
-        return CHECKPOINT_BYTES_PER_PARAMETER * self.model_parameters
+        """What one checkpoint holds: 12 bytes per trained parameter (the fp32 weight and AdamW's two moments;
+        tests/trainer/test_lora.py counts them in real checkpoints, full and LoRA)."""
+        return CHECKPOINT_BYTES_PER_PARAMETER * (self.trained_parameters or self.model_parameters)
 
     @property
     def restore_bytes(self) -> int:
@@ -88,8 +91,16 @@ class Workload:
         return self.keep_checkpoints * self.checkpoint_bytes + model
 
     @property
+    def base_read_bytes(self) -> int:
+        """What a LoRA restart reads of the base model besides (its checkpoint holds only the adapters, so every
+        start reads the frozen base: bf16 safetensors streamed from the model channel); 0 for full training, whose
+        checkpoint replaces the base."""
+        return MODEL_BYTES_PER_PARAMETER * self.model_parameters if self.trained_parameters else 0
+
+    @property
     def restart_minutes(self) -> float:
-        return self.provisioning_minutes + self.restore_bytes / (self.restore_gb_per_second * 1e9) / 60
+        return self.provisioning_minutes + (self.restore_bytes + self.base_read_bytes) / (
+            self.restore_gb_per_second * 1e9) / 60
 
     @property
     def job_interruptions_per_hour(self) -> float:
