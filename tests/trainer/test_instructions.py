@@ -1,6 +1,6 @@
 """Instruction data: chat and prompt/completion examples prepared with the tokens to train on, packed whole, held to
-the data contract; the trainer's loss covers the trained tokens only, attends within each example, and resumes
-bit-exactly on them."""
+the data contract; packed examples attend only within themselves. (Training on this data: tests/trainer/test_lora.py
+and the local run on chat data in tests/test_local_run.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spot_training.local.tiny import CHAT_TEMPLATE, conversations, corpus, make_jsonl_channel, make_model_dir
-from tests.trainer.harness import ROOT, Run
+from tests.trainer.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "trainer"))
 import data  # noqa: E402
@@ -149,18 +149,6 @@ def test_packed_examples_attend_only_within_themselves(tokenizer):
                     alone = model(input_ids=torch.tensor([example.ids])).logits[0]
                     assert torch.allclose(packed[at:at + len(example.ids)], alone, atol=1e-5), impl
                     at += len(example.ids)
-
-
-def test_a_full_fine_tune_on_chat_data_learns_the_answers(chat_model, chat_prepared, tmp_path):
-    """Full fine-tuning on packed chat data: the loss is the mean over the answers' tokens only, and it falls.
-    (Resume on chat data is bit-exact: tests/trainer/test_lora.py and the local run on chat data with LoRA, which
-    share this data path.)"""
-    folder, _ = chat_prepared
-    run = Run({"model_dir": chat_model, "train_dir": folder}, tmp_path, validation_holdout_fraction=0.05,
-              checkpoint_every_steps=0)
-    run.run()
-    losses = run.losses()
-    assert losses[16] < losses[1] - 0.2
 
 
 def test_data_packed_for_another_sequence_length_is_refused_in_one_line(chat_prepared):

@@ -54,21 +54,18 @@ def _checkpoint_keys(run: Run) -> list[str]:
     return list(FileSystemReader(str(step)).read_metadata().state_dict_metadata)
 
 
-def test_lora_trains_only_the_adapters_and_checkpoints_only_what_changes(job, reference, tmp_path):
+def test_lora_trains_only_the_adapters_and_checkpoints_only_what_changes(reference):
     assert "[lora] rank 4, alpha 8, dropout 0, modules all-linear:" in reference.out
     losses = reference.losses()
     assert losses[12] < losses[1]
     model_keys = [k for k in _checkpoint_keys(reference) if k.startswith("model.")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)  # no frozen base weight
-    # What a checkpoint holds, in elements: 3 per trained parameter (the fp32 weight and AdamW's two moments), so
-    # 3 x the adapters with LoRA and 3 x every weight in full: the formula the sizing extrapolates from.
-    full = Run(job, tmp_path / "full", **{**LORA, "method": "full", "max_steps": 4})
-    full_out = full.run()
+    # What a checkpoint holds, in elements: 3 per trained parameter (the fp32 weight and AdamW's two moments): the
+    # formula the sizing extrapolates from (full fine-tuning's checkpoints against LoRA's, in bytes, on a 98 M model:
+    # benchmarks/instructions.py).
     trainable = int(re.search(r"modules all-linear: ([\d,]+) trainable", reference.out).group(1).replace(",", ""))
-    total = int(re.search(r"\[model\] ([\d,]+) parameters", full_out).group(1).replace(",", ""))
-    config = json.loads((job["model_dir"] / "config.json").read_text())
-    tied = config["vocab_size"] * config["hidden_size"]  # the full model state lists the tied head a second time
-    assert _tensor_elements(reference) == 3 * trainable and _tensor_elements(full) == 3 * total + tied
+    assert _tensor_elements(reference) == 3 * trainable
+    total = int(re.search(r"\[model\] ([\d,]+) parameters", reference.out).group(1).replace(",", ""))
     assert trainable < total / 4
 
 
