@@ -104,28 +104,36 @@ def _messages(record: dict, shown: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, shown: str) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    except Exception as error:  # the template's own raise_exception ("roles must alternate"), Jinja errors
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise DataError(f"{shown}: the chat template refused the conversation ({reason[:200]})") from None
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def encode_chat(tokenizer, record: dict, shown: str, end_ids: set[int]) -> Example:
     messages = _messages(record, shown)
-    ids = _render(tokenizer, messages, False)
+    if messages[0]["role"] in ROLES_TRAINED:
+        raise DataError(f"{shown}: the conversation starts with an assistant turn; it must start with a system or "
+                        "user message (the answer needs a prompt)")
+    ids = _render(tokenizer, messages, False, shown)
     trained = [False] * len(ids)
     unterminated = False
     for turn, message in enumerate(messages):
         if message["role"] not in ROLES_TRAINED:
             continue
-        before = _render(tokenizer, messages[:turn], True) if turn else _render(tokenizer, [], True)
-        after = _render(tokenizer, messages[:turn + 1], False)
+        before = _render(tokenizer, messages[:turn], True, shown)
+        after = _render(tokenizer, messages[:turn + 1], False, shown)
         if after[:len(before)] != before or ids[:len(after)] != after:
             raise DataError(f"{shown}: the chat template's rendering before assistant turn {turn} is not a prefix of "
                             "its rendering with that turn; its assistant tokens cannot be told apart")
         for i in range(len(before), len(after)):
             trained[i] = True
-        span = after[len(before):]
-        if not span or span[-1] not in end_ids:
+        # The end-of-turn token anywhere in what the turn adds: templates put text after it (ChatML's
+        # "<|im_end|>\n", Gemma's "<end_of_turn>\n").
+        if not any(token in end_ids for token in after[len(before):]):
             unterminated = True
     return Example(ids, _first_untrained(trained), unterminated)
 

@@ -218,6 +218,14 @@ class Trainer:
         self.stop_requested = True
 
     # ---- checkpoint state ------------------------------------------------------------------------------
+    def _lora_metadata(self) -> dict[str, Any] | None:
+        s = self.settings
+        return {"rank": s.lora_rank, "alpha": s.lora_alpha, "target_modules": s.lora_target_modules} \
+            if self.lora_config is not None else None
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"last_loss": self.last_loss, "method": self.settings.method, "lora": self._lora_metadata()}
+
     def _state_options(self) -> StateDictOptions:
         """With LoRA, what changes: the adapters (the frozen base is read from the base model at every start)."""
         return StateDictOptions(ignore_frozen_params=self.lora_config is not None,
@@ -242,6 +250,10 @@ class Trainer:
             raise CheckpointLayoutError(f"the checkpoint {manifest.get('step', '?')} in {self.settings.checkpoint_dir} was "
                                      f"written by a method={method} run and this run is method={self.settings.method}; "
                                      "resume with the same method, or start a new run (another RunId)")
+        if manifest.get("lora", self._lora_metadata()) != self._lora_metadata():  # other shapes or scaling
+            raise CheckpointLayoutError(f"the checkpoint {manifest.get('step', '?')} in {self.settings.checkpoint_dir} "
+                                        f"holds adapters {manifest['lora']}, this run's are {self._lora_metadata()}; "
+                                        "resume with the same LoRA settings, or start a new run (another RunId)")
         # Dropout RNG streams are per rank: they carry over only when the world size is unchanged.
         return self._state(include_rng=manifest["world_size"] == self.topology.world_size)
 
@@ -286,7 +298,7 @@ class Trainer:
             if self.settings.eval_every_steps and self.validation and self.step % self.settings.eval_every_steps == 0:
                 self._evaluate()
             if self.checkpointer.poll(self.step, self._state, stop_requested=self.stop_requested,
-                                      metadata={"last_loss": self.last_loss, "method": self.settings.method}):
+                                      metadata=self._metadata()):
                 if self.topology.is_main:  # before the wait: a save in flight may outlast the stop's grace
                     print(f"[stop] SIGTERM: stopping after step {self.step}"
                           + (", once the checkpoint in flight is written" if self.checkpointer.pending else ""),
@@ -301,7 +313,7 @@ class Trainer:
         if self.validation:
             self._evaluate()
         # A restart after this point only rewrites the model.
-        self.checkpointer.save(self.step, self._state, metadata={"last_loss": self.last_loss, "method": self.settings.method})
+        self.checkpointer.save(self.step, self._state, metadata=self._metadata())
         self.checkpointer.wait()
         self._save_model()
         self.tracker.finish("FINISHED")

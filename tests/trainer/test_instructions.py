@@ -82,7 +82,8 @@ def test_prompt_completion_trains_on_the_completion_and_eos(chat_model, tokenize
     assert trained == "returnscheckpoint<eos>" * 3
 
 
-@pytest.mark.parametrize("case", ["no chat template", "no assistant turn", "cut", "no end of turn", "mixed formats"])
+@pytest.mark.parametrize("case", ["no chat template", "no assistant turn", "cut", "no end of turn", "mixed formats",
+                                  "assistant first", "template refuses"])
 def test_the_data_contract_stops_the_silent_failures_in_one_line(case, chat_model, tmp_path):
     model, records = chat_model, conversations(20)
     expected = {
@@ -93,6 +94,9 @@ def test_the_data_contract_stops_the_silent_failures_in_one_line(case, chat_mode
         "no end of turn": "20 of 20 examples (100.0%) end an answer without an end-of-turn token, above "
                           "max_unterminated_fraction=0",
         "mixed formats": "train/part-000.jsonl:21: a prompt_completion example in chat data (one format per split)",
+        "assistant first": "train/part-000.jsonl:1: the conversation starts with an assistant turn",
+        "template refuses": "train/part-000.jsonl:1: the chat template refused the conversation (System role not "
+                            "supported)",
     }[case]
     if case == "no chat template":
         model = make_model_dir(tmp_path / "plain", text_corpus=corpus(100))
@@ -105,10 +109,25 @@ def test_the_data_contract_stops_the_silent_failures_in_one_line(case, chat_mode
                                chat_template=CHAT_TEMPLATE.replace(" }}<eos>{% endfor", " }}{% endfor"))
     elif case == "mixed formats":
         records = records + [{"prompt": "a", "completion": "b"}]
+    elif case == "assistant first":
+        records = [{"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "spot"}]}]
+    elif case == "template refuses":  # as Gemma's template refuses a system message
+        model = make_model_dir(tmp_path / "strict", text_corpus=corpus(100), chat=True, chat_template=(
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+            + CHAT_TEMPLATE))
     train = make_jsonl_channel(tmp_path / "train", records)
     with pytest.raises(DataError) as caught:
         _prepare(model, train, tmp_path / "out")
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_end_of_turn_token_followed_by_more_template_text_still_ends_the_answer(tmp_path):
+    """ChatML ("<|im_end|>\\n"), Gemma and Phi-3 put text after the end-of-turn token: the answer is terminated."""
+    model = make_model_dir(tmp_path / "chatml", text_corpus=corpus(100), chat=True,
+                           chat_template=CHAT_TEMPLATE.replace("<eos>{% endfor", "<eos> spot{% endfor"))
+    train = make_jsonl_channel(tmp_path / "train", conversations(20))
+    result = _prepare(model, train, tmp_path / "out")
+    assert result["contract"]["train"][0]["unterminated_examples"] == 0
 
 
 def test_the_preparation_command_fails_in_one_line_and_writes_the_exit_message(chat_model, tmp_path, monkeypatch,

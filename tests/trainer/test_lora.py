@@ -133,3 +133,19 @@ def test_a_checkpoint_of_the_other_method_stops_the_run_in_one_line(job, referen
     out, _ = process.communicate(timeout=240)
     assert process.returncode != 0
     assert "was written by a method=lora run and this run is method=full; resume with the same method" in out
+    # The same method with other adapters (another rank): one line too, not a silent restart from step 0.
+    process = Run(job, tmp_path, **{**LORA, "lora_rank": 8}).start()
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode != 0 and "'rank': 4" in out and "this run's are {'rank': 8" in out
+
+
+def test_target_modules_the_model_lacks_are_refused_in_one_line():
+    import lora
+    import modeling
+    from transformers import GPT2Config
+
+    with modeling.no_init_warnings():
+        model = modeling.empty_model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96, n_positions=64))
+    with pytest.raises(modeling.ModelError, match=r"^lora_target_modules=\{'q_proj'\}: .*q_proj") as caught:
+        lora.inject(model, lora.config(4, 8.0, 0.0, "q_proj"))
+    assert "\n" not in str(caught.value)
