@@ -50,6 +50,7 @@ class Case:
     vocab: int = 32000
     heads: int = 8
     kv_heads: int = 4
+    lora_rank: int = 0  # LoRA on all-linear at this rank (the frozen base, the adapters trained); 0: full
 
     @property
     def shape(self) -> memory.ModelShape:
@@ -61,7 +62,15 @@ class Case:
         return memory.plan(self.shape, strategy=self.strategy, world_size=self.processes, batch=self.batch,
                            sequence_length=self.sequence_length, activation_checkpointing=self.activation_checkpointing,
                            bf16=False, accumulation=self.accumulation, gather_copies=copies[0],
-                           reduce_copies=copies[1], foreach_optimizer=False)
+                           reduce_copies=copies[1], foreach_optimizer=False, lora_parameters=self.lora_parameters)
+
+    @property
+    def lora_parameters(self) -> int:
+        return self.shape.lora_parameters(self.lora_rank) if self.lora_rank else 0
+
+    @property
+    def trained_parameters(self) -> int:
+        return self.lora_parameters or self.shape.parameters
 
 
 # Small enough for the suite (2 cores, under 20 s each), big enough that the model's bytes dominate what a
@@ -72,6 +81,8 @@ CASES = {c.name: c for c in [
     Case("fsdp-2-acc2-ac", "fsdp", 2, 2, 2, 128, True),
     Case("fsdp-2-acc1-long", "fsdp", 2, 1, 1, 512, False),
     Case("fsdp-4-wide-acc4", "fsdp", 4, 4, 1, 256, True, hidden=1024, intermediate=2816, layers=8),
+    Case("ddp-1-lora16", "ddp", 1, 1, 2, 128, False, lora_rank=16),
+    Case("fsdp-2-acc2-ac-lora16", "fsdp", 2, 2, 2, 128, True, lora_rank=16),
 ]}
 SUITE = ("ddp-1-acc1", "fsdp-2-acc2-ac", "fsdp-2-acc1-long")
 
@@ -97,7 +108,8 @@ class Measured:
 
     @property
     def checkpoint_bytes_per_parameter(self) -> float:
-        return self.checkpoint_bytes / self.case.shape.parameters
+        """Per trained parameter: every one with full training, the adapters' with LoRA."""
+        return self.checkpoint_bytes / self.case.trained_parameters
 
     @property
     def worst(self) -> int:
@@ -181,7 +193,9 @@ def measure(case: Case, work: Path, copies: tuple[float, float], port: int = 295
                "--gradient_accumulation_steps", str(case.accumulation), "--sequence_length",
                str(case.sequence_length), "--activation_checkpointing", str(case.activation_checkpointing).lower(),
                "--mixed_precision", "no", "--warmup_ratio", "0", "--checkpoint_interval_minutes", "0",
-               "--validation_holdout_fraction", "0", "--async_checkpoint", "false"]
+               "--validation_holdout_fraction", "0", "--async_checkpoint", "false",
+               *(["--method", "lora", "--lora_rank", str(case.lora_rank), "--lora_alpha", str(2 * case.lora_rank),
+                  "--lora_dropout", "0"] if case.lora_rank else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **MALLOC}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     if done.returncode != 0:
@@ -200,14 +214,15 @@ def measure(case: Case, work: Path, copies: tuple[float, float], port: int = 295
 def report(result: Measured) -> str:
     c, p, mib = result.case, result.planned, 2**20
     return (f"{c.name:<18} {c.strategy} x{c.processes} acc {c.accumulation} batch {c.batch} x {c.sequence_length} "
-            f"ac {'on' if c.activation_checkpointing else 'off'} ({c.shape.parameters / 1e6:.0f} M): measured "
+            f"ac {'on' if c.activation_checkpointing else 'off'} ({c.shape.parameters / 1e6:.0f} M"
+            + (f", LoRA r {c.lora_rank}: {c.lora_parameters / 1e6:.1f} M trained" if c.lora_rank else "") + "): measured "
             f"{result.worst / mib:,.0f} MiB (ranks " + ", ".join(f"{v / mib:,.0f}" for _, v in
                                                                 sorted(result.per_rank.items())) +
             f"), planned {p.total / mib:,.0f} MiB at the {p.phase} (weights {p.parameters / mib:,.0f}, optimizer "
             f"{p.optimizer / mib:,.0f}, gradients {p.gradients_held / mib:,.0f}, working {p.working / mib:,.0f}, "
             f"activations {p.activations / mib:,.0f}, logits {p.logits / mib:,.0f}): {result.error:+.1%}; "
             f"checkpoint {result.checkpoint_bytes / 1e6:,.1f} MB = {result.checkpoint_bytes_per_parameter:.3f} "
-            "bytes per parameter")
+            "bytes per trained parameter")
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokens import DataError
@@ -43,31 +43,6 @@ def detect_format(record: dict, shown: str) -> str:
         return "text"
     raise DataError(f"{shown}: an object with `text`, `messages` or `prompt` and `completion` expected, got keys "
                     f"{', '.join(sorted(record)) or 'none'}")
-
-
-def records(file: Path, shown: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a `*.jsonl` file, checked: UTF-8, a JSON object."""
-    if file.stat().st_size == 0:
-        raise DataError(f"{shown}: empty file")
-    seen = 0
-    with file.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{shown}:{number}: invalid UTF-8 at byte column {error.start + 1}") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{shown}:{number}: not JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{shown}:{number}: a JSON object expected, got {type(record).__name__}")
-            seen += 1
-            yield number, record
-    if not seen:
-        raise DataError(f"{shown}: no examples (only blank lines)")
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from instructions import FORMATS, Contract, Packer, SourceStats, detect_format, encoder, records  # noqa: E402
+from instructions import FORMATS, Contract, Packer, SourceStats, detect_format, encoder  # noqa: E402
 from tokens import (  # noqa: E402
     FORMAT,
     MANIFEST,
@@ -45,6 +45,7 @@ from tokens import (  # noqa: E402
     documents,
     open_shards,
     read_manifest,
+    records,
     tokenizer_fingerprint,
 )
 

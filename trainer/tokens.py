@@ -244,10 +244,9 @@ class ShardWriter:
         return manifest
 
 
-def documents(file: Path, shown: str):
-    """Each line's text of a `*.jsonl` file, checked: UTF-8, a JSON object, a `text` string; blank lines are
-    skipped. `shown` names the file in errors. The preparation step and the trainer's small-data path read
-    text through this one function."""
+def records(file: Path, shown: str, expected: str = "a JSON object", what: str = "examples"):
+    """(line number, object) of each non-blank line of a `*.jsonl` file, checked: UTF-8, a JSON object (`expected`
+    names it in the error), at least one (`what` names them). `shown` names the file in errors."""
     if file.stat().st_size == 0:
         raise DataError(f"{shown}: empty file")
     seen = 0
@@ -264,13 +263,20 @@ def documents(file: Path, shown: str):
             except json.JSONDecodeError as error:
                 raise DataError(f"{shown}:{number}: not JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{shown}:{number}: a JSON object with a `text` string expected, got "
-                                f"{type(record).__name__}")
-            text = record.get("text")
-            if not isinstance(text, str):
-                raise DataError(f"{shown}:{number}: no `text` string in the object"
-                                + (f" (`text` is {type(text).__name__})" if "text" in record else ""))
+                raise DataError(f"{shown}:{number}: {expected} expected, got {type(record).__name__}")
             seen += 1
-            yield text
+            yield number, record
     if not seen:
-        raise DataError(f"{shown}: no documents (only blank lines)")
+        raise DataError(f"{shown}: no {what} (only blank lines)")
+
+
+def documents(file: Path, shown: str):
+    """Each line's text of a `*.jsonl` file, checked: UTF-8, a JSON object, a `text` string; blank lines are
+    skipped. `shown` names the file in errors. The preparation step and the trainer's small-data path read
+    text through this one function."""
+    for number, record in records(file, shown, "a JSON object with a `text` string", "documents"):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{shown}:{number}: no `text` string in the object"
+                            + (f" (`text` is {type(text).__name__})" if "text" in record else ""))
+        yield text
