@@ -307,11 +307,21 @@ def test_a_teams_principals_may_list_the_data_prefix_for_the_fingerprint_and_not
         scientist, "start:", f"s3://{bucket}/{prefix}", ["s3:ListBucket"], "")[0]
         for prefix in ("data/train/", "data/", "checkpoints/", "")}
     requests["read an object"] = auth.s3_requests(scientist, "start:", data, ["s3:GetObject"], "part-000.jsonl")[0]
+    # `start --resume-run` and `report --run` find a run's executions: list them and read their parameters, in the
+    # team's own pipeline only.
+    pipeline = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/{nlp['name'].lower()}"
+    other = f"arn:aws:sagemaker:us-east-1:{ACCOUNT}:pipeline/distributed-training-vision"
+    requests["list executions"] = Request("", scientist, "sagemaker:ListPipelineExecutions", pipeline)
+    requests["read an execution's parameters"] = Request("", scientist, "sagemaker:ListPipelineParametersForExecution",
+                                                         f"{pipeline}/execution/abc123def456")
+    requests["list another team's executions"] = Request("", scientist, "sagemaker:ListPipelineExecutions", other)
     for name, request in requests.items():
         request.id = name
     assert verdicts(auth, list(requests.values())) == {
         "list data/train/": "Allowed", "list data/": "Allowed", "list checkpoints/": "ImplicitlyDenied",
-        "list (whole bucket)": "ImplicitlyDenied", "read an object": "ImplicitlyDenied"}
+        "list (whole bucket)": "ImplicitlyDenied", "read an object": "ImplicitlyDenied",
+        "list executions": "Allowed", "read an execution's parameters": "Allowed",
+        "list another team's executions": "ImplicitlyDenied"}
 
 
 # ---- AWS services calling our resources ---------------------------------------------------------------
